@@ -1,0 +1,63 @@
+"""`hpcqwen logs JOB|RUN_DIR [-f]`: print the log; follow it by byte offset (NFS-safe, no inotify)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from hpcqwen import runs
+from hpcqwen.cli._common import add_target_argument
+from hpcqwen.errors import RunDirError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """TARGET [-f] [--task N]."""
+    add_target_argument(p)
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    p.add_argument("--task", type=int, default=None, help="array task index (default: the job's or task 0)")
+
+
+def pick_log(ref: runs.RunRef) -> Path | None:
+    """The log to show: the named task's, else the newest file."""
+    files = runs.log_files(ref)
+    return files[-1] if files else None
+
+
+def copy_from(path: Path, offset: int) -> int:
+    """Print what was appended since `offset`; return the new offset (restarts at 0 if truncated)."""
+    size = path.stat().st_size
+    if size < offset:
+        offset = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    sys.stdout.write(data.decode(errors="replace"))
+    sys.stdout.flush()
+    return offset + len(data)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the log once, or follow it across requeues (append mode keeps one file)."""
+    ref = runs.resolve_target(args.target)
+    if args.task is not None:
+        ref = runs.RunRef(ref.run_dir, ref.job_id, ref.backend, args.task, ref.array_size)
+    elif ref.array_size and ref.array_task is None:
+        ref = runs.RunRef(ref.run_dir, ref.job_id, ref.backend, 0, ref.array_size)
+    path, offset, delay = pick_log(ref), 0, 0.5
+    if path is None and not args.follow:
+        raise RunDirError(f"no log yet for job {ref.job_id}", where=str(ref.run_dir),
+                          hint="the job may still be pending; try `hpcqwen logs -f`")
+    while True:
+        path = path or pick_log(ref)
+        if path is not None:
+            offset = copy_from(path, offset)
+        if not args.follow:
+            return 0
+        if runs.is_finished(ref, runs.job_rows(ref)):
+            if path is not None:
+                copy_from(path, offset)
+            return 0
+        time.sleep(delay)
+        delay = min(5.0, delay * 1.5)

@@ -1,0 +1,48 @@
+"""`hpcqwen submit SPEC [--wait]`: validate, make the run dir, submit; optionally wait."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hpcqwen import backends, runs, slurm
+from hpcqwen.cli._common import add_spec_arguments
+from hpcqwen.errors import EXIT_OK, JobFailed
+from hpcqwen.spec import parse_spec, read_source
+from hpcqwen.submit import submit
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """SPEC [--set ...] [--backend ...] [--wait]."""
+    add_spec_arguments(p)
+    p.add_argument("--backend", default="auto", choices=["auto", *backends.BACKENDS],
+                   help="auto (default): slurm when a controller answers, else local")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end; exit 3 unless it COMPLETED")
+
+
+def _print_rows(rows: list[slurm.JobRow]) -> None:
+    states = ", ".join(f"{r.job_id} {r.slurm_state}" + (f" ({r.reason})" if r.reason else "") for r in rows)
+    print(f"  {states}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Submit; with --wait, follow the state and report how it ended."""
+    source = read_source(args.spec, tuple(args.overrides))
+    spec = parse_spec(source)
+    backend, why = backends.choose_backend(args.backend, spec, wait=args.wait)
+    print(f"backend: {why}", file=sys.stderr)
+    sub = submit(spec, source, backend)
+    print(f"submitted job {', '.join(sub.job_ids)}  run dir: {sub.run_dir}")
+    if not args.wait:
+        return EXIT_OK
+    ref = runs.resolve_target(str(sub.run_dir))
+    rows = runs.wait_for(ref, on_change=_print_rows)
+    failed = [r for r in rows if r.slurm_state != "COMPLETED"]
+    if failed:
+        logs = runs.log_files(ref)
+        tail = logs[-1].read_text(errors="replace").splitlines()[-15:] if logs else []
+        raise JobFailed(f"job {sub.job_ids[0]} ended " + ", ".join(sorted({r.slurm_state for r in failed})),
+                        where=str(logs[-1] if logs else sub.run_dir),
+                        hint="last log lines:\n    " + "\n    ".join(tail) if tail else "see the run dir's logs/")
+    print(f"job {sub.job_ids[0]} COMPLETED  run dir: {sub.run_dir}")
+    return EXIT_OK

@@ -1,0 +1,118 @@
+"""Errors a user can act on, and the exit codes the CLI maps them to (the only such table).
+
+Every error carries what is wrong, where, and a hint; `cli.main` renders them in one format
+(pip's DiagnosticPipError style) and prints a traceback only with `--debug`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Exit codes (documented in README.md, "Exit codes").
+EXIT_OK = 0
+EXIT_USAGE = 1  # invalid spec, bad arguments, missing files
+EXIT_SLURM = 2  # a Slurm command failed or the controller is unreachable
+EXIT_JOB_FAILED = 3  # `--wait`: the job ended FAILED / CANCELLED / TIMEOUT / ...
+EXIT_INTERNAL = 70  # a bug in hpcqwen
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
+class HpcqwenError(Exception):
+    """An error with a message, where it happened, and one concrete fix."""
+
+    exit_code = EXIT_USAGE
+    reference = "error"
+
+    def __init__(self, message: str, *, where: str = "", hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.where = where
+        self.hint = hint
+
+    def render(self) -> str:
+        """The user-facing text: `error[ref]: what` / `where:` / `hint:`."""
+        lines = [f"error[{self.reference}]: {self.message}"]
+        if self.where:
+            lines.append(f"  where: {self.where}")
+        if self.hint:
+            lines.append(f"  hint: {self.hint}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SpecIssue:
+    """One problem in a job spec: `file:line: key: what (got X; expected Y) — hint`."""
+
+    file: str
+    line: int | None
+    key: str
+    message: str
+    got: str = ""
+    expected: str = ""
+    hint: str = ""
+
+    def render(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        text = f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        detail = "; ".join(
+            part
+            for part in (f"got {self.got}" if self.got else "", f"expected {self.expected}" if self.expected else "")
+            if part
+        )
+        if detail:
+            text += f" ({detail})"
+        if self.hint:
+            text += f" — {self.hint}"
+        return text
+
+
+class SpecError(HpcqwenError):
+    """Every problem found in one job spec, reported together."""
+
+    reference = "spec"
+
+    def __init__(self, file: str, issues: Sequence[SpecIssue]) -> None:
+        self.file = file
+        self.issues = list(issues)
+        n = len(self.issues)
+        super().__init__(f"{file}: {n} problem{'s' if n != 1 else ''} in the job spec")
+
+    def render(self) -> str:
+        return "\n".join([f"error[{self.reference}]: {self.message}"] + [f"  {i.render()}" for i in self.issues])
+
+
+class SlurmCommandError(HpcqwenError):
+    """A Slurm command exited non-zero or printed something we cannot parse."""
+
+    exit_code = EXIT_SLURM
+    reference = "slurm"
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str, *, hint: str = "") -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        cmd = " ".join(self.argv)
+        super().__init__(
+            f"`{cmd}` failed with exit code {returncode}: {self.stderr or '(no output)'}", hint=hint
+        )
+
+
+class ControllerUnreachable(HpcqwenError):
+    """No Slurm controller answers (or the Slurm client tools are not installed)."""
+
+    exit_code = EXIT_SLURM
+    reference = "controller"
+
+
+class RunDirError(HpcqwenError):
+    """A run directory or job id that cannot be found or read."""
+
+    reference = "run-dir"
+
+
+class JobFailed(HpcqwenError):
+    """`--wait` saw the job end in a state other than COMPLETED."""
+
+    exit_code = EXIT_JOB_FAILED
+    reference = "job"

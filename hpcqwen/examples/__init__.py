@@ -1,0 +1,1 @@
+"""Small `task.kind: command` modules used by the quickstart specs and the tests."""

@@ -1,0 +1,115 @@
+"""Every file name on the shared filesystem, in one place.
+
+A run dir is `<run_root>/<spec name>/<UTC timestamp>-<short hash>`. An array task keeps its
+own state (STOP file, checkpoints, metrics) in `tasks/<index>/`; a plain job keeps it in the
+run dir itself, so the paths of a task are the same shape either way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+SPEC_YAML = "spec.yaml"
+SPEC_JSON = "spec.json"
+SBATCH = "job.sbatch"
+MANIFEST = "manifest.json"
+GIT_DIFF = "git.diff"
+LAUNCHES = "launches.jsonl"
+LOGS = "logs"
+STOP = "STOP"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+LOCAL_RC = "local.rc"
+
+
+@dataclass(frozen=True)
+class TaskPaths:
+    """The files of one task (the whole job, or one array task)."""
+
+    dir: Path
+
+    @property
+    def stop(self) -> Path:
+        """Preemption stop file, touched by the batch script on the signal."""
+        return self.dir / STOP
+
+    @property
+    def metrics(self) -> Path:
+        """One JSON line per logging step, written by rank 0."""
+        return self.dir / METRICS
+
+    @property
+    def checkpoints(self) -> Path:
+        """checkpoint-<step>/ folders."""
+        return self.dir / CHECKPOINTS
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of one submission."""
+
+    root: Path
+
+    @property
+    def spec_yaml(self) -> Path:
+        """The spec as the user wrote it."""
+        return self.root / SPEC_YAML
+
+    @property
+    def spec_json(self) -> Path:
+        """The resolved, frozen spec the nodes read."""
+        return self.root / SPEC_JSON
+
+    @property
+    def sbatch(self) -> Path:
+        """The rendered batch script."""
+        return self.root / SBATCH
+
+    @property
+    def manifest(self) -> Path:
+        """Versions, git state, backend and job id."""
+        return self.root / MANIFEST
+
+    @property
+    def git_diff(self) -> Path:
+        """Uncommitted changes of the submitting project, when there are any."""
+        return self.root / GIT_DIFF
+
+    @property
+    def launches(self) -> Path:
+        """One JSON line per node start (job id, restart count, node rank, time)."""
+        return self.root / LAUNCHES
+
+    @property
+    def logs(self) -> Path:
+        """Slurm output files (append mode, so a requeue continues the same file)."""
+        return self.root / LOGS
+
+    @property
+    def local_rc(self) -> Path:
+        """Exit code of a local-backend run."""
+        return self.root / LOGS / LOCAL_RC
+
+    def task(self, array_index: int | None) -> TaskPaths:
+        """Paths of the whole job (None) or of one array task."""
+        return TaskPaths(self.root if array_index is None else self.root / "tasks" / str(array_index))
+
+    def log_pattern(self, is_array: bool) -> str:
+        """sbatch --output pattern: one file per job, or per array task."""
+        return str(self.logs / ("%x-%A_%a.out" if is_array else "%x-%j.out"))
+
+
+def new_run_dir(run_root: str | Path, name: str, spec_sha256: str, now: dt.datetime | None = None) -> Path:
+    """A fresh run dir path (not created): `<run_root>/<name>/<UTC stamp>-<hash>`."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    salt = hashlib.sha256(f"{spec_sha256}{now.isoformat()}".encode()).hexdigest()[:6]
+    return Path(run_root) / name / f"{stamp}-{salt}"
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A folder that holds a frozen spec."""
+    return (Path(path) / SPEC_JSON).is_file()

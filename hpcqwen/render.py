@@ -1,0 +1,162 @@
+"""Spec -> sbatch script. Pure: the same spec, paths and source give the same bytes.
+
+All decisions are made here in Python (`sbatch_context`); the Jinja template only writes them
+out. Jinja runs with StrictUndefined, and every value that a spec controls goes through
+`shlex.quote` (`|q`) or is restricted by the spec's patterns before it reaches `#SBATCH`.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from hpcqwen import __version__
+from hpcqwen.cluster import PKG_DIR
+from hpcqwen.paths import RunPaths
+from hpcqwen.spec import JobSpec, SpecSource
+
+TEMPLATE = "sbatch.sh.j2"
+LAUNCH_MODULE = "hpcqwen"  # `python -m hpcqwen launch RUN_DIR`
+
+
+def template_dirs(spec: JobSpec) -> list[Path]:
+    """The profile's template folder first, then the shipped one (wheel or source checkout)."""
+    dirs = [Path(spec.cluster.template_dir)] if spec.cluster.template_dir else []
+    return [*dirs, PKG_DIR / "templates", PKG_DIR.parent / "templates"]
+
+
+def format_time(minutes: int) -> str:
+    """Minutes -> Slurm's D-HH:MM:SS."""
+    days, rest = divmod(minutes, 24 * 60)
+    hours, mins = divmod(rest, 60)
+    return f"{days}-{hours:02d}:{mins:02d}:00" if days else f"{hours:02d}:{mins:02d}:00"
+
+
+def cpus_per_task(spec: JobSpec) -> int:
+    """Cores for each node's launcher: the spec's, else cpus_per_gpu × GPUs, else nproc."""
+    if spec.resources.cpus_per_task:
+        return spec.resources.cpus_per_task
+    return spec.cluster.cpus_per_gpu * spec.gpus_per_node if spec.gpus_per_node else spec.nproc_per_node
+
+
+def dependency_flag(job_ids: dict[str, list[str]]) -> str | None:
+    """{'afterok': ['1', '2']} -> 'afterok:1:2'."""
+    parts = [f"{kind}:{':'.join(ids)}" for kind, ids in job_ids.items() if ids]
+    return ",".join(parts) or None
+
+
+def array_flag(spec: JobSpec, first: int = 0, last: int | None = None) -> str | None:
+    """`0-99%4` for an array (or one chunk of it), None for a plain job."""
+    if spec.array is None:
+        return None
+    last = spec.array.count - 1 if last is None else last
+    throttle = f"%{spec.array.throttle}" if spec.array.throttle else ""
+    return f"{first}-{last}{throttle}" if last > first else f"{first}{throttle}"
+
+
+def sbatch_flags(spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[str]]) -> list[str]:
+    """Every `#SBATCH` line's option, in a fixed order."""
+    r, c = spec.resources, spec.cluster
+    flags = [
+        f"--job-name={spec.name}",
+        f"--nodes={r.nodes}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={cpus_per_task(spec)}",
+        f"--time={format_time(r.time_limit_min)}",
+        f"--output={paths.log_pattern(spec.array is not None)}",
+        "--open-mode=append",
+        f"--chdir={paths.root}",
+    ]
+    if spec.gpus_per_node:
+        flags.append(f"--gpus-per-node={spec.gpus_per_node}")
+    if r.mem_gb is not None:
+        flags.append(f"--mem={int(r.mem_gb * 1024)}M")
+    for key in ("partition", "account", "qos"):
+        value = getattr(r, key) or getattr(c, key)
+        if value:
+            flags.append(f"--{key}={value}")
+    if r.constraint:
+        flags.append(f"--constraint={r.constraint}")
+    if r.exclusive:
+        flags.append("--exclusive")
+    if spec.requeue.enabled:
+        flags += ["--requeue", f"--signal=B:USR2@{spec.requeue.signal_lead_s}"]
+    else:
+        flags.append("--no-requeue")
+    array = array_flag(spec)
+    if array:
+        flags.append(f"--array={array}")
+    dep = dependency_flag(dependencies)
+    if dep:
+        flags.append(f"--dependency={dep}")
+    return flags
+
+
+def launcher_argv(spec: JobSpec, run_dir: Path) -> list[str]:
+    """`<python> -m hpcqwen launch RUN_DIR`, inside the profile's container when it has one."""
+    python = spec.cluster.python or sys.executable
+    argv = [python, "-m", LAUNCH_MODULE, "launch", str(run_dir)]
+    container = spec.cluster.container
+    if container is not None and container.runtime == "apptainer":
+        binds = [f"{spec.cluster.run_root}:{spec.cluster.run_root}", *container.mounts]
+        argv = ["apptainer", "exec", "--nv", "--bind", ",".join(binds), container.image, *argv]
+    return argv
+
+
+def srun_argv(spec: JobSpec, run_dir: Path) -> list[str]:
+    """The one step: one launcher per node, the job dies if one node's launcher fails."""
+    # 23.11+ srun no longer inherits --cpus-per-task from sbatch: pass it explicitly.
+    argv = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", f"--cpus-per-task={cpus_per_task(spec)}"]
+    container = spec.cluster.container
+    if container is not None and container.runtime == "pyxis":
+        mounts = [f"{spec.cluster.run_root}:{spec.cluster.run_root}", *container.mounts]
+        argv += [f"--container-image={container.image}", f"--container-mounts={','.join(mounts)}"]
+    return argv + launcher_argv(spec, run_dir)
+
+
+def sbatch_context(spec: JobSpec, paths: RunPaths, source: SpecSource,
+                   dependencies: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Everything the template writes, decided here (pure)."""
+    is_array = spec.array is not None
+    run_dir_q = shlex.quote(str(paths.root))
+    return {
+        "version": __version__,
+        "source_path": source.path,
+        "source_sha256": source.sha256,
+        "sbatch_path": str(paths.sbatch),
+        "sbatch_flags": sbatch_flags(spec, paths, dependencies or {}),
+        "setup": list(spec.cluster.setup),
+        "run_dir": str(paths.root),
+        "env": sorted({**spec.cluster.env, **spec.env}.items()),
+        "task_dir": run_dir_q + '/tasks/"$SLURM_ARRAY_TASK_ID"' if is_array else '"$HPCQWEN_RUN_DIR"',
+        "srun_command": shlex.join(srun_argv(spec, paths.root)),
+        "requeue": spec.requeue.enabled,
+        "signal_lead_s": spec.requeue.signal_lead_s,
+        "max_restarts": spec.requeue.max_restarts,
+        "requeue_id": '"${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"' if is_array else '"$SLURM_JOB_ID"',
+    }
+
+
+def _environment(spec: JobSpec) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader([str(d) for d in template_dirs(spec)]),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,  # noqa: S701 (a shell script, not HTML: values go through |q)
+    )
+    env.filters["q"] = lambda v: shlex.quote(str(v))
+    env.filters["comment"] = lambda v: str(v).replace("\r", "\\r").replace("\n", "\\n")
+    return env
+
+
+def render_sbatch(spec: JobSpec, paths: RunPaths, source: SpecSource,
+                  dependencies: dict[str, list[str]] | None = None) -> str:
+    """The batch script for `spec` running in `paths`."""
+    context = sbatch_context(spec, paths, source, dependencies)
+    return _environment(spec).get_template(TEMPLATE).render(**context)

@@ -1,0 +1,393 @@
+"""Job specs: typed, frozen, validated once on the login node.
+
+`load_spec(path, overrides)` is the only place user input is checked. It reads the YAML with
+line numbers, applies `--set` overrides, merges the cluster profile, expands `${ENV}` in
+the documented path fields, validates every section and the cross-field rules, and raises
+one `SpecError` listing every problem. The node reads the frozen result (`spec.json`)
+with `read_frozen_spec` and never re-resolves defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hpcqwen import cluster as cluster_mod
+from hpcqwen import specfile
+from hpcqwen.cluster import ClusterProfile, EnvName, SlurmName
+from hpcqwen.errors import SpecError, SpecIssue
+from hpcqwen.specfile import Loc, YamlDoc
+from hpcqwen.tasks import TASK_KINDS, TaskSpec
+
+# Names that look like credentials must come from the submitting shell (Slurm exports it to
+# the job), never from a spec: spec.yaml, spec.json and job.sbatch are written to disk.
+SECRET_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL)", re.I)
+JOB_ID_RE = re.compile(r"^\d+(_\d+)?$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A cross-field problem found by a `check` method: the key and the numbers."""
+
+    key: str
+    message: str
+    got: str = ""
+    expected: str = ""
+    hint: str = ""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(_Section):
+    """What to ask Slurm for. Fields named after sbatch's long options."""
+
+    nodes: int = Field(1, ge=1, description="Nodes (sbatch --nodes).")
+    gpus_per_node: int | None = Field(None, ge=0, description="GPUs per node; default: the profile's.")
+    nproc_per_node: int | None = Field(
+        None, ge=1, description="Processes per node; default: the GPUs per node, or 1 for CPU jobs."
+    )
+    cpus_per_task: int | None = Field(
+        None, ge=1, description="CPU cores for each node's launcher; default: profile cpus_per_gpu × GPUs, or 1."
+    )
+    mem_gb: float | None = Field(None, gt=0, description="Memory per node in GB (sbatch --mem).")
+    time_limit_min: int = Field(60, ge=1, description="Wall-time limit in minutes (sbatch --time).")
+    partition: SlurmName | None = Field(None, description="Overrides the profile's partition.")
+    account: SlurmName | None = Field(None, description="Overrides the profile's account.")
+    qos: SlurmName | None = Field(None, description="Overrides the profile's QOS.")
+    constraint: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.,:|&\[\]*()-]+$", description="Node features (sbatch --constraint)."
+    )
+    exclusive: bool = Field(False, description="Whole nodes (sbatch --exclusive).")
+
+
+class ArraySpec(_Section):
+    """A Slurm job array: `size` tasks (sharding), or one task per entry of `tasks` (a sweep)."""
+
+    size: int | None = Field(None, ge=1, description="Number of array tasks (0..size-1).")
+    throttle: int | None = Field(None, ge=1, description="At most this many tasks run at once (%N).")
+    tasks: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Per-task overrides of `task` keys (dotted), e.g. [{learning_rate: 1e-4}, {learning_rate: 1e-5}].",
+    )
+
+    @property
+    def count(self) -> int:
+        """Number of array tasks."""
+        return self.size if self.size is not None else len(self.tasks)
+
+
+class Dependency(_Section):
+    """Start only after another job (sbatch --dependency)."""
+
+    job: str = Field(description="A Slurm job id (123 or 123_4), or the run dir of an earlier submission.")
+    type: Literal["afterok", "afterany", "afternotok", "after"] = Field("afterok", description="Dependency type.")
+
+
+class Requeue(_Section):
+    """Preemption and time-limit handling: save, requeue, resume."""
+
+    enabled: bool = Field(True, description="Requeue on the signal and on node failure (sbatch --requeue).")
+    max_restarts: int = Field(3, ge=0, description="Give up after this many restarts (SLURM_RESTART_COUNT).")
+    signal_lead_s: int = Field(
+        120, ge=10, le=65535, description="Seconds before the time limit that USR2 reaches the batch script."
+    )
+
+
+class JobSpec(_Section):
+    """A whole job: where it runs, what it asks for, and what it does."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Job and run-dir name.")
+    cluster: ClusterProfile = Field(description="Profile name, or {profile: name, <field>: override}.")
+    resources: Resources = Field(default_factory=Resources)
+    array: ArraySpec | None = Field(None, description="Run as a job array.")
+    depends_on: list[Dependency] = Field(default_factory=list, description="Jobs this one waits for.")
+    env: dict[EnvName, str] = Field(default_factory=dict, description="Extra environment (no secrets).")
+    requeue: Requeue = Field(default_factory=Requeue)
+    task: TaskSpec = Field(description="What runs: a mapping with `kind:` and its knobs.")
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_strings(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: v if isinstance(v, str) else json.dumps(v) for k, v in value.items()}
+        return value
+
+    @field_validator("depends_on", mode="before")
+    @classmethod
+    def _dependency_forms(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            value = [value]
+        out = []
+        for item in value:
+            if isinstance(item, int):
+                item = {"job": str(item)}
+            elif isinstance(item, str):
+                kind, sep, job = item.partition(":")
+                item = {"job": job, "type": kind} if sep and kind.startswith("after") else {"job": item}
+            out.append(item)
+        return out
+
+    # ---- derived values (everything the renderer and launcher need) -------------------
+    @property
+    def gpus_per_node(self) -> int:
+        """GPUs per node after profile defaults."""
+        r = self.resources.gpus_per_node
+        return self.cluster.gpus_per_node if r is None else r
+
+    @property
+    def nproc_per_node(self) -> int:
+        """Processes per node: the spec's value, else one per GPU, else 1."""
+        return self.resources.nproc_per_node or self.gpus_per_node or 1
+
+    @property
+    def world_size(self) -> int:
+        """Total processes across all nodes."""
+        return self.resources.nodes * self.nproc_per_node
+
+    def task_for(self, array_index: int | None) -> TaskSpec:
+        """The task of one array index, with that index's overrides applied (validated at load)."""
+        if self.array is None or not self.array.tasks or array_index is None:
+            return self.task
+        data = self.task.model_dump(mode="json")
+        for key, value in self.array.tasks[array_index].items():
+            specfile.apply_override(data, str(key).split("."), value)
+        return _TASK_ADAPTER.validate_python(data)
+
+
+def _task_adapter() -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(TaskSpec)
+
+
+_TASK_ADAPTER = _task_adapter()
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SpecSource:
+    """Where a spec came from (for the script header and the run dir)."""
+
+    path: str
+    text: str
+    sha256: str
+    overrides: tuple[str, ...] = ()
+
+
+def read_source(path: str | Path, overrides: tuple[str, ...] = ()) -> SpecSource:
+    """Read a spec file; a missing file is a SpecError naming it."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(str(path), [SpecIssue(str(path), None, "", "file not found",
+                                              hint="check the path (specs live in jobspecs/)")]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(str(path), [SpecIssue(str(path), None, "", f"cannot read the file: {e}")]) from None
+    digest = hashlib.sha256((text + "\0" + "\0".join(overrides)).encode()).hexdigest()
+    return SpecSource(str(path), text, digest, overrides)
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Load, merge and validate a job spec; raise SpecError with every problem found."""
+    source = read_source(path, tuple(overrides))
+    return parse_spec(source)
+
+
+def parse_spec(source: SpecSource) -> JobSpec:
+    """Validate an already-read spec (see load_spec)."""
+    file = source.path
+    doc, issues = specfile.parse_yaml(source.text, file)
+    if doc is None:
+        raise SpecError(file, issues)
+    overridden = _apply_overrides(doc, source.overrides, issues)
+    base_dir = Path(file).resolve().parent
+    data = copy.deepcopy(doc.data)
+    profile = _merge_profile(doc, data.get("cluster", "local"), issues, base_dir)
+    # A placeholder keeps the other sections checkable when the profile itself is wrong.
+    data["cluster"] = profile if profile is not None else {"profile": "?"}
+    _check_env(doc, data.get("env"), issues)
+    spec = None
+    try:
+        spec = JobSpec.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as e:
+        issues += specfile.issues_from_validation(e, JobSpec, doc, overridden=overridden)
+    if spec is not None and profile is not None:
+        issues += _cross_checks(spec, doc, overridden)
+    if issues:
+        raise SpecError(file, _dedupe(issues))
+    assert spec is not None
+    return spec
+
+
+def _dedupe(issues: list[SpecIssue]) -> list[SpecIssue]:
+    seen, out = set(), []
+    for i in issues:
+        if i not in seen:
+            seen.add(i)
+            out.append(i)
+    return out
+
+
+def _apply_overrides(doc: YamlDoc, overrides: tuple[str, ...], issues: list[SpecIssue]) -> dict[Loc, str]:
+    overridden: dict[Loc, str] = {}
+    for text in overrides:
+        try:
+            keys, value = specfile.parse_override(text)
+        except ValueError as e:
+            issues.append(SpecIssue(f"--set {text}", None, "", str(e)))
+            continue
+        specfile.apply_override(doc.data, keys, value)
+        overridden[tuple(keys)] = text
+    return overridden
+
+
+def _merge_profile(doc: YamlDoc, value: Any, issues: list[SpecIssue], base_dir: Path) -> Any:
+    """Resolve `cluster:` to the profile's fields overlaid with the spec's; None on error."""
+    line = doc.line_of(("cluster",))
+    if isinstance(value, str):
+        value = {"profile": value}
+    if not isinstance(value, dict) or not isinstance(value.get("profile", "local"), str):
+        issues.append(SpecIssue(doc.file, line, "cluster", "must be a profile name or a mapping with `profile:`",
+                                got=specfile._short(value), expected="e.g. cluster: local"))
+        return None
+    name = value.get("profile", "local")
+    path = cluster_mod.find_profile(name)
+    if path is None:
+        names = cluster_mod.available_profiles()
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "add <name>.yaml to a folder in HPCQWEN_PROFILE_PATH"
+        issues.append(SpecIssue(doc.file, line, "cluster", "unknown cluster profile", got=repr(name),
+                                expected=f"one of {names}", hint=hint))
+        return None
+    pdoc, pissues = specfile.parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    issues += pissues
+    if pdoc is None:
+        return None
+    merged = {**pdoc.data, **value, "profile": name}
+    try:
+        profile = ClusterProfile.model_validate(merged)
+    except ValidationError as e:
+        spec_keys = {k for k in value if k != "profile"}
+        for issue in specfile.issues_from_validation(e, ClusterProfile, pdoc):
+            key = issue.key
+            if key.split(".")[0] in spec_keys:  # the error is in the spec's override
+                issue = SpecIssue(doc.file, doc.line_of(("cluster", key.split(".")[0])), f"cluster.{key}",
+                                  issue.message, issue.got, issue.expected, issue.hint)
+            issues.append(issue)
+        return None
+    return _expand_profile_paths(profile, doc, issues, base_dir)
+
+
+def _expand_profile_paths(profile: ClusterProfile, doc: YamlDoc, issues: list[SpecIssue], base_dir: Path) -> Any:
+    updates: dict[str, Any] = {}
+    for key in ("run_root", "cache_root", "template_dir"):
+        raw = getattr(profile, key)
+        if raw is None:
+            continue
+        try:
+            updates[key] = specfile.expand_path(raw, base_dir)
+        except ValueError as e:
+            issues.append(SpecIssue(doc.file, doc.line_of(("cluster",)), f"cluster.{key}", str(e), got=repr(raw)))
+            continue
+        if re.search(r"[\s'\"]", updates[key]):  # sbatch's #SBATCH parser has no quoting
+            issues.append(SpecIssue(doc.file, doc.line_of(("cluster",)), f"cluster.{key}",
+                                    "must not contain spaces or quotes", got=repr(updates[key]),
+                                    hint="choose a folder without spaces"))
+    if updates.get("cache_root") is None and "run_root" in updates:
+        updates["cache_root"] = str(Path(updates["run_root"]) / ".cache")
+    return profile.model_copy(update=updates).model_dump()
+
+
+def _check_env(doc: YamlDoc, env: Any, issues: list[SpecIssue]) -> None:
+    if not isinstance(env, dict):
+        return
+    for key in env:
+        if SECRET_RE.search(str(key)):
+            issues.append(SpecIssue(doc.file, doc.line_of(("env", key)), f"env.{key}",
+                                    "looks like a secret; secrets must not be written into specs or scripts",
+                                    hint=f"export {key} in the shell you submit from; Slurm passes it to the job"))
+
+
+def _cross_checks(spec: JobSpec, doc: YamlDoc, overridden: dict[Loc, str]) -> list[SpecIssue]:
+    problems: list[Problem] = []
+    r, a = spec.resources, spec.array
+    if spec.gpus_per_node > spec.cluster.gpus_per_node and spec.cluster.gpus_per_node > 0:
+        problems.append(Problem("resources.gpus_per_node", f"asks for {spec.gpus_per_node} GPUs per node but a node of "
+                                f"profile '{spec.cluster.profile}' has {spec.cluster.gpus_per_node}",
+                                got=str(spec.gpus_per_node), expected=f"<= {spec.cluster.gpus_per_node}"))
+    if spec.requeue.enabled and spec.requeue.signal_lead_s >= r.time_limit_min * 60:
+        problems.append(Problem("requeue.signal_lead_s", f"the signal ({spec.requeue.signal_lead_s} s before the end) "
+                                f"must come inside the time limit ({r.time_limit_min} min = {r.time_limit_min * 60} s)",
+                                got=str(spec.requeue.signal_lead_s), expected=f"< {r.time_limit_min * 60}",
+                                hint="raise resources.time_limit_min or lower requeue.signal_lead_s"))
+    if a is not None:
+        problems += _array_checks(spec, a)
+        if a.count > spec.cluster.max_array_size:
+            problems.append(Problem("array", f"has {a.count} tasks; the cluster's MaxArraySize is "
+                                    f"{spec.cluster.max_array_size}", got=str(a.count),
+                                    expected=f"<= {spec.cluster.max_array_size}",
+                                    hint="use fewer, larger tasks (shards)"))
+    for i, dep in enumerate(spec.depends_on):
+        if not JOB_ID_RE.match(dep.job) and not ("/" in dep.job or dep.job.startswith(".")):
+            problems.append(Problem(f"depends_on[{i}].job", "is neither a job id nor a run dir path", got=repr(dep.job),
+                                    expected="123, 123_4, afterok:123 or a path to a run dir"))
+    problems += spec.task.check(spec)
+    if a is not None:
+        for i in range(len(a.tasks)):
+            problems += [Problem(f"array.tasks[{i}]." + p.key.removeprefix("task."), p.message, p.got, p.expected,
+                                 p.hint) for p in spec.task_for(i).check(spec)]
+    return [_problem_issue(p, doc, overridden) for p in problems]
+
+
+def _array_checks(spec: JobSpec, a: ArraySpec) -> list[Problem]:
+    problems = []
+    if a.size is None and not a.tasks:
+        problems.append(Problem("array", "needs `size:` or a list of `tasks:`", expected="size: N or tasks: [...]"))
+    if a.size is not None and a.tasks and a.size != len(a.tasks):
+        problems.append(Problem("array.size", f"is {a.size} but array.tasks lists {len(a.tasks)} tasks",
+                                got=str(a.size), expected=str(len(a.tasks)), hint="drop size: or make them agree"))
+    if a.throttle is not None and a.count and a.throttle > a.count:
+        problems.append(Problem("array.throttle", f"({a.throttle}) is larger than the array ({a.count} tasks)",
+                                got=str(a.throttle), expected=f"<= {a.count}"))
+    for i, overrides in enumerate(a.tasks):
+        data = spec.task.model_dump(mode="json")
+        for key, value in overrides.items():
+            specfile.apply_override(data, str(key).split("."), value)
+        try:
+            _TASK_ADAPTER.validate_python(data)
+        except ValidationError as e:
+            for err in e.errors():
+                loc = tuple(err["loc"])[1:] if err["loc"] and err["loc"][0] == data.get("kind") else tuple(err["loc"])
+                issue = specfile.issue_from_error(err, ("array", "tasks", i, *loc), "", None, None)
+                problems.append(Problem(issue.key, issue.message, issue.got, issue.expected, issue.hint))
+    return problems
+
+
+def _problem_issue(p: Problem, doc: YamlDoc, overridden: dict[Loc, str]) -> SpecIssue:
+    loc: Loc = tuple(int(x) if x.isdigit() else x for x in re.split(r"\.|\[|\]\.?", p.key) if x)
+    for path, flag in overridden.items():
+        if loc[: len(path)] == path:
+            return SpecIssue(f"--set {flag}", None, p.key, p.message, p.got, p.expected, p.hint)
+    return SpecIssue(doc.file, doc.line_of(loc), p.key, p.message, p.got, p.expected, p.hint)
+
+
+def read_frozen_spec(path: str | Path) -> JobSpec:
+    """Read the resolved `spec.json` of a run dir (on the node). No defaults are re-resolved."""
+    return JobSpec.model_validate_json(Path(path).read_text(encoding="utf-8"))
+
+
+def task_kinds() -> list[str]:
+    """The task kinds this hpcqwen knows."""
+    return sorted(TASK_KINDS)

