@@ -186,14 +186,17 @@ def parse_sacct(stdout: str) -> list[JobRow]:
 
 def squeue(job_ids: Sequence[str] | None = None, user: str | None = None, run: RunCmd = run_cmd) -> list[JobRow]:
     """ONE squeue call: the given jobs (and their array tasks), or all jobs of `user`, or all."""
-    argv = ["squeue", "--noheader", "--array", f"--format={'|'.join(SQUEUE_FIELDS)}"]
+    # --states=all: finished jobs stay visible (for MinJobAge) with their final state, which
+    # the default filter (pending/running/completing) would hide.
+    argv = ["squeue", "--noheader", "--array", "--states=all", f"--format={'|'.join(SQUEUE_FIELDS)}"]
     if job_ids:
         argv.append(f"--jobs={','.join(job_ids)}")
     if user:
         argv.append(f"--user={user}")
     proc = run(argv, 30.0)
     if proc.returncode != 0:
-        # A single id that left the queue (older than MinJobAge) is an error, not an empty list.
+        # One id that the controller forgot (older than MinJobAge) is an error, not an empty
+        # list; with several ids squeue just leaves the unknown ones out.
         if "Invalid job id" in proc.stderr:
             return []
         raise SlurmCommandError(argv, proc.returncode, proc.stderr)
@@ -218,11 +221,7 @@ def query_jobs(job_ids: Sequence[str], run: RunCmd = run_cmd) -> dict[str, list[
     found: dict[str, list[JobRow]] = {j: [] for j in job_ids}
     if not job_ids:
         return found
-    rows = squeue(job_ids, run=run)
-    if len(job_ids) > 1 and not rows:
-        # squeue fails the whole call when one id is unknown; ask once more without ids.
-        rows = [r for r in squeue(run=run) if r.array_job_id in found or r.job_id in found]
-    for row in rows:
+    for row in squeue(job_ids, run=run):
         found.setdefault(row.array_job_id if row.array_job_id in found else row.job_id, []).append(row)
     missing = [j for j, r in found.items() if not r]
     if missing:

@@ -232,12 +232,9 @@ def parse_spec(source: SpecSource) -> JobSpec:
 
 
 def _dedupe(issues: list[SpecIssue]) -> list[SpecIssue]:
-    seen, out = set(), []
-    for i in issues:
-        if i not in seen:
-            seen.add(i)
-            out.append(i)
-    return out
+    """Drop repeats; order by file position (issues without a line first, --set ones last)."""
+    unique = list(dict.fromkeys(issues))
+    return sorted(unique, key=lambda i: (i.file.startswith("--set"), i.line or 0))
 
 
 def _apply_overrides(doc: YamlDoc, overrides: tuple[str, ...], issues: list[SpecIssue]) -> dict[Loc, str]:
@@ -344,10 +341,13 @@ def _cross_checks(spec: JobSpec, doc: YamlDoc, overridden: dict[Loc, str]) -> li
             problems.append(Problem(f"depends_on[{i}].job", "is neither a job id nor a run dir path", got=repr(dep.job),
                                     expected="123, 123_4, afterok:123 or a path to a run dir"))
     problems += spec.task.check(spec)
-    if a is not None:
-        for i in range(len(a.tasks)):
-            problems += [Problem(f"array.tasks[{i}]." + p.key.removeprefix("task."), p.message, p.got, p.expected,
-                                 p.hint) for p in spec.task_for(i).check(spec)]
+    for i in range(len(a.tasks) if a is not None else 0):
+        try:
+            task = spec.task_for(i)
+        except ValidationError:
+            continue  # already reported by _array_checks
+        problems += [Problem(f"array.tasks[{i}]." + p.key.removeprefix("task."), p.message, p.got, p.expected,
+                             p.hint) for p in task.check(spec)]
     return [_problem_issue(p, doc, overridden) for p in problems]
 
 
@@ -359,7 +359,7 @@ def _array_checks(spec: JobSpec, a: ArraySpec) -> list[Problem]:
         problems.append(Problem("array.size", f"is {a.size} but array.tasks lists {len(a.tasks)} tasks",
                                 got=str(a.size), expected=str(len(a.tasks)), hint="drop size: or make them agree"))
     if a.throttle is not None and a.count and a.throttle > a.count:
-        problems.append(Problem("array.throttle", f"({a.throttle}) is larger than the array ({a.count} tasks)",
+        problems.append(Problem("array.throttle", f"is larger than the array ({a.throttle} > {a.count} tasks)",
                                 got=str(a.throttle), expected=f"<= {a.count}"))
     for i, overrides in enumerate(a.tasks):
         data = spec.task.model_dump(mode="json")

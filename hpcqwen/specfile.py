@@ -173,22 +173,23 @@ def model_at(model: type[BaseModel], loc: Loc) -> type[BaseModel] | None:
     """
     current: type[BaseModel] | None = model
     parts = list(loc)
-    while parts:
+    while parts and current is not None:
         part = parts.pop(0)
-        if current is None or isinstance(part, int):
-            return None
-        info = current.model_fields.get(str(part))
+        info = current.model_fields.get(part) if isinstance(part, str) else None
         if info is None:
             return None
-        members = _union_members(info.annotation)
-        if len(members) == 1:
-            current = members[0]
-        elif members and parts:
-            tag = parts.pop(0)
-            current = next((m for m in members if tag in typing.get_args(m.model_fields["kind"].annotation)), None)
-        else:
-            return None
+        current, consumed = _member_for(_union_members(info.annotation), parts)
+        del parts[:consumed]
     return current
+
+
+def _member_for(members: list[type[BaseModel]], rest: list[str | int]) -> tuple[type[BaseModel] | None, int]:
+    """The member a loc continues into, and whether the next loc part was its union tag."""
+    if rest and any("kind" in m.model_fields for m in members):
+        for m in members:
+            if rest[0] in typing.get_args(m.model_fields["kind"].annotation):
+                return m, 1
+    return (members[0] if len(members) == 1 else None), 0
 
 
 def _union_members(annotation: Any) -> list[type[BaseModel]]:
@@ -213,6 +214,8 @@ def issue_from_error(err: Mapping[str, Any], loc: Loc, file: str, line: int | No
                      owner: type[BaseModel] | None) -> SpecIssue:
     """Translate one pydantic error (already mapped to the user's `loc`) into a SpecIssue."""
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if loc and loc[-1] == "[key]":  # pydantic's marker for a bad mapping key
+        loc = loc[:-1]
     key = dotted_key(loc)
     got = _short(value)
     if kind == "extra_forbidden":
@@ -247,8 +250,10 @@ def issue_from_error(err: Mapping[str, Any], loc: Loc, file: str, line: int | No
         return SpecIssue(file, line, key + ".kind" if key else "kind", "unknown task kind", got=_short(ctx.get("tag")),
                          expected=f"one of {ctx.get('expected_tags')}")
     if kind == "union_tag_not_found":
-        return SpecIssue(file, line, key, "missing `kind`", expected="kind: one of the task kinds",
-                         hint="add `kind: command` (or sft, ...) under task:")
+        from hpcqwen.tasks import TASK_KINDS  # here, not at the top: task models import this module
+
+        return SpecIssue(file, line, key, "missing `kind`", expected=f"one of {', '.join(sorted(TASK_KINDS))}",
+                         hint="add e.g. `kind: sft` under task:")
     if kind == "value_error":
         message = str(ctx.get("error", err["msg"]))
         return SpecIssue(file, line, key, message, got=got if not isinstance(value, (dict, list)) else "")
@@ -287,22 +292,10 @@ def _strip_tags(model: type[BaseModel], loc: Loc) -> Loc:
     while parts:
         part = parts.pop(0)
         out.append(part)
-        info = current.model_fields.get(str(part)) if current is not None and isinstance(part, str) else None
-        members = _union_members(info.annotation) if info is not None else []
-        if len(members) > 1 and parts:
-            tag = parts.pop(0)
-            current = next((m for m in members if tag in typing.get_args(m.model_fields["kind"].annotation)), None)
-        else:
-            current = members[0] if len(members) == 1 else None
+        info = current.model_fields.get(part) if current is not None and isinstance(part, str) else None
+        if info is None:
+            current = None
+            continue
+        current, consumed = _member_for(_union_members(info.annotation), parts)
+        del parts[:consumed]
     return tuple(out)
-
-
-def _expand_spec_path(value: str, info: ValidationInfo) -> str:
-    context = info.context or {}
-    if "base_dir" not in context:  # a frozen spec.json: already resolved on the login node
-        return value
-    return expand_path(value, context["base_dir"])
-
-
-SpecPath = Annotated[str, AfterValidator(_expand_spec_path)]
-"""A path field: `~` and `${VAR}`/`${VAR:-default}` expanded, relative to the spec file's folder."""
