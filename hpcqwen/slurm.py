@@ -136,6 +136,9 @@ class JobRow:
     work_dir: str = ""
     exit_code: str = ""
     source: str = "squeue"  # squeue | sacct
+    user: str = ""
+    nodelist: str = ""  # n[1-2]; the first host runs the batch script (node rank 0)
+    dependency: str = ""  # squeue %E: afterok:123(unfulfilled), afterany:45_*(failed)
 
     @property
     def state(self) -> JobState:
@@ -143,7 +146,9 @@ class JobRow:
         return SLURM_STATES.get(self.slurm_state, JobState.UNKNOWN)
 
 
-SQUEUE_FIELDS = ["%i", "%F", "%K", "%T", "%r", "%M", "%l", "%D", "%b", "%Z", "%j"]  # name last: free text
+SQUEUE_FIELDS = ["%i", "%F", "%K", "%T", "%r", "%M", "%l", "%D", "%b", "%Z", "%j"]  # name: free text
+# Appended after the name; they never contain "|", so the name is what lies between.
+SQUEUE_TAIL_FIELDS = ["%u", "%N", "%E"]
 SACCT_FIELDS = ["JobID", "JobIDRaw", "State", "ExitCode", "Elapsed", "Timelimit", "NNodes", "WorkDir", "JobName"]
 
 
@@ -152,7 +157,7 @@ def _task_id(text: str) -> int | None:
 
 
 def parse_squeue(stdout: str) -> list[JobRow]:
-    """Rows of `squeue --noheader --array --format=<SQUEUE_FIELDS joined by |>`."""
+    """Rows of `squeue --noheader --array --format=<SQUEUE_FIELDS + SQUEUE_TAIL_FIELDS joined by |>`."""
     rows = []
     for line in stdout.splitlines():
         if not line.strip():
@@ -160,10 +165,14 @@ def parse_squeue(stdout: str) -> list[JobRow]:
         parts = line.split("|", len(SQUEUE_FIELDS) - 1)
         if len(parts) != len(SQUEUE_FIELDS):
             raise SlurmCommandError(["squeue"], 0, f'could not parse squeue output "{line}"')
-        jid, array_jid, task, state, reason, elapsed, limit, nodes, gres, work_dir, name = (p.strip() for p in parts)
+        jid, array_jid, task, state, reason, elapsed, limit, nodes, gres, work_dir = (p.strip() for p in parts[:-1])
+        tail = parts[-1].rsplit("|", len(SQUEUE_TAIL_FIELDS))
+        if len(tail) != len(SQUEUE_TAIL_FIELDS) + 1:  # output of the shorter, older format
+            tail = [parts[-1], "", "", ""]
+        name, user, nodelist, dep = (p.strip() for p in tail)
         rows.append(JobRow(jid, array_jid or jid, _task_id(task), state, "" if reason == "None" else reason, name,
                            elapsed, limit, int(nodes) if nodes.isdigit() else 0, "" if gres == "N/A" else gres,
-                           work_dir))
+                           work_dir, user=user, nodelist=nodelist, dependency="" if dep == "(null)" else dep))
     return rows
 
 
@@ -188,7 +197,7 @@ def squeue(job_ids: Sequence[str] | None = None, user: str | None = None, run: R
     """ONE squeue call: the given jobs (and their array tasks), or all jobs of `user`, or all."""
     # --states=all: finished jobs stay visible (for MinJobAge) with their final state, which
     # the default filter (pending/running/completing) would hide.
-    argv = ["squeue", "--noheader", "--array", "--states=all", f"--format={'|'.join(SQUEUE_FIELDS)}"]
+    argv = ["squeue", "--noheader", "--array", "--states=all", f"--format={'|'.join(SQUEUE_FIELDS + SQUEUE_TAIL_FIELDS)}"]
     if job_ids:
         argv.append(f"--jobs={','.join(job_ids)}")
     if user:

@@ -6,6 +6,7 @@ backend then refuses the job (a rejected sbatch, a dead controller), the run dir
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import getpass
 import importlib.metadata
@@ -143,6 +144,8 @@ def submit(spec: JobSpec, source: SpecSource, backend: Backend) -> Submission:
         job_ids = backend.submit(spec, paths, dependencies)
     except BaseException:
         shutil.rmtree(paths.root, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            paths.root.parent.rmdir()  # the <run_root>/<name> folder, when this was its only run
         raise
     info = json.loads(paths.manifest.read_text(encoding="utf-8"))
     info["job_ids"] = job_ids

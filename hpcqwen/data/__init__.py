@@ -1,0 +1,121 @@
+"""SFT data: read datasets, tokenize with the Qwen3 template, pack, and cache on the shared FS.
+
+`prepare_sft_dataset` is the one call a runner (or `hpcqwen prepare`) makes: it hashes the
+inputs, builds the cache entry once across all ranks and nodes, and memory-maps it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpcqwen.caching import cached, dataset_key_parts
+from hpcqwen.data.formats import DataError, DatasetRef, load_dataset_rows, parse_dataset_ref, resolve_files
+from hpcqwen.data.packing import PackedCollator, PackStats, PaddingCollator, pack_examples
+from hpcqwen.data.tokenize import encode_conversation, encode_rows, load_tokenizer, render_prompt
+
+__all__ = [
+    "DataError", "DatasetRef", "PackStats", "PackedCollator", "PaddingCollator", "PreparedData",
+    "encode_conversation", "load_dataset_rows", "load_tokenizer", "parse_dataset_ref",
+    "prepare_sft_dataset", "render_prompt",
+]  # fmt: skip
+
+DATASET_DIR = "dataset"
+STATS_FILE = "stats.json"
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A cache entry, memory-mapped: the dataset, its folder and its build statistics."""
+
+    path: Path
+    dataset: Any  # datasets.Dataset with input_ids, labels (+ position_ids, seq_lens if packed)
+    stats: dict[str, Any]
+
+    def summary(self) -> str:
+        """One start-up log line with row counts, tokens and (if packed) the fill ratio."""
+        s = self.stats
+        line = (f"data: {s['num_rows']} rows -> {s['num_kept']} examples "
+                f"({s['num_truncated']} truncated), {s['num_tokens']} tokens, {s['num_loss_tokens']} with loss")  # fmt: skip
+        if "fill_ratio" in s:
+            line += f"; {s['num_packs']} packs of {s['max_length']}, fill {s['fill_ratio']:.1%}"
+        return line + f" [{self.path}]"
+
+
+def prepare_sft_dataset(
+    refs: Sequence[str],
+    *,
+    tokenizer_dir: str | Path,
+    base_dir: str | Path,
+    cache_root: str | Path,
+    max_length: int,
+    loss_scale: str = "default",
+    packing: bool = False,
+    enable_thinking: bool | None = None,
+    seed: int = 42,
+    model_name: str | Sequence[str] | None = None,
+    model_author: str | Sequence[str] | None = None,
+    system: str | None = None,
+) -> PreparedData:
+    """Tokenized (and packed) SFT data from the shared cache, built there first if missing.
+
+    Args:
+        refs: Dataset references `path[:subset][#N]`.
+        tokenizer_dir: Model or tokenizer folder; its tokenizer files enter the cache key.
+        base_dir: Folder that relative dataset paths are taken from.
+        cache_root: Shared cache folder.
+        max_length: Truncation length, and the pack size when packing.
+        loss_scale: `default` or `ignore_empty_think`.
+        packing: Pack examples padding-free into rows of `max_length`.
+        enable_thinking: False trains the non-thinking rendering (reasoning stripped).
+        seed: `#N` sampling seed.
+        model_name: Fills `{{NAME}}` in self-cognition rows.
+        model_author: Fills `{{AUTHOR}}` in self-cognition rows.
+        system: Default system prompt.
+
+    Returns:
+        The memory-mapped dataset and its statistics.
+
+    Raises:
+        DataError: For unreadable or malformed data.
+        ValueError: For a malformed reference.
+    """
+    from datasets import load_from_disk
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    files = [f for r in refs for f in resolve_files(parse_dataset_ref(r), base_dir)]
+    options = dict(max_length=max_length, loss_scale=loss_scale, packing=packing,
+                   enable_thinking=enable_thinking, seed=seed, model_name=model_name,
+                   model_author=model_author, system=system)  # fmt: skip
+    parts = dataset_key_parts(refs, data_files=files, tokenizer_dir=tokenizer_dir,
+                              chat_template=tokenizer.chat_template, **options)  # fmt: skip
+
+    def build(folder: Path) -> None:
+        _build(folder, tokenizer, refs, base_dir, **options)
+
+    entry = cached(parts, build, cache_root)
+    stats = json.loads((entry / STATS_FILE).read_text())
+    return PreparedData(path=entry, dataset=load_from_disk(str(entry / DATASET_DIR)), stats=stats)
+
+
+def _build(
+    folder: Path, tokenizer: Any, refs: Sequence[str], base_dir: str | Path, *, max_length: int,
+    loss_scale: str, packing: bool, enable_thinking: bool | None, seed: int, **names: Any,
+) -> None:  # fmt: skip
+    from datasets import Dataset
+
+    rows = load_dataset_rows(refs, base_dir=base_dir, seed=seed, **names)
+    examples, enc = encode_rows(tokenizer, rows, max_length=max_length, loss_scale=loss_scale,
+                                enable_thinking=enable_thinking)  # fmt: skip
+    if not examples:
+        raise DataError("no example has a token with loss (no assistant turn within max_length)", refs[0])
+    stats: dict[str, Any] = {**vars(enc), "max_length": max_length}
+    if packing:
+        examples, packed = pack_examples(examples, max_length)
+        stats.update(num_packs=packed.num_packs, fill_ratio=packed.fill_ratio)
+    columns = {name: [e[name] for e in examples] for name in examples[0]}
+    Dataset.from_dict(columns).save_to_disk(str(folder / DATASET_DIR))
+    (folder / STATS_FILE).write_text(json.dumps(stats, indent=1))
