@@ -33,9 +33,15 @@ COMPLETE_MARKER = "COMPLETE"
 KEY_FILE = "key.json"
 # Files of a model folder that decide tokenization; weights are left out (they don't, and are huge).
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-)  # fmt: skip
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def file_digest(path: str | Path) -> str:
@@ -50,7 +56,9 @@ def file_digest(path: str | Path) -> str:
 def tokenizer_digest(tokenizer_dir: str | Path) -> dict[str, str]:
     """Content hashes of the tokenizer files present in a model or tokenizer folder."""
     folder = Path(tokenizer_dir)
-    return {name: file_digest(folder / name) for name in TOKENIZER_FILES if (folder / name).is_file()}
+    return {
+        name: file_digest(folder / name) for name in TOKENIZER_FILES if (folder / name).is_file()
+    }
 
 
 def cache_key(key_parts: Mapping[str, Any]) -> str:
@@ -147,12 +155,16 @@ def _remove_leftovers(root: Path, key: str) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _build_entry(root: Path, key: str, key_parts: Mapping[str, Any], build: Callable[[Path], None]) -> None:
+def _build_entry(
+    root: Path, key: str, key_parts: Mapping[str, Any], build: Callable[[Path], None]
+) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
     try:
         log.info("building cache entry %s", root / key)
         build(tmp)
-        (tmp / KEY_FILE).write_text(json.dumps(dict(key_parts), indent=1, sort_keys=True, default=str))
+        (tmp / KEY_FILE).write_text(
+            json.dumps(dict(key_parts), indent=1, sort_keys=True, default=str)
+        )
         _fsync_tree(tmp)
         _write_synced(tmp / COMPLETE_MARKER, f"data_version={DATA_VERSION}\n")
         os.rename(tmp, root / key)

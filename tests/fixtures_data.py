@@ -55,4 +55,6 @@ def tiny_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_
     """A random Qwen3-MoE (4 experts, top-2, head_dim 32) with the truncated tokenizer."""
     from hpcqwen.testing import build_tiny_qwen3
 
-    return build_tiny_qwen3(tmp_path_factory.mktemp("qwen3moe-tiny") / "model", tiny_tokenizer_dir, moe=True)
+    return build_tiny_qwen3(
+        tmp_path_factory.mktemp("qwen3moe-tiny") / "model", tiny_tokenizer_dir, moe=True
+    )

@@ -17,6 +17,10 @@ SUBCOMMANDS = {
     "status": ("status", "state of a job or run dir (squeue, then sacct)"),
     "logs": ("logs", "print (or follow with -f) the log of a job or run dir"),
     "cancel": ("cancel", "cancel a job or the job of a run dir"),
+    "queue": ("queue", "live view of hpcqwen runs: states, pending reasons, training progress"),
+    "plot": ("plot", "write loss / lr / tokens/s (and reward) curves of a run dir as a PNG"),
+    "prepare": ("prepare", "build the tokenization/packing cache of a training spec as its own CPU job"),
+    "export": ("export", "write a checkpoint as a Hugging Face model (--merge-lora), optionally push it"),
     "schema": ("schema", "print the JSON Schema of job specs (for editor completion)"),
     "launch": ("launch", "(on a node) start the task of RUN_DIR under torchrun"),
 }

@@ -25,17 +25,28 @@ def pick_log(ref: runs.RunRef) -> Path | None:
     return files[-1] if files else None
 
 
-def copy_from(path: Path, offset: int) -> int:
-    """Print what was appended since `offset`; return the new offset (restarts at 0 if truncated)."""
+def read_new(path: Path, offset: int, limit: int | None = None, whole_lines: bool = False) -> tuple[str, int]:
+    """What was appended since `offset`, and the new offset (restarts at 0 if truncated).
+    `whole_lines` holds back a line still being written; `limit` keeps only the newest bytes
+    (the monitor's log view wants the tail, not a multi-GB backlog)."""
     size = path.stat().st_size
     if size < offset:
         offset = 0
+    if limit is not None and size - offset > limit:
+        offset = size - limit
     with open(path, "rb") as f:
         f.seek(offset)
         data = f.read()
-    sys.stdout.write(data.decode(errors="replace"))
+    end = data.rfind(b"\n") + 1 if whole_lines else len(data)
+    return data[:end].decode(errors="replace"), offset + end
+
+
+def copy_from(path: Path, offset: int) -> int:
+    """Print what was appended since `offset`; return the new offset (restarts at 0 if truncated)."""
+    text, offset = read_new(path, offset)
+    sys.stdout.write(text)
     sys.stdout.flush()
-    return offset + len(data)
+    return offset
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,19 +9,41 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from hpcqwen.caching import cached, dataset_key_parts
-from hpcqwen.data.formats import DataError, DatasetRef, load_dataset_rows, parse_dataset_ref, resolve_files
+from hpcqwen.data.formats import (
+    DataError,
+    DatasetRef,
+    load_dataset_rows,
+    parse_dataset_ref,
+    resolve_files,
+)
 from hpcqwen.data.packing import PackedCollator, PackStats, PaddingCollator, pack_examples
-from hpcqwen.data.tokenize import encode_conversation, encode_rows, load_tokenizer, render_prompt
+from hpcqwen.data.tokenize import (
+    encode_conversation,
+    encode_rows,
+    load_tokenizer,
+    render_prompt,
+    training_template,
+)
 
 __all__ = [
-    "DataError", "DatasetRef", "PackStats", "PackedCollator", "PaddingCollator", "PreparedData",
-    "encode_conversation", "load_dataset_rows", "load_tokenizer", "parse_dataset_ref",
-    "prepare_sft_dataset", "render_prompt",
-]  # fmt: skip
+    "DataError",
+    "DatasetRef",
+    "PackStats",
+    "PackedCollator",
+    "PaddingCollator",
+    "PreparedData",
+    "encode_conversation",
+    "load_dataset_rows",
+    "load_tokenizer",
+    "parse_dataset_ref",
+    "prepare_sft_dataset",
+    "render_prompt",
+]
 
 DATASET_DIR = "dataset"
 STATS_FILE = "stats.json"
@@ -38,8 +60,11 @@ class PreparedData:
     def summary(self) -> str:
         """One start-up log line with row counts, tokens and (if packed) the fill ratio."""
         s = self.stats
-        line = (f"data: {s['num_rows']} rows -> {s['num_kept']} examples "
-                f"({s['num_truncated']} truncated), {s['num_tokens']} tokens, {s['num_loss_tokens']} with loss")  # fmt: skip
+        line = (
+            f"data: {s['num_rows']} rows -> {s['num_kept']} examples "
+            f"({s['num_truncated']} truncated), {s['num_tokens']} tokens, "
+            f"{s['num_loss_tokens']} with loss"
+        )
         if "fill_ratio" in s:
             line += f"; {s['num_packs']} packs of {s['max_length']}, fill {s['fill_ratio']:.1%}"
         return line + f" [{self.path}]"
@@ -83,15 +108,29 @@ def prepare_sft_dataset(
         DataError: For unreadable or malformed data.
         ValueError: For a malformed reference.
     """
-    from datasets import load_from_disk
+    from datasets import load_from_disk  # type: ignore[import-untyped]
 
     tokenizer = load_tokenizer(tokenizer_dir)
     files = [f for r in refs for f in resolve_files(parse_dataset_ref(r), base_dir)]
-    options = dict(max_length=max_length, loss_scale=loss_scale, packing=packing,
-                   enable_thinking=enable_thinking, seed=seed, model_name=model_name,
-                   model_author=model_author, system=system)  # fmt: skip
-    parts = dataset_key_parts(refs, data_files=files, tokenizer_dir=tokenizer_dir,
-                              chat_template=tokenizer.chat_template, **options)  # fmt: skip
+    options: dict[str, Any] = dict(
+        max_length=max_length,
+        loss_scale=loss_scale,
+        packing=packing,
+        enable_thinking=enable_thinking,
+        seed=seed,
+        model_name=model_name,
+        model_author=model_author,
+        system=system,
+    )
+    parts = dataset_key_parts(
+        refs,
+        data_files=files,
+        tokenizer_dir=tokenizer_dir,
+        chat_template=training_template(tokenizer),  # the template that renders the examples
+        **options,
+    )
+    # A new tokenizers/transformers/TRL may tokenize or render differently: rebuild, don't guess.
+    parts["libraries"] = {name: version(name) for name in ("tokenizers", "transformers", "trl")}
 
     def build(folder: Path) -> None:
         _build(folder, tokenizer, refs, base_dir, **options)
@@ -102,16 +141,32 @@ def prepare_sft_dataset(
 
 
 def _build(
-    folder: Path, tokenizer: Any, refs: Sequence[str], base_dir: str | Path, *, max_length: int,
-    loss_scale: str, packing: bool, enable_thinking: bool | None, seed: int, **names: Any,
-) -> None:  # fmt: skip
+    folder: Path,
+    tokenizer: Any,
+    refs: Sequence[str],
+    base_dir: str | Path,
+    *,
+    max_length: int,
+    loss_scale: str,
+    packing: bool,
+    enable_thinking: bool | None,
+    seed: int,
+    **row_options: Any,
+) -> None:
     from datasets import Dataset
 
-    rows = load_dataset_rows(refs, base_dir=base_dir, seed=seed, **names)
-    examples, enc = encode_rows(tokenizer, rows, max_length=max_length, loss_scale=loss_scale,
-                                enable_thinking=enable_thinking)  # fmt: skip
+    rows = load_dataset_rows(refs, base_dir=base_dir, seed=seed, **row_options)
+    examples, enc = encode_rows(
+        tokenizer,
+        rows,
+        max_length=max_length,
+        loss_scale=loss_scale,
+        enable_thinking=enable_thinking,
+    )
     if not examples:
-        raise DataError("no example has a token with loss (no assistant turn within max_length)", refs[0])
+        raise DataError(
+            "no example has a token with loss (no assistant turn within max_length)", refs[0]
+        )
     stats: dict[str, Any] = {**vars(enc), "max_length": max_length}
     if packing:
         examples, packed = pack_examples(examples, max_length)

@@ -37,7 +37,9 @@ class DataError(HpcqwenError):
 
     reference = "data"
 
-    def __init__(self, message: str, file: str | Path, row: int | None = None, *, hint: str = "") -> None:
+    def __init__(
+        self, message: str, file: str | Path, row: int | None = None, *, hint: str = ""
+    ) -> None:
         self.file = str(file)
         self.row = row
         where = self.file if row is None else f"{self.file}: row {row}"
@@ -70,14 +72,13 @@ def parse_dataset_ref(ref: str) -> DatasetRef:
     """
     head, hash_sign, count_text = ref.rpartition("#")
     if not hash_sign:
-        head, count_text = ref, ""
-    count = None
-    if hash_sign:
-        if not re.fullmatch(r"\d+", count_text.strip()) or int(count_text) == 0:
-            raise ValueError(
-                f"dataset {ref!r}: the sample count after '#' must be a positive integer, got {count_text!r}"
-            )
-        count = int(count_text)
+        head = ref
+    elif not re.fullmatch(r"\d+", count_text.strip()) or int(count_text) == 0:
+        raise ValueError(
+            f"dataset {ref!r}: the sample count after '#' must be a positive integer, "
+            f"got {count_text!r}"
+        )
+    count = int(count_text) if hash_sign else None
     path, colon, subset = head.rpartition(":")
     # A ':' inside a folder name is part of the path, not a subset separator.
     if not colon or not subset or "/" in subset:
@@ -95,11 +96,14 @@ def resolve_files(ref: DatasetRef, base_dir: str | Path) -> list[Path]:
     """
     path = Path(ref.path).expanduser()
     path = path if path.is_absolute() else Path(base_dir) / path
-    if ref.subset and path.is_dir():
+    if ref.subset and path.is_file():
+        raise DataError(
+            f"subset {ref.subset!r} given for a file",
+            path,
+            hint="a subset selects a subfolder of a local dataset folder",
+        )
+    if ref.subset:
         path = path / ref.subset
-    elif ref.subset:
-        raise DataError(f"subset {ref.subset!r} given for a file", path,
-                        hint="a subset selects a subfolder of a local dataset folder")  # fmt: skip
     if path.is_file():
         return [path]
     if path.is_dir():
@@ -109,10 +113,12 @@ def resolve_files(ref: DatasetRef, base_dir: str | Path) -> list[Path]:
         return files
     if re.fullmatch(r"[\w.-]+/[\w.-]+", ref.path) and not Path(ref.path).suffix:
         raise DataError(
-            f"{ref.path!r} is not a local path, and hub datasets are not downloaded (the nodes are offline)",
-            path, hint=f"download it first (huggingface-cli download --repo-type dataset {ref.path} "
+            f"{ref.path!r} is not a local path, and hub datasets are not downloaded "
+            "(the nodes are offline)",
+            path,
+            hint=f"download it first (huggingface-cli download --repo-type dataset {ref.path} "
             "--local-dir DIR) and reference DIR",
-        )  # fmt: skip
+        )
     raise DataError("no such file or folder", path)
 
 
@@ -123,7 +129,7 @@ def read_records(path: Path) -> list[Row]:
         DataError: For unreadable content, naming the file and (1-based) row.
     """
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
         return list(pq.read_table(path).to_pylist())
     if path.suffix == ".csv":
@@ -151,7 +157,9 @@ def _read_json_lines(text: str, path: Path) -> list[Row]:
 
 def _as_record(value: Any, path: Path, row: int) -> Row:
     if not isinstance(value, dict):
-        raise DataError(f"expected an object with columns {EXPECTED}, got {type(value).__name__}", path, row)
+        raise DataError(
+            f"expected an object with columns {EXPECTED}, got {type(value).__name__}", path, row
+        )
     return value
 
 
@@ -187,7 +195,9 @@ def normalize_row(record: Row, file: str | Path, row: int, *, system: str | None
     elif record.get("query") is not None and record.get("response") is not None:
         messages = _query_response_messages(record, file, row)
     else:
-        raise DataError(f"columns {sorted(record)} match no known format; expected {EXPECTED}", file, row)
+        raise DataError(
+            f"columns {sorted(record)} match no known format; expected {EXPECTED}", file, row
+        )
     row_system = record.get("system") or system
     if row_system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": str(row_system)})
@@ -202,7 +212,9 @@ def _check_messages(value: Any, file: str | Path, row: int) -> list[Row]:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise DataError(f"messages[{i}] needs a role in {ROLES}, got {m!r:.80}", file, row)
         if not isinstance(m.get("content"), str) and not m.get("tool_calls"):
-            raise DataError(f"messages[{i}].content must be a string, got {m.get('content')!r:.80}", file, row)
+            raise DataError(
+                f"messages[{i}].content must be a string, got {m.get('content')!r:.80}", file, row
+            )
     return [dict(m) for m in value]
 
 
@@ -210,15 +222,24 @@ def _query_response_messages(record: Row, file: str | Path, row: int) -> list[Ro
     messages: list[Row] = []
     for pair in record.get("history") or []:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise DataError(f"`history` must hold [query, response] pairs, got {pair!r:.80}", file, row)
-        messages += [{"role": "user", "content": str(pair[0])}, {"role": "assistant", "content": str(pair[1])}]
+            raise DataError(
+                f"`history` must hold [query, response] pairs, got {pair!r:.80}", file, row
+            )
+        messages += [
+            {"role": "user", "content": str(pair[0])},
+            {"role": "assistant", "content": str(pair[1])},
+        ]
     messages.append({"role": "user", "content": str(record["query"])})
     messages.append({"role": "assistant", "content": str(record["response"])})
     return messages
 
 
 def fill_placeholders(
-    row: Row, names: dict[str, str | Sequence[str] | None], tag: str | None, file: str | Path, index: int
+    row: Row,
+    names: dict[str, str | Sequence[str] | None],
+    tag: str | None,
+    file: str | Path,
+    index: int,
 ) -> Row:
     """Replace `{{NAME}}`/`{{AUTHOR}}` in every message; a `[zh, en]` pair is picked by `tag`.
 
@@ -235,9 +256,11 @@ def fill_placeholders(
             value = _pick_name(names.get(knob), tag)
             if not value:
                 raise DataError(
-                    f"self-cognition placeholder {placeholder} found but `{knob}` is not set", file, index,
+                    f"self-cognition placeholder {placeholder} found but `{knob}` is not set",
+                    file,
+                    index,
                     hint=f"set task.{knob} (one name, or [Chinese, English])",
-                )  # fmt: skip
+                )
             content = content.replace(placeholder, value)
         message["content"] = content
     return row
@@ -307,7 +330,9 @@ def load_dataset_rows(
     return out
 
 
-def _load_ref(ref: DatasetRef, base_dir: str | Path, system: str | None, names: dict[str, Any]) -> list[Row]:
+def _load_ref(
+    ref: DatasetRef, base_dir: str | Path, system: str | None, names: dict[str, Any]
+) -> list[Row]:
     rows: list[Row] = []
     files = resolve_files(ref, base_dir)
     for path in files:

@@ -25,24 +25,28 @@ IGNORE_INDEX = -100
 LOSS_SCALES = ("default", "ignore_empty_think")
 # ms-swift's ignore_empty_think pattern (loss_scale config `{"<think>\\s*</think>\\s*": [0.0]}`).
 EMPTY_THINK = re.compile(r"<think>\s*</think>\s*")
+# What Qwen3 renders after the assistant header with thinking off (ms-swift `--response_prefix`).
 EMPTY_THINK_PREFIX = "<think>\n\n</think>\n\n"
 END_OF_TURN = "<|im_end|>"
 
 
-def _trl_dir() -> Path:
-    """TRL's package folder, found without importing TRL (several seconds of imports)."""
+def qwen3_template_path() -> Path:
+    """TRL's `chat_templates/qwen3.jinja`, found without importing TRL (seconds of imports).
+
+    Raises:
+        ModuleNotFoundError: When TRL is not installed (the `train` extra).
+    """
     spec = importlib.util.find_spec("trl")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("TRL provides the Qwen3 chat template: pip install trl")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-QWEN3_TEMPLATE_PATH = _trl_dir() / "chat_templates" / "qwen3.jinja"
+        raise ModuleNotFoundError(
+            "TRL provides the Qwen3 chat template: pip install 'hpcqwen[train]'"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "chat_templates" / "qwen3.jinja"
 
 
 def qwen3_chat_template() -> str:
     """The Qwen3 chat template every hpcqwen tokenizer uses (TRL's copy of the hub template)."""
-    return QWEN3_TEMPLATE_PATH.read_text(encoding="utf-8")
+    return qwen3_template_path().read_text(encoding="utf-8")
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -76,7 +80,7 @@ def training_template(tokenizer: Any) -> str:
         except ValueError as e:
             raise ValueError(
                 f"{e} Load the tokenizer with hpcqwen.data.tokenize.load_tokenizer "
-                f"(it attaches {QWEN3_TEMPLATE_PATH})."
+                f"(it attaches {qwen3_template_path()})."
             ) from e
     return _TRAINING_TEMPLATES[key]
 
@@ -96,10 +100,11 @@ def encode_conversation(
         messages: `[{"role", "content"}, ...]`; reasoning inline as `<think>...</think>` or in
             `reasoning_content`.
         max_length: Keep at most this many tokens (the tail is cut).
-        loss_scale: `default`, or `ignore_empty_think` to give an empty `<think>\\n\\n</think>\\n\\n`
-            block no loss (the reference guide's option 1).
+        loss_scale: `default`, or `ignore_empty_think` to give an empty
+            `<think>\\n\\n</think>\\n\\n` block no loss (the reference guide's option 1).
         enable_thinking: False strips the reasoning from every assistant turn, so it trains the
-            non-thinking rendering (`<think>\\n\\n</think>\\n\\n` + answer); None/True keep the data.
+            non-thinking rendering (`<think>\\n\\n</think>\\n\\n` + answer); None/True keep
+            the data as it is.
 
     Returns:
         `{"input_ids": [...], "labels": [...]}`, labels `-100` where there is no loss.
@@ -132,12 +137,16 @@ def render_with_loss_spans(
     """Render with the training template; return the text and the character spans with loss."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    rendered, indices = render_jinja_template(
-        conversations=[messages], chat_template=training_template(tokenizer),
-        return_assistant_tokens_mask=True, **kwargs,
-    )  # fmt: skip
-    text = rendered[0]
+    kwargs: dict[str, Any] = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    # Annotated as `-> str`, but with the assistant mask it returns (texts, generation indices).
+    result: Any = render_jinja_template(
+        conversations=[messages],
+        chat_template=training_template(tokenizer),
+        return_assistant_tokens_mask=True,
+        **kwargs,
+    )
+    rendered, indices = result
+    text: str = rendered[0]
     return text, [_trim_after_end(text, start, end) for start, end in indices[0]]
 
 
@@ -164,7 +173,8 @@ def _labels_from_spans(
     keep = np.zeros(len(ids), dtype=bool)
     for start, end in spans:
         keep |= (lo >= start) & (hi <= end) & (hi > lo)
-    return np.where(keep, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+    labels: list[int] = np.where(keep, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+    return labels
 
 
 def _strip_reasoning(message: dict[str, Any]) -> dict[str, Any]:
@@ -235,8 +245,10 @@ def encode_rows(
         if any(label != IGNORE_INDEX for label in labels[:max_length]):
             out.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
     stats = EncodeStats(
-        num_rows=len(rows), num_kept=len(out), num_truncated=truncated,
+        num_rows=len(rows),
+        num_kept=len(out),
+        num_truncated=truncated,
         num_tokens=sum(len(e["input_ids"]) for e in out),
         num_loss_tokens=sum(sum(lab != IGNORE_INDEX for lab in e["labels"]) for e in out),
-    )  # fmt: skip
+    )
     return out, stats

@@ -84,7 +84,7 @@ def _column(name: str, reward: str, n: int, kwargs: Mapping[str, Any]) -> list[A
 def _timeout_s() -> int | None:
     global _warned_no_timeout
     if threading.current_thread() is threading.main_thread():
-        return None
+        return MATH_VERIFY_TIMEOUT_S
     if not _warned_no_timeout:
         _warned_no_timeout = True
         warnings.warn(
@@ -158,7 +158,9 @@ def format_reward(
 
     ms-swift's `Format` (`^<think>.*?</think>\\s*<answer>.*?</answer>$`) minus the required
     `<answer>` tags, since Qwen3 answers in plain text after `</think>`. An empty
-    `<answer></answer>` or a second think block does not count.
+    `<answer></answer>` or a second think block does not count. With `enable_thinking: false`
+    Qwen3's chat template puts the (empty) think block in the prompt, so every completion
+    scores 0.
     """
     rewards = []
     for c in completions:

@@ -14,7 +14,6 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import numbers
 import sys
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -124,8 +123,6 @@ def _load(ref: str, base_dir: Path) -> tuple[Any, list[str]]:
         if isinstance(target, Path):
             if not target.is_file():
                 return None, [f"file {target} does not exist"]
-            # Compile first: a syntax error is reported with its line before any code runs.
-            compile(target.read_text(encoding="utf-8"), str(target), "exec")
             module = _import_file(target)
         else:
             module = importlib.import_module(target)
@@ -240,44 +237,45 @@ def call_reward(
     prompts: Sequence[Any] | None,
     columns: Mapping[str, Any],
 ) -> list[float | None]:
-    """Call a reward the way TRL does and check what comes back.
+    """Call reward `name` the way TRL does (all keywords) and check what comes back.
 
     Args:
         name: The `reward_funcs` entry, used in messages.
         fn: The reward function.
-        completions: One entry per completion.
-        prompts: The matching prompts.
-        columns: Dataset columns and TRL's other keyword arguments.
+        completions: The completions.
+        prompts: Their prompts.
+        columns: Dataset columns and TRL's other keyword arguments, one list entry per completion.
 
     Returns:
-        One float (or None, "skip") per completion.
+        One float, or None ("skip this sample"), per completion.
 
     Raises:
-        RewardError: If `fn` raises, returns a non-list, the wrong length, or a non-number.
+        RewardError: If `fn` raises or returns anything but one number or None per completion.
     """
+    what = f"reward function {name!r}"
     try:
         out = fn(prompts=prompts, completions=completions, **columns)
         if inspect.isawaitable(out):  # TRL accepts async rewards; our wrapper is synchronous
             out = asyncio.run(out)  # type: ignore[arg-type]
     except Exception as e:
-        raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
-    if not isinstance(out, Sequence) or isinstance(out, (str, bytes)):
-        raise RewardError(
-            f"reward function {name!r} returned a {type(out).__name__}, expected a list of floats"
-        )
+        raise RewardError(f"{what} raised {type(e).__name__}: {e}") from e
+    # Arrays and tensors are fine (TRL builds a tensor from them); strings and scalars are not.
+    if isinstance(out, (str, bytes)) or not hasattr(out, "__len__"):
+        raise RewardError(f"{what} returned a {type(out).__name__}, expected a list of floats")
     if len(out) != len(completions):
         raise RewardError(
-            f"reward function {name!r} returned {len(out)} rewards, expected {len(completions)} "
-            "(one per completion)"
+            f"{what} returned {len(out)} rewards, expected {len(completions)} (one per completion)"
         )
     rewards: list[float | None] = []
     for i, r in enumerate(out):
-        if r is not None and not isinstance(r, numbers.Real):
+        try:
+            if isinstance(r, (str, bytes)):
+                raise TypeError
+            rewards.append(None if r is None else float(r))
+        except (TypeError, ValueError):
             raise RewardError(
-                f"reward function {name!r} returned {r!r} ({type(r).__name__}) at index {i}, "
-                "expected a float or None"
-            )
-        rewards.append(None if r is None else float(r))
+                f"{what} returned {r!r} ({type(r).__name__}) at index {i}, expected a float or None"
+            ) from None
     return rewards
 
 

@@ -11,9 +11,10 @@ from typing import Annotated, Union
 from pydantic import Field
 
 from hpcqwen.tasks.command import CommandTask
+from hpcqwen.tasks.sft import SftTask
 
-TaskSpec = Annotated[Union[CommandTask], Field(discriminator="kind")]  # noqa: UP007
+TaskSpec = Annotated[Union[CommandTask, SftTask], Field(discriminator="kind")]  # noqa: UP007
 
-TASK_KINDS: dict[str, type] = {"command": CommandTask}
+TASK_KINDS: dict[str, type] = {"command": CommandTask, "sft": SftTask}
 
-__all__ = ["TASK_KINDS", "CommandTask", "TaskSpec"]
+__all__ = ["TASK_KINDS", "CommandTask", "SftTask", "TaskSpec"]

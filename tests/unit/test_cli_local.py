@@ -87,7 +87,10 @@ def test_two_launchers_on_localhost_rendezvous(write_spec, run_root: Path) -> No
     path = write_spec("name: two\nresources: {nodes: 2, nproc_per_node: 2}\n"
                       "task: {kind: command, module: hpcqwen.examples.allreduce}\n")
     paths = prepare_run_dir(load_spec(path), read_source(path), "test", {})
-    base = {**os.environ, "SLURM_JOB_ID": "31337", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "localhost"}
+    from hpcqwen.backends import free_port
+
+    base = {**os.environ, "SLURM_JOB_ID": "31337", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "localhost",
+            "HPCQWEN_MASTER_PORT": str(free_port())}  # the job-id port may still be in TIME_WAIT from a rerun
     procs = [subprocess.Popen([sys.executable, "-m", "hpcqwen", "launch", str(paths.root)],
                               env={**base, "SLURM_NODEID": str(i)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in (0, 1)]

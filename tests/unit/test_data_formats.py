@@ -38,14 +38,20 @@ def test_parse_dataset_ref_rejects_a_count_that_is_not_a_positive_integer(bad: s
 
 
 def test_messages_and_query_response_formats(tmp_path: Path) -> None:
-    write_jsonl(tmp_path / "m.jsonl", [
-        {"messages": _msgs("q1", "a1"), "system": "sys-col", "solution": "42"},
-        {"messages": [{"role": "system", "content": "own"}, *_msgs("q2", "a2")]},
-    ])  # fmt: skip
-    write_jsonl(tmp_path / "qr.jsonl", [
-        {"query": "q3", "response": "a3", "system": "s3"},
-        {"query": "q4", "response": "a4", "history": [["h-q", "h-a"]]},
-    ])  # fmt: skip
+    write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"messages": _msgs("q1", "a1"), "system": "sys-col", "solution": "42"},
+            {"messages": [{"role": "system", "content": "own"}, *_msgs("q2", "a2")]},
+        ],
+    )
+    write_jsonl(
+        tmp_path / "qr.jsonl",
+        [
+            {"query": "q3", "response": "a3", "system": "s3"},
+            {"query": "q4", "response": "a4", "history": [["h-q", "h-a"]]},
+        ],
+    )
     rows = load_dataset_rows(["m.jsonl", "qr.jsonl"], base_dir=tmp_path, seed=0, system="default")
     assert [r["messages"] for r in rows] == [
         [{"role": "system", "content": "sys-col"}, *_msgs("q1", "a1")],
@@ -70,31 +76,48 @@ def test_csv_parquet_json_and_folders(tmp_path: Path) -> None:
         w = csv.DictWriter(f, fieldnames=["messages"])
         w.writeheader()
         w.writerow({"messages": json.dumps(_msgs("csvm-q", "csvm-a"))})
-    pq.write_table(pa.Table.from_pylist([{"messages": _msgs("pq-q", "pq-a")}]), folder / "c.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"messages": _msgs("pq-q", "pq-a")}]), folder / "c.parquet"
+    )
     (folder / "d.json").write_text(json.dumps([{"query": "json-q", "response": "json-a"}]))
     rows = load_dataset_rows(["mixed"], base_dir=tmp_path, seed=0)
     assert [r["messages"][0]["content"] for r in rows] == ["csv-q", "csvm-q", "pq-q", "json-q"]
 
 
 def test_self_cognition_names_are_filled_by_language(data_dir: Path) -> None:
-    rows = load_dataset_rows(["self-cognition.jsonl"], base_dir=data_dir, seed=0,
-                             model_name=["小黄", "Xiao Huang"], model_author=["魔搭", "ModelScope"])  # fmt: skip
+    rows = load_dataset_rows(
+        ["self-cognition.jsonl"],
+        base_dir=data_dir,
+        seed=0,
+        model_name=["小黄", "Xiao Huang"],
+        model_author=["魔搭", "ModelScope"],
+    )
     assert len(rows) == 40
     text = json.dumps(rows, ensure_ascii=False)
     assert "{{" not in text and "tag" not in rows[0]
     by_question = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in rows}
     assert by_question["你叫什么名字？"] == "我的名字是小黄，由魔搭开发。"
-    assert by_question["What is your name?"] == "My name is Xiao Huang, and I was developed by ModelScope."
+    assert (
+        by_question["What is your name?"]
+        == "My name is Xiao Huang, and I was developed by ModelScope."
+    )
 
 
 def test_self_cognition_single_name_serves_both_languages(data_dir: Path) -> None:
-    rows = load_dataset_rows(["self-cognition.jsonl#4"], base_dir=data_dir, seed=1,
-                             model_name="swift-robot", model_author="swift")  # fmt: skip
+    rows = load_dataset_rows(
+        ["self-cognition.jsonl#4"],
+        base_dir=data_dir,
+        seed=1,
+        model_name="swift-robot",
+        model_author="swift",
+    )
     assert all("swift" in r["messages"][1]["content"] for r in rows)
 
 
 @pytest.mark.parametrize("missing", ["model_name", "model_author"])
-def test_self_cognition_without_names_fails_naming_file_and_row(data_dir: Path, missing: str) -> None:
+def test_self_cognition_without_names_fails_naming_file_and_row(
+    data_dir: Path, missing: str
+) -> None:
     names = {"model_name": "bot", "model_author": "lab"}
     names[missing] = None  # type: ignore[assignment]
     with pytest.raises(DataError) as err:
@@ -130,8 +153,13 @@ def test_sampling_more_than_the_data_repeats_it_then_samples_the_rest(tmp_path: 
 
 def test_mixing_datasets_with_per_dataset_counts(tmp_path: Path, data_dir: Path) -> None:
     name = _numbered(tmp_path, 30)
-    rows = load_dataset_rows([f"{name}#5", str(data_dir / "self-cognition.jsonl#7")], base_dir=tmp_path,
-                             seed=0, model_name="bot", model_author="lab")  # fmt: skip
+    rows = load_dataset_rows(
+        [f"{name}#5", str(data_dir / "self-cognition.jsonl#7")],
+        base_dir=tmp_path,
+        seed=0,
+        model_name="bot",
+        model_author="lab",
+    )
     assert len(rows) == 12
     assert all(q.startswith("q") for q in _queries(rows[:5]))
 
@@ -139,7 +167,10 @@ def test_mixing_datasets_with_per_dataset_counts(tmp_path: Path, data_dir: Path)
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ({"instruction": "x", "output": "y"}, "columns ['instruction', 'output'] match no known format"),
+        (
+            {"instruction": "x", "output": "y"},
+            "columns ['instruction', 'output'] match no known format",
+        ),
         ({"query": "only a query"}, "columns ['query'] match no known format"),
         ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0] needs a role"),
         ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content must be a string"),
@@ -147,7 +178,9 @@ def test_mixing_datasets_with_per_dataset_counts(tmp_path: Path, data_dir: Path)
         ({"query": "q", "response": "r", "history": ["not a pair"]}, "`history` must hold"),
     ],
 )
-def test_bad_rows_name_file_row_and_expected_columns(tmp_path: Path, line: dict, message: str) -> None:
+def test_bad_rows_name_file_row_and_expected_columns(
+    tmp_path: Path, line: dict, message: str
+) -> None:
     write_jsonl(tmp_path / "bad.jsonl", [{"query": "q", "response": "r"}] * 2 + [line])
     with pytest.raises(DataError) as err:
         load_dataset_rows(["bad.jsonl"], base_dir=tmp_path, seed=0)
@@ -155,7 +188,10 @@ def test_bad_rows_name_file_row_and_expected_columns(tmp_path: Path, line: dict,
     assert message in err.value.message
     assert str(err.value).startswith(f"{tmp_path / 'bad.jsonl'}: row 3: ")
     if "no known format" in message:
-        assert "expected `messages`" in err.value.message and "`query` + `response`" in err.value.message
+        assert (
+            "expected `messages`" in err.value.message
+            and "`query` + `response`" in err.value.message
+        )
 
 
 def test_invalid_json_line_names_the_row(tmp_path: Path) -> None:
@@ -174,13 +210,23 @@ def test_empty_dataset_is_an_error(tmp_path: Path) -> None:
 def test_missing_path_and_hub_ids_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no such file or folder"):
         load_dataset_rows(["nope.jsonl"], base_dir=tmp_path, seed=0)
-    with pytest.raises(DataError, match="not a local path.*offline") as err:
-        load_dataset_rows(["swift/self-cognition#500"], base_dir=tmp_path, seed=0)
-    assert "huggingface-cli download" in err.value.hint
+    for hub_id in ["swift/self-cognition#500", "swift/self-cognition:qwen3#600"]:
+        with pytest.raises(DataError, match="not a local path.*offline") as err:
+            load_dataset_rows([hub_id], base_dir=tmp_path, seed=0)
+        assert "huggingface-cli download" in err.value.hint
+    (tmp_path / "one.jsonl").write_text('{"query": "q", "response": "r"}\n')
+    with pytest.raises(DataError, match="subset 'x' given for a file"):
+        load_dataset_rows(["one.jsonl:x"], base_dir=tmp_path, seed=0)
 
 
 def test_a_local_folder_wins_over_a_hub_id_and_subset_picks_a_subfolder(tmp_path: Path) -> None:
-    write_jsonl(tmp_path / "swift" / "self-cognition" / "qwen3" / "x.jsonl", [{"query": "q", "response": "r"}])
-    write_jsonl(tmp_path / "swift" / "self-cognition" / "other" / "y.jsonl", [{"query": "o", "response": "r"}])
+    write_jsonl(
+        tmp_path / "swift" / "self-cognition" / "qwen3" / "x.jsonl",
+        [{"query": "q", "response": "r"}],
+    )
+    write_jsonl(
+        tmp_path / "swift" / "self-cognition" / "other" / "y.jsonl",
+        [{"query": "o", "response": "r"}],
+    )
     rows = load_dataset_rows(["swift/self-cognition:qwen3"], base_dir=tmp_path, seed=0)
     assert _queries(rows) == ["q"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -106,11 +108,19 @@ def test_accuracy_unboxed_answers_follow_open_r1(completion: str, expected: floa
 
 
 def test_accuracy_grades_only_the_text_after_think() -> None:
-    # The boxed guess inside <think> must not decide the reward; the final answer does.
-    assert acc(r"<think>maybe \boxed{7}</think> It is \boxed{2}.", TWO) == 1.0
+    # The boxed guess inside <think> must not decide the reward; the final answer does. Boxes
+    # outrank anchored $...$ answers, so without stripping the think block the first case
+    # would grade the guess 2 instead of the final 7.
+    assert acc(r"<think>maybe \boxed{2}</think> The final answer is $7$.", TWO) == 0.0
+    assert acc(r"<think>maybe \boxed{7}</think> The final answer is $2$.", TWO) == 1.0
     assert acc(r"<think>maybe \boxed{2}</think> It is \boxed{7}.", TWO) == 0.0
     # Truncated inside the think block: no final answer yet.
     assert acc(r"<think>so far \boxed{2} looks right", TWO) == 0.0
+
+
+def test_accuracy_prefers_boxed_over_anchored_latex() -> None:
+    # boxed_match_priority=0 (open-r1/ms-swift): the box wins over a later "final answer is".
+    assert acc(r"\boxed{2}. So the final answer is $5$", TWO) == 1.0
 
 
 def test_accuracy_reads_answer_tags_like_ms_swift() -> None:
@@ -140,13 +150,26 @@ def test_accuracy_without_solution_column_names_it() -> None:
         accuracy_reward(["x"], solution=[TWO, TWO])
 
 
-def test_accuracy_timeout_works_in_main_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    # 9^(9^(9^9)) makes sympy's comparison run for far longer than a second; the signal.alarm
-    # timeout must cut it and score 0.
-    monkeypatch.setattr(builtin, "MATH_VERIFY_TIMEOUT_S", 1)
+def test_accuracy_timeout_works_in_main_thread() -> None:
+    # 9^(9^(9^9)) keeps sympy's comparison busy for far longer than a second; the signal.alarm
+    # timeout must cut it and score 0. A subprocess, so that a broken timeout fails the test
+    # instead of hanging the session.
+    code = (
+        "from hpcqwen.rewards import builtin\n"
+        "builtin.MATH_VERIFY_TIMEOUT_S = 1\n"
+        "print(builtin.accuracy_reward([r'\\boxed{9^{9^{9^{9}}}}'], solution=['2']))\n"
+    )
     start = time.monotonic()
-    assert acc(r"\boxed{9^{9^{9^{9}}}}", TWO) == 0.0
-    assert time.monotonic() - start < 10
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.strip() == "[0.0]"
+    assert time.monotonic() - start < 30
 
 
 def test_accuracy_outside_main_thread_runs_without_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -407,6 +430,14 @@ def test_call_reward_passes_columns_and_keeps_none() -> None:
         4.0,
         None,
     ]
+
+
+def test_call_reward_accepts_arrays() -> None:
+    import numpy as np  # TRL builds a tensor from whatever sized container comes back
+
+    out = call_reward("p", lambda completions, **kw: np.array([0.5, 1]), ["a", "b"], None, {})
+    assert out == [0.5, 1.0]
+    assert all(type(r) is float for r in out)
 
 
 def test_call_reward_wrong_length_names_plugin() -> None:

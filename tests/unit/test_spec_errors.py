@@ -11,7 +11,7 @@ from hpcqwen.spec import parse_spec, read_source
 from hpcqwen.tasks import TASK_KINDS
 
 KINDS = ', '.join(sorted(TASK_KINDS))
-QKINDS = ' or '.join(', '.join(repr(k) for k in sorted(TASK_KINDS)).rsplit(', ', 1))
+QKINDS = ', '.join(repr(k) for k in sorted(TASK_KINDS))
 BASE = "name: t\ntask:\n  kind: command\n  module: m\n"
 
 # (case, spec text, --set overrides, expected problem lines after the header; {f} is the file)

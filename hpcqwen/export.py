@@ -1,0 +1,90 @@
+"""Export a training checkpoint as a plain Hugging Face model (LoRA merged), optionally pushed.
+
+The hub token is read from the environment (HF_TOKEN / HUGGING_FACE_HUB_TOKEN) at push time and
+handed to huggingface_hub in memory only: never written to the output folder, logs or run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from hpcqwen import checkpoints
+from hpcqwen.errors import HpcqwenError, RunDirError
+from hpcqwen.paths import SPEC_JSON, RunPaths, is_run_dir
+
+TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def resolve_checkpoint(target: Path, array_index: int | None = None) -> Path:
+    """A run dir -> its newest complete checkpoint; a checkpoint folder -> itself (if complete)."""
+    if is_run_dir(target):
+        root = RunPaths(target).task(array_index).checkpoints
+        latest = checkpoints.latest_complete(root)
+        if latest is None:
+            raise RunDirError(f"{target} has no complete checkpoint yet", where=str(root),
+                              hint="wait for the first save (save_steps), or give a checkpoint folder")
+        return latest
+    if checkpoints.step_of(target) is not None:
+        if not checkpoints.is_complete(target):
+            raise RunDirError(f"{target} is not a complete checkpoint (no {checkpoints.MARKER})",
+                              hint="the save was interrupted; use an older checkpoint")
+        return target
+    raise RunDirError(f"{target} is neither a run dir nor a checkpoint-<step> folder",
+                      hint="give the run dir that `hpcqwen submit` printed")
+
+
+def base_model_of(ckpt: Path) -> str:
+    """The base model of a LoRA checkpoint: the run's spec.json, else adapter_config.json."""
+    for parent in ckpt.parents:
+        if (parent / SPEC_JSON).is_file():
+            task = json.loads((parent / SPEC_JSON).read_text())["task"]
+            if "model" in task:
+                return str(task["model"])
+            break
+    return str(json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"])
+
+
+def export_checkpoint(ckpt: Path, out: Path, merge_lora: bool = True) -> Path:
+    """Write a loadable HF model folder (weights + tokenizer) for `ckpt` into `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    is_lora = (ckpt / "adapter_config.json").is_file()
+    if is_lora and not merge_lora:
+        raise HpcqwenError(f"{ckpt} holds LoRA adapters only", hint="add --merge-lora to write a full model")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if is_lora:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(base_model_of(ckpt), dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, str(ckpt)).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt))
+    model.save_pretrained(str(tmp))
+    AutoTokenizer.from_pretrained(str(ckpt)).save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = True) -> str:
+    """Upload `folder` to the hub with the token from the environment; returns the commit URL."""
+    token = next((os.environ[v] for v in TOKEN_VARS if os.environ.get(v)), None)
+    if token is None:
+        raise HpcqwenError("no hub token in the environment", hint="export HF_TOKEN=... (it is never written to disk)")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id)
+    except Exception as e:  # network or auth: report without the token (huggingface_hub never prints it)
+        message = str(e).replace(token, "***")
+        raise HpcqwenError(f"push to {repo_id} failed: {type(e).__name__}: {message.splitlines()[0]}",
+                           hint="check the network, the repo id and the token's write access") from None
+    return str(getattr(info, "commit_url", info))

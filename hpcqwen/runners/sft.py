@@ -1,0 +1,197 @@
+"""SFT runner: LoRA or full fine-tuning of Qwen3 on transformers + peft (+ DeepSpeed ZeRO).
+
+`python -m hpcqwen.runners.sft RUN_DIR`, started by the launcher on every process:
+    load_context -> load_tokenizer -> load_data (shared cache) -> training_arguments
+    -> load_model -> build_trainer -> train (resume from the newest complete checkpoint)
+The data is tokenized with our own Qwen3 loss masks and packing, so the plain transformers Trainer
+fits (TRL's SFTTrainer would re-tokenize); nothing is subclassed. With `HPCQWEN_PREPARE_ONLY=1`
+(set by `hpcqwen prepare`) the runner builds the data cache and stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from hpcqwen import checkpoints
+from hpcqwen.metrics import MetricsWriter
+from hpcqwen.runners._shared import RunContext, load_context, log0, run_main
+
+ATTN = {"sdpa": "sdpa", "eager": "eager", "flash_attn": "flash_attention_2"}
+DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+def zero_config(preset: str) -> dict[str, Any]:
+    """DeepSpeed config for zero2 / zero3 / zero3_offload; "auto" values are filled by transformers."""
+    if preset.endswith(".json"):
+        return json.loads(Path(preset).read_text())
+    stage = 2 if preset == "zero2" else 3
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+                            "reduce_bucket_size": "auto"}
+    if stage == 3:
+        zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto",
+                    stage3_gather_16bit_weights_on_model_save=True)
+    if preset == "zero3_offload":
+        zero.update(offload_optimizer={"device": "cpu", "pin_memory": True},
+                    offload_param={"device": "cpu", "pin_memory": True})
+    return {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+            "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+            # Trainer builds torch's AdamW; DeepSpeed would refuse it without this.
+            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+
+
+def load_data(ctx: RunContext, tokenizer_dir: str) -> tuple[Any, Any, dict[str, Any]]:
+    """Train and eval datasets from the shared cache (built once by one process)."""
+    from hpcqwen.data import prepare_sft_dataset
+
+    t = ctx.task
+    options = dict(tokenizer_dir=tokenizer_dir, base_dir="/", cache_root=ctx.spec.cluster.cache_root,
+                   max_length=t.max_length, loss_scale=t.loss_scale, packing=t.packing,
+                   enable_thinking=t.enable_thinking, seed=t.seed, model_name=t.model_name,
+                   model_author=t.model_author, system=t.system)
+    train = prepare_sft_dataset(t.dataset, **options)
+    log0(ctx, train.summary())
+    evaluation = prepare_sft_dataset(t.val_dataset, **options).dataset if t.val_dataset else None
+    data = train.dataset
+    if evaluation is None and t.split_dataset_ratio > 0:
+        split = data.train_test_split(test_size=t.split_dataset_ratio, seed=t.seed)
+        data, evaluation = split["train"], split["test"]
+    return data, evaluation, train.stats
+
+
+def training_arguments(ctx: RunContext, use_gpu: bool) -> Any:
+    """The guide's knobs translated into TrainingArguments, in one visible block.
+
+    Built before the model: with ZeRO-3, transformers' DeepSpeed config must be live when the
+    model is created so that from_pretrained partitions the weights.
+    """
+    from transformers import TrainingArguments
+
+    t = ctx.task
+    bf16 = use_gpu and t.torch_dtype == "bfloat16"
+    return TrainingArguments(
+        output_dir=str(ctx.task_paths.checkpoints),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio (warmup_ratio is gone)
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=None,  # pruned by CheckpointCallback, which never drops the newest complete one
+        save_only_model=t.save_only_model,
+        eval_strategy="steps" if (t.val_dataset or t.split_dataset_ratio) else "no",
+        eval_steps=t.eval_steps or t.save_steps,
+        bf16=bf16,
+        fp16=use_gpu and t.torch_dtype == "float16",
+        use_cpu=not use_gpu,
+        deepspeed=zero_config(t.deepspeed) if t.deepspeed else None,
+        use_liger_kernel=t.use_liger_kernel,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        dataloader_num_workers=t.dataloader_num_workers,
+        seed=t.seed,
+        data_seed=t.seed,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        ddp_backend=None if use_gpu else "gloo",
+        report_to=["tensorboard"],  # into TENSORBOARD_LOGGING_DIR (set in main)
+        disable_tqdm=True,
+    )
+
+
+def load_model(ctx: RunContext, use_gpu: bool) -> Any:
+    """The model (weights in torch_dtype), wrapped in LoRA adapters for train_type lora."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    t = ctx.task
+    model = AutoModelForCausalLM.from_pretrained(
+        t.model, dtype=getattr(torch, DTYPES[t.torch_dtype]), attn_implementation=ATTN[t.attn_impl])
+    if t.train_type == "full":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                        target_modules=t.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def build_trainer(ctx: RunContext, args: Any, model: Any, tokenizer: Any, train: Any, evaluation: Any) -> Any:
+    """A plain transformers Trainer with the run-dir callbacks."""
+    from transformers import Trainer
+
+    from hpcqwen.data import PackedCollator, PaddingCollator
+    from hpcqwen.runners.callbacks import CheckpointCallback, MetricsCallback, StopFileCallback
+
+    t = ctx.task
+    collator = (PackedCollator(return_flash_attn_kwargs=t.attn_impl == "flash_attn") if t.packing
+                else PaddingCollator(pad_token_id=tokenizer.pad_token_id))
+    callbacks = [StopFileCallback(ctx.task_paths.stop),
+                 CheckpointCallback(ctx.task_paths.checkpoints, t.save_total_limit, ctx.is_rank0),
+                 MetricsCallback(ctx.task_paths.metrics, ctx.is_rank0)]
+    return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, data_collator=collator,
+                   processing_class=tokenizer, callbacks=callbacks)
+
+
+def describe(ctx: RunContext, trainer: Any, n_train: int) -> None:
+    """Print the derived numbers once (global batch, steps, trainable parameters)."""
+    t = ctx.task
+    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * ctx.world_size
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    log0(ctx, f"sft: {t.train_type} on {ctx.world_size} processes, {n_train} training rows, global batch "
+              f"{global_batch} ({t.per_device_train_batch_size} × {t.gradient_accumulation_steps} accumulation "
+              f"× {ctx.world_size}), lr {t.lr:g}, trainable {trainable:,} of {total:,} parameters")
+
+
+def main(run_dir: str) -> int:
+    """Train (or, with HPCQWEN_PREPARE_ONLY=1, only build the data cache)."""
+    import torch
+
+    ctx = load_context(run_dir)
+    t = ctx.task
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(ctx.spec.cluster.cache_root) / "torch_extensions"))
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(ctx.task_paths.dir / "tensorboard"))
+    from hpcqwen.data import load_tokenizer
+
+    tokenizer = load_tokenizer(t.model)
+    train, evaluation, stats = load_data(ctx, t.model)
+    if os.environ.get("HPCQWEN_PREPARE_ONLY") == "1":
+        log0(ctx, "sft: data cache ready (prepare only)")
+        return 0
+    use_gpu = torch.cuda.is_available()
+    if use_gpu:
+        torch.cuda.set_device(ctx.local_rank)
+    args = training_arguments(ctx, use_gpu)
+    from transformers import set_seed
+
+    set_seed(t.seed)  # LoRA's initial A matrices (and a full model's nothing) come from this RNG
+    model = load_model(ctx, use_gpu)
+    trainer = build_trainer(ctx, args, model, tokenizer, train, evaluation)
+    describe(ctx, trainer, len(train))
+    resume = checkpoints.latest_complete(ctx.task_paths.checkpoints)
+    log0(ctx, f"sft: resuming from {resume}" if resume else "sft: starting from step 0")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    stop = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "StopFileCallback")
+    if ctx.is_rank0:
+        phase = "stopped" if stop.stopped_at is not None else "done"
+        MetricsWriter(ctx.task_paths.metrics).write({"step": trainer.state.global_step,
+                                                     "total_steps": trainer.state.max_steps, "phase": phase,
+                                                     "fill_ratio": stats.get("fill_ratio")})
+        latest = checkpoints.latest_complete(ctx.task_paths.checkpoints)
+        print(f"sft: {phase} at step {trainer.state.global_step}; newest complete checkpoint: {latest}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,137 @@
+"""`task.kind: sft` — LoRA or full fine-tuning of Qwen3. Knobs keep ms-swift's names (the guide's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hpcqwen.tasks._common import DatasetRefs, ModelRef, check_datasets, check_model_dir, split_dataset_ref
+
+if TYPE_CHECKING:
+    from hpcqwen.spec import JobSpec, Problem
+
+# Attention implementations that honour the per-sequence position_ids of a packed row (varlen), so
+# packed sequences do not attend to each other (see tests/cpu_train/test_data_packing.py).
+VARLEN_ATTN = ("flash_attn", "sdpa", "eager")
+ZERO_PRESETS = ("zero2", "zero3", "zero3_offload")
+
+
+class SftTask(BaseModel):
+    """Supervised fine-tuning, as `swift sft` in the Qwen3 guide (the run dir is the output dir)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["sft"] = "sft"
+    model: ModelRef = Field(description="Local Hugging Face model folder (or hub id when the nodes are online).")
+    train_type: Literal["lora", "full"] = Field("lora", description="LoRA adapters or all parameters.")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: Literal["all-linear"] | list[str] = Field("all-linear", description="LoRA target modules.")
+    torch_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Total optimizer steps; overrides num_train_epochs.")
+    per_device_train_batch_size: int = Field(1, ge=1, description="Micro batch per process.")
+    per_device_eval_batch_size: int = Field(1, ge=1, description="Eval batch per process.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro batches per optimizer step.")
+    learning_rate: float | None = Field(None, gt=0, description="Peak LR; default 1e-4 for LoRA, 1e-5 for full.")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up fraction of the steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: save_steps).")
+    save_steps: int = Field(500, ge=1, description="Save a complete checkpoint every N steps.")
+    save_total_limit: int | None = Field(None, ge=1, description="Keep at most N checkpoints (never the newest).")
+    save_only_model: bool = Field(False, description="Skip optimizer/scheduler/RNG state in checkpoints.")
+    logging_steps: int = Field(5, ge=1, description="Write metrics every N steps.")
+    max_length: int = Field(2048, ge=16, description="Truncate (or pack) to this many tokens.")
+    packing: bool = Field(False, description="Pack examples padding-free into rows of max_length.")
+    attn_impl: Literal["sdpa", "flash_attn", "eager"] = Field("sdpa", description="Attention kernel.")
+    deepspeed: str | None = Field(None, description="zero2, zero3, zero3_offload, or a DeepSpeed JSON file.")
+    use_liger_kernel: bool = Field(False, description="Liger's fused kernels (GPU only).")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory.")
+    dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    dataset_num_proc: int = Field(1, ge=1, description="Processes for tokenization (cache build).")
+    seed: int = Field(42, description="Seed for sampling, init and data order.")
+    dataset: DatasetRefs = Field(description="Training data: 'path[:subset][#N]', one or a list.")
+    val_dataset: DatasetRefs = Field(default_factory=list, description="Evaluation data, same syntax.")
+    split_dataset_ratio: float = Field(0.0, ge=0, lt=1, description="Hold out this fraction for eval.")
+    loss_scale: Literal["default", "ignore_empty_think"] = Field(
+        "default", description="ignore_empty_think: no loss on an empty <think></think> block."
+    )
+    model_name: list[str] | str | None = Field(None, description="Fills {{NAME}} (zh and en names as a list).")
+    model_author: list[str] | str | None = Field(None, description="Fills {{AUTHOR}}.")
+    system: str | None = Field(None, description="Default system prompt.")
+    enable_thinking: bool | None = Field(None, description="Render with (True) or without (False) thinking.")
+
+    def runner_module(self) -> str:
+        """The SFT runner."""
+        return "hpcqwen.runners.sft"
+
+    def runner_args(self, run_dir: str) -> list[str]:
+        """The runner reads everything from the run dir."""
+        return [run_dir]
+
+    @property
+    def lr(self) -> float:
+        """learning_rate, or ms-swift's default for the train type."""
+        return self.learning_rate or (1e-4 if self.train_type == "lora" else 1e-5)
+
+    def check(self, spec: JobSpec) -> list[Problem]:
+        """Cross-field checks on the login node, with the numbers."""
+        from hpcqwen.spec import Problem
+
+        p = check_model_dir("task.model", self.model)
+        p += check_datasets("task.dataset", self.dataset) + check_datasets("task.val_dataset", self.val_dataset)
+        if self.packing and self.attn_impl not in VARLEN_ATTN:
+            p.append(Problem("task.attn_impl", f"packing needs an attention that keeps packed sequences apart "
+                             f"({', '.join(VARLEN_ATTN)})", got=self.attn_impl, hint="set attn_impl: flash_attn"))
+        gpu = spec.gpus_per_node > 0
+        if self.attn_impl == "flash_attn" and not gpu:
+            p.append(Problem("task.attn_impl", "flash_attn needs GPUs but resources.gpus_per_node is 0",
+                             got="flash_attn", expected="sdpa or eager on CPU"))
+        if self.use_liger_kernel and not gpu:
+            p.append(Problem("task.use_liger_kernel", "Liger's Triton kernels need GPUs but resources.gpus_per_node "
+                             "is 0", got="true", expected="false on CPU"))
+        if self.deepspeed and self.deepspeed not in ZERO_PRESETS and not Path(self.deepspeed).is_file():
+            p.append(Problem("task.deepspeed", "is neither a preset nor a file", got=self.deepspeed,
+                             expected=f"one of {', '.join(ZERO_PRESETS)} or a DeepSpeed JSON file"))
+        if self.save_only_model and spec.requeue.enabled:
+            zero3 = " (with ZeRO-3, not even the optimizer shards)" if (self.deepspeed or "").startswith("zero3") else ""
+            p.append(Problem("task.save_only_model", f"checkpoints without optimizer, scheduler and RNG state{zero3} "
+                             "cannot resume a requeued job", got="true",
+                             hint="set save_only_model: false, or requeue: {enabled: false}"))
+        p += self._check_batch(spec)
+        if (self.model_name is None or self.model_author is None) and _has_placeholders(self.dataset):
+            p.append(Problem("task.model_name", "the data has {{NAME}}/{{AUTHOR}} placeholders but model_name or "
+                             "model_author is missing", hint="set model_name: [中文名, English name] and model_author"))
+        return p
+
+    def _check_batch(self, spec: JobSpec) -> list[Problem]:
+        from hpcqwen.spec import Problem
+
+        counts = [split_dataset_ref(r)[2] for r in self.dataset]
+        if any(c is None or not c.isdigit() for c in counts):
+            return []  # whole files: their sizes are checked by the runner
+        rows = sum(int(c or 0) for c in counts)
+        need = self.per_device_train_batch_size * spec.world_size
+        if rows < need:
+            return [Problem("task.per_device_train_batch_size", f"one step needs {need} examples "
+                            f"(per_device_train_batch_size {self.per_device_train_batch_size} × {spec.world_size} "
+                            f"processes) but the datasets give {rows}", got=str(self.per_device_train_batch_size),
+                            expected=f"<= {rows // spec.world_size or 1}")]
+        return []
+
+
+def _has_placeholders(refs: list[str], limit: int = 256 << 20) -> bool:
+    """Any `{{NAME}}`/`{{AUTHOR}}` in the local data files (files over `limit` bytes are skipped)."""
+    for ref in refs:
+        path = Path(split_dataset_ref(ref)[0])
+        files = [path] if path.is_file() else sorted(path.rglob("*")) if path.is_dir() else []
+        for f in files:
+            if f.is_file() and f.stat().st_size <= limit:
+                text = f.read_text(encoding="utf-8", errors="ignore")
+                if "{{NAME}}" in text or "{{AUTHOR}}" in text:
+                    return True
+    return False
