@@ -6,6 +6,7 @@ to its run dir; a run dir's manifest leads to its job ids.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,3 +101,16 @@ def log_files(ref: RunRef) -> list[Path]:
     if ref.array_task is not None:
         files = [p for p in files if p.stem.endswith(f"_{ref.array_task}")]
     return files
+
+
+def failure_excerpt(text: str, lines: int = 15) -> list[str]:
+    """The lines of a log that explain a failure: the first error and what led to it, else the tail.
+
+    torchrun ends a failed run with a long footer of its own; the root cause is the first
+    exception (or hpcqwen `error[...]`) printed by a rank.
+    """
+    all_lines = text.splitlines()
+    for i, line in enumerate(all_lines):
+        if re.match(r"^(error\[|[\w.]*(Error|Exception)\b.*:)", line.strip()):
+            return all_lines[max(0, i - lines + 3): i + 3]
+    return all_lines[-lines:]

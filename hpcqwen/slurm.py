@@ -197,7 +197,8 @@ def squeue(job_ids: Sequence[str] | None = None, user: str | None = None, run: R
     """ONE squeue call: the given jobs (and their array tasks), or all jobs of `user`, or all."""
     # --states=all: finished jobs stay visible (for MinJobAge) with their final state, which
     # the default filter (pending/running/completing) would hide.
-    argv = ["squeue", "--noheader", "--array", "--states=all", f"--format={'|'.join(SQUEUE_FIELDS + SQUEUE_TAIL_FIELDS)}"]
+    argv = ["squeue", "--noheader", "--array", "--states=all",
+            f"--format={'|'.join(SQUEUE_FIELDS + SQUEUE_TAIL_FIELDS)}"]
     if job_ids:
         argv.append(f"--jobs={','.join(job_ids)}")
     if user:

@@ -270,3 +270,29 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hpcqwen.testing tiny-qwen3 DIR [--moe] [--full-vocab]`: build a random tiny model
+    (for the quickstart and tests; skipped when DIR already holds one)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m hpcqwen.testing")
+    p.add_argument("what", choices=["tiny-qwen3"])
+    p.add_argument("out")
+    p.add_argument("--moe", action="store_true", help="Qwen3-MoE (4 experts, top-2)")
+    p.add_argument("--full-vocab", action="store_true", help="the full 151,669-token tokenizer")
+    args = p.parse_args(argv)
+    out = Path(args.out).expanduser()
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        print(f"{out}: already there")
+        return 0
+    tok = build_tokenizer(out.with_name(out.name + ".tokenizer"), truncated=not args.full_vocab)
+    build_tiny_qwen3(out, tok, moe=args.moe)
+    shutil.rmtree(tok, ignore_errors=True)
+    print(f"{out}: tiny random {'Qwen3-MoE' if args.moe else 'Qwen3'} written")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

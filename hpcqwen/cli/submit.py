@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     failed = [r for r in rows if r.slurm_state != "COMPLETED"]
     if failed:
         logs = runs.log_files(ref)
-        tail = logs[-1].read_text(errors="replace").splitlines()[-15:] if logs else []
+        tail = runs.failure_excerpt(logs[-1].read_text(errors="replace")) if logs else []
         raise JobFailed(f"job {sub.job_ids[0]} ended " + ", ".join(sorted({r.slurm_state for r in failed})),
                         where=str(logs[-1] if logs else sub.run_dir),
                         hint="last log lines:\n    " + "\n    ".join(tail) if tail else "see the run dir's logs/")

@@ -172,6 +172,13 @@ def main(run_dir: str) -> int:
     use_gpu = torch.cuda.is_available()
     if use_gpu:
         torch.cuda.set_device(ctx.local_rank)
+    if t.deepspeed:
+        import torch._dynamo  # noqa: F401 - imported inside zero.Init's Tensor.__new__ patch it breaks it
+        import deepspeed
+
+        # Before TrainingArguments: ZeRO-3's zero.Init must see the real world size (else it
+        # asserts train_batch_size != micro_batch × accumulation × 1), and gloo on CPU.
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     args = training_arguments(ctx, use_gpu)
     from transformers import set_seed
 

@@ -162,9 +162,9 @@ def test_usr2_before_the_time_limit_stops_and_requeues(slurm_cluster: str, write
     assert not (run_dir / "STOP").exists()  # removed by the restarted batch script
 
 
-def test_submitit_backend_runs_the_quickstart(slurm_cluster: str, run_root: Path,
+def test_submitit_backend_runs_the_hello_allreduce(slurm_cluster: str, run_root: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["submit", str(REPO / "jobspecs/quickstart.yaml"), "--backend", "submitit", "--wait"])
+    rc = main(["submit", str(REPO / "jobspecs/hello-allreduce.yaml"), "--backend", "submitit", "--wait"])
     out, err = capsys.readouterr()
     assert rc == EXIT_OK, err
     run_dir = Path(out.splitlines()[0].split("  run dir: ")[1])
@@ -175,7 +175,7 @@ def test_submitit_backend_runs_the_quickstart(slurm_cluster: str, run_root: Path
 
 def test_rejected_sbatch_leaves_nothing(slurm_cluster: str, run_root: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["submit", str(REPO / "jobspecs/quickstart.yaml"), "--set", "resources.partition=nosuchpart"])
+    rc = main(["submit", str(REPO / "jobspecs/hello-allreduce.yaml"), "--set", "resources.partition=nosuchpart"])
     err = capsys.readouterr().err
     assert rc == EXIT_SLURM
     assert "error[slurm]: `sbatch --parsable " in err and "invalid partition specified" in err.lower()
@@ -189,7 +189,7 @@ def test_dead_controller(slurm_cluster: str, run_root: Path, tmp_path: Path,
     dead = tmp_path / "slurm.conf"
     dead.write_text(conf.replace("SlurmctldPort=6817", "SlurmctldPort=6899"))  # nothing listens there
     monkeypatch.setenv("SLURM_CONF", str(dead))
-    rc = main(["submit", str(REPO / "jobspecs/quickstart.yaml"), "--backend", "slurm"])
+    rc = main(["submit", str(REPO / "jobspecs/hello-allreduce.yaml"), "--backend", "slurm"])
     err = capsys.readouterr().err
     assert rc == EXIT_SLURM and err.startswith("error[controller]: no Slurm controller answers") and \
         "cluster/local/up" in err

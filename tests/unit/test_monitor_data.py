@@ -256,3 +256,12 @@ def test_small_parsers() -> None:
     assert array_state(["COMPLETED", "TIMEOUT", "RUNNING"]) == "RUNNING"
     assert array_state(["COMPLETED", "COMPLETED"]) == "COMPLETED"
     assert array_state(["COMPLETED", "NODE_FAIL"]) == "NODE_FAIL"
+
+
+def test_squeue_tail_fields_user_nodelist_dependency() -> None:
+    from hpcqwen.slurm import parse_squeue
+
+    (row,) = parse_squeue("9|9|N/A|PENDING|Dependency|0:00|1:00:00|2|gres:gpu:8|/r|a|b|c|alice||afterok:8(unfulfilled)")
+    assert (row.name, row.user, row.nodelist, row.dependency) == ("a|b|c", "alice", "", "afterok:8(unfulfilled)")
+    (old,) = parse_squeue("9|9|N/A|RUNNING|None|0:10|1:00:00|1|N/A|/r|name")  # the 11-field format still parses
+    assert (old.name, old.user, old.dependency) == ("name", "", "")
