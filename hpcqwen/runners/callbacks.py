@@ -97,7 +97,7 @@ class MetricsCallback(TrainerCallback):  # type: ignore[misc]
         self._last = (now, tokens)
         phase = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         record = {"step": state.global_step, "total_steps": state.max_steps, "epoch": logs.get("epoch"),
-                  "phase": phase}
+                  "phase": phase, "tokens_seen": tokens}
         for src, dst in (("loss", "loss"), ("learning_rate", "lr"), ("grad_norm", "grad_norm"),
                          ("eval_loss", "eval_loss"), ("train_loss", "train_loss")):
             if src in logs:

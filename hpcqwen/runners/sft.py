@@ -19,7 +19,6 @@ from hpcqwen import checkpoints
 from hpcqwen.metrics import MetricsWriter
 from hpcqwen.runners._shared import RunContext, load_context, log0, run_main
 
-ATTN = {"sdpa": "sdpa", "eager": "eager", "flash_attn": "flash_attention_2"}
 DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
@@ -81,7 +80,7 @@ def training_arguments(ctx: RunContext, use_gpu: bool) -> Any:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.lr,
         lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio (warmup_ratio is gone)
+        **_warmup(TrainingArguments, t.warmup_ratio),
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
@@ -109,14 +108,24 @@ def training_arguments(ctx: RunContext, use_gpu: bool) -> Any:
     )
 
 
+def _warmup(cls: Any, ratio: float) -> dict[str, float]:
+    """transformers >= 5.20 dropped warmup_ratio: a float warmup_steps in [0, 1) is the ratio."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {"warmup_ratio": ratio} if "warmup_ratio" in names else {"warmup_steps": ratio}
+
+
 def load_model(ctx: RunContext, use_gpu: bool) -> Any:
     """The model (weights in torch_dtype), wrapped in LoRA adapters for train_type lora."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from hpcqwen.attention import implementation
+
     t = ctx.task
     model = AutoModelForCausalLM.from_pretrained(
-        t.model, dtype=getattr(torch, DTYPES[t.torch_dtype]), attn_implementation=ATTN[t.attn_impl])
+        t.model, dtype=getattr(torch, DTYPES[t.torch_dtype]), attn_implementation=implementation(t.attn_impl))
     if t.train_type == "full":
         return model
     from peft import LoraConfig, get_peft_model

@@ -47,7 +47,10 @@ class SftTask(BaseModel):
     logging_steps: int = Field(5, ge=1, description="Write metrics every N steps.")
     max_length: int = Field(2048, ge=16, description="Truncate (or pack) to this many tokens.")
     packing: bool = Field(False, description="Pack examples padding-free into rows of max_length.")
-    attn_impl: Literal["sdpa", "flash_attn", "eager"] = Field("sdpa", description="Attention kernel.")
+    attn_impl: Literal["sdpa", "flash_attn", "eager"] = Field(
+        "sdpa", description="Attention kernel; flash_attn is varlen FlashAttention-2 (the flash-attn package, else "
+        "torch's own varlen kernel), the fast choice with packing."
+    )
     deepspeed: str | None = Field(None, description="zero2, zero3, zero3_offload, or a DeepSpeed JSON file.")
     use_liger_kernel: bool = Field(False, description="Liger's fused kernels (GPU only).")
     gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory.")
@@ -88,9 +91,6 @@ class SftTask(BaseModel):
             p.append(Problem("task.attn_impl", f"packing needs an attention that keeps packed sequences apart "
                              f"({', '.join(VARLEN_ATTN)})", got=self.attn_impl, hint="set attn_impl: flash_attn"))
         gpu = spec.gpus_per_node > 0
-        if self.attn_impl == "flash_attn" and not gpu:
-            p.append(Problem("task.attn_impl", "flash_attn needs GPUs but resources.gpus_per_node is 0",
-                             got="flash_attn", expected="sdpa or eager on CPU"))
         if self.use_liger_kernel and not gpu:
             p.append(Problem("task.use_liger_kernel", "Liger's Triton kernels need GPUs but resources.gpus_per_node "
                              "is 0", got="true", expected="false on CPU"))
