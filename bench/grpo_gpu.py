@@ -1,14 +1,15 @@
 """GRPO step time and peak GPU memory of a random Qwen3-0.6B-shaped model, through hpcqwen's runner.
 
-Run from the repo on a GPU machine with torch, transformers, trl and peft (no hub, no Slurm needed):
+Run from the repo on a GPU machine with torch, transformers, trl, peft, math-verify, tensorboard and
+hpcqwen's own dependencies (`pip install -e '.[train]'`; no hub, no Slurm needed):
     python bench/grpo_gpu.py                 # 1 GPU
     python bench/grpo_gpu.py --gpus 2        # torchrun on 2 GPUs (NCCL)
     python bench/grpo_gpu.py --shape tiny --gpus 0 --steps 3 --completion-length 16   # CPU smoke test
 It builds the random model in bf16 on the GPU (hpcqwen.testing, Qwen3's real layer shapes and
 151,936-entry vocabulary), writes a job spec and runs `hpcqwen submit --backend local --wait`: the
 launcher, torchrun, and hpcqwen.runners.grpo with transformers generation, as on a cluster node.
-A random model never emits an end token, so every completion is exactly --completion-length tokens
-long: the step time is the worst case for that length, and it is the same from run to run.
+A random model almost never samples an end token (about 1 in 151,936 per token), so completions are
+--completion-length tokens long: the worst case for that length, and the same from run to run.
 Prints one line per step and a summary (median step time after --warmup steps, peak memory of
 rank 0, generated tokens/s) and writes them as JSON to --json.
 """
@@ -127,8 +128,8 @@ def summarize(args: argparse.Namespace, run_dir: Path, tokenizer: str) -> dict[s
     from hpcqwen.metrics import read_metrics
 
     rows = [m for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m]
-    walls = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]  # row i+1 - row i = step i+1
-    for m, wall in zip(rows, [None, *walls]):
+    walls = [b["time"] - a["time"] for a, b in zip(rows, rows[1:], strict=False)]  # row i+1 - row i = step i+1
+    for m, wall in zip(rows, [None, *walls], strict=False):
         print(f"step {m['step']:>3}  wall {wall or 0:7.2f} s  trl step_time {m.get('step_time', 0):7.2f} s  "
               f"completion {m['completions/mean_length']:6.1f} tok  peak {m['peak_mem_gb']:6.2f} GiB  "
               f"loss {m['loss']:+.4f}  reward {m['reward_mean']:.3f}  kl {m.get('kl', 0):.4f}", flush=True)

@@ -34,9 +34,11 @@ CASES: dict[str, tuple[str, list[str], dict[str, object], tuple[int, int]]] = {
                {"train_type": "lora", "lora_rank": 8, "lora_alpha": 32, "lora_dropout": 0.0, "learning_rate": 2e-4,
                 "packing": True, "attn_impl": "flash_attn", "use_liger_kernel": True, "gradient_checkpointing": True,
                 "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}, (256, 2048)),
+    # Fixed 2048-token rows: SDPA (cuDNN / flash) beats the varlen kernel here (no GQA repeat), and 16 rows
+    # per micro-batch without recompute fill the H200's memory (72 GiB) and the GEMMs.
     "full1.7b": ("1.7b", ["--mode", "full", "--bs", "8", "--ga", "1", "--fixed-len", "2048", "--liger"],
-                 {"train_type": "full", "learning_rate": 1e-5, "packing": False, "attn_impl": "flash_attn",
-                  "use_liger_kernel": True, "gradient_checkpointing": False, "per_device_train_batch_size": 8,
+                 {"train_type": "full", "learning_rate": 1e-5, "packing": False, "attn_impl": "sdpa",
+                  "use_liger_kernel": True, "gradient_checkpointing": False, "per_device_train_batch_size": 16,
                   "gradient_accumulation_steps": 1}, (2300, 2400)),
     "zero3-1.7b": ("1.7b", [], {"train_type": "full", "learning_rate": 1e-5, "packing": True, "attn_impl": "flash_attn",
                                 "use_liger_kernel": True, "gradient_checkpointing": True, "deepspeed": "zero3",
@@ -88,7 +90,9 @@ def run_hpcqwen(case: str, work: Path, args: argparse.Namespace) -> dict[str, ob
     """hpcqwen's runner through `hpcqwen submit --backend local --wait`; figures from metrics.jsonl."""
     size, _, knobs, lens = CASES[case]
     model, shape = build_model(work / f"model-{size}", size, args.cpu_smoke)
-    per_step = int(knobs["per_device_train_batch_size"]) * int(knobs["gradient_accumulation_steps"]) * args.gpus
+    over = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.knob)}
+    per_step = int(over.get("per_device_train_batch_size", knobs["per_device_train_batch_size"])) \
+        * int(over.get("gradient_accumulation_steps", knobs["gradient_accumulation_steps"])) * args.gpus
     steps = args.warmup + args.timed
     docs_per_row = 1.6 if knobs["packing"] else 1.0
     n_docs = int(per_step * steps * docs_per_row * 1.3) + 16
@@ -96,6 +100,7 @@ def run_hpcqwen(case: str, work: Path, args: argparse.Namespace) -> dict[str, ob
     task = {"kind": "sft", "model": str(model), "dataset": [str(work / f"data-{case}.jsonl")],
             "torch_dtype": "float32" if args.cpu_smoke else "bfloat16", "max_length": 2048, "max_steps": steps,
             "logging_steps": 1, "save_steps": 100000, "warmup_ratio": 0.0, **knobs}
+    task.update({k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.knob)})
     if args.cpu_smoke:
         task.update(use_liger_kernel=False, max_length=256)
     spec = {"name": f"bench-{case}", "cluster": {"profile": "local", "run_root": str(work / "runs")},
@@ -119,7 +124,8 @@ def run_hpcqwen(case: str, work: Path, args: argparse.Namespace) -> dict[str, ob
     dt, tokens = last["time"] - first["time"], last["tokens_seen"] - first["tokens_seen"]
     mean_len = statistics.mean(min(s, 2048) for s in sizes)
     sq_over_t = statistics.mean(min(s, 2048) ** 2 for s in sizes) / mean_len  # Σs²/T of the data
-    return summarize(f"hpcqwen-{case}", shape, tokens / dt, sq_over_t, knobs["train_type"] == "lora",
+    tag = "".join(f" {kv}" for kv in args.knob)
+    return summarize(f"hpcqwen-{case}{tag}", shape, tokens / dt, sq_over_t, knobs["train_type"] == "lora",
                      max(m.get("peak_mem_gb") or 0 for m in metrics), time.time() - t0, args,
                      losses=[round(m["loss"], 3) for m in timed])
 
@@ -169,6 +175,8 @@ def main() -> None:
     p.add_argument("--matmul-peak", type=float, default=float(os.environ.get("MATMUL_PEAK", "0") or 0))
     p.add_argument("--work", default="/tmp/hpcqwen-bench")
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--knob", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an hpcqwen task knob (value read as JSON), e.g. --knob attn_impl='\"sdpa\"'")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU, to test the plumbing")
     args = p.parse_args()
     work = Path(args.work)

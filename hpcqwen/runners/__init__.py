@@ -5,4 +5,6 @@ RUNNERS maps `task.kind` to the module the launcher starts (`python -m <module> 
 
 RUNNERS = {
     "sft": "hpcqwen.runners.sft",
+    "grpo": "hpcqwen.runners.grpo",
+    "distill": "hpcqwen.runners.distill",
 }

@@ -24,12 +24,28 @@ from hpcqwen import checkpoints
 from hpcqwen.metrics import MetricsWriter
 
 
+_CPU_GROUP: Any = None
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _cpu_group() -> Any:
+    """A gloo group for small control messages, so no rank waits for its GPU stream (an NCCL
+    all_reduce plus `.item()` would stall the CUDA pipeline every step). Collective on first use."""
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return _CPU_GROUP
+
+
 def _world_max(flag: bool) -> bool:
-    if not (dist.is_available() and dist.is_initialized()):
+    """Any rank's flag, agreed by all."""
+    if not _distributed():
         return flag
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group())
     return bool(t.item())
 
 
@@ -78,21 +94,32 @@ class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
 class MetricsCallback(TrainerCallback):  # type: ignore[misc]
     """metrics.jsonl lines: step, total_steps, epoch, loss, lr, grad_norm, tokens/s, peak memory."""
 
-    def __init__(self, path: Path, is_rank0: bool, extra_keys: tuple[str, ...] = ()) -> None:
+    def __init__(self, path: Path, is_rank0: bool, extra_keys: tuple[str, ...] = (),
+                 counter: TokenCounter | None = None) -> None:
         self.writer = MetricsWriter(path) if is_rank0 else None
         self.extra_keys = extra_keys
+        self.counter = counter
         self._last = (time.time(), 0)
 
+    def _tokens(self, state: Any) -> int:
+        if self.counter is None:
+            return int(state.num_input_tokens_seen or 0)
+        t = torch.tensor([float(self.counter.tokens)], dtype=torch.float64)
+        if _distributed():
+            dist.all_reduce(t, group=_cpu_group())
+        return int(t.item())
+
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        self._last = (time.time(), state.num_input_tokens_seen or 0)
+        self._last = (time.time(), self._tokens(state))
         if self.writer:
             self.writer.write({"step": state.global_step, "total_steps": state.max_steps, "phase": "train"})
         return control
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        tokens = self._tokens(state) if logs else 0  # a collective: every rank takes part
         if self.writer is None or not logs:
             return control
-        now, tokens = time.time(), state.num_input_tokens_seen or 0
+        now = time.time()
         t0, tok0 = self._last
         self._last = (now, tokens)
         phase = "eval" if any(k.startswith("eval_") for k in logs) else "train"
@@ -108,6 +135,25 @@ class MetricsCallback(TrainerCallback):  # type: ignore[misc]
         record["peak_mem_gb"] = peak_memory_gb()
         self.writer.write(record)
         return control
+
+
+class TokenCounter:
+    """Wraps a data collator and counts real (non-padding) tokens on the CPU as batches are made.
+
+    Trainer's own `include_num_input_tokens_seen` calls `.item()` on a GPU tensor every micro-batch,
+    which stalls the CUDA stream; this count costs nothing. Only valid with
+    dataloader_num_workers=0 (the collator must run in the training process).
+    """
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+        self.tokens = 0
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(features)
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        return batch
 
 
 def peak_memory_gb() -> float:

@@ -101,7 +101,8 @@ def training_arguments(ctx: RunContext, use_gpu: bool) -> Any:
         seed=t.seed,
         data_seed=t.seed,
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
+        # Counted by TokenCounter in the collator when it runs in this process (no per-step GPU sync).
+        include_num_input_tokens_seen="no" if t.dataloader_num_workers == 0 else "non_padding",
         ddp_backend=None if use_gpu else "gloo",
         report_to=["tensorboard"],  # into TENSORBOARD_LOGGING_DIR (set in main)
         disable_tqdm=True,
@@ -140,14 +141,16 @@ def build_trainer(ctx: RunContext, args: Any, model: Any, tokenizer: Any, train:
     from transformers import Trainer
 
     from hpcqwen.data import PackedCollator, PaddingCollator
-    from hpcqwen.runners.callbacks import CheckpointCallback, MetricsCallback, StopFileCallback
+    from hpcqwen.runners.callbacks import CheckpointCallback, MetricsCallback, StopFileCallback, TokenCounter
 
     t = ctx.task
-    collator = (PackedCollator(return_flash_attn_kwargs=t.attn_impl == "flash_attn") if t.packing
-                else PaddingCollator(pad_token_id=tokenizer.pad_token_id))
+    collator: Any = (PackedCollator(return_flash_attn_kwargs=t.attn_impl == "flash_attn") if t.packing
+                     else PaddingCollator(pad_token_id=tokenizer.pad_token_id))
+    counter = TokenCounter(collator) if t.dataloader_num_workers == 0 else None
+    collator = counter or collator
     callbacks = [StopFileCallback(ctx.task_paths.stop),
                  CheckpointCallback(ctx.task_paths.checkpoints, t.save_total_limit, ctx.is_rank0),
-                 MetricsCallback(ctx.task_paths.metrics, ctx.is_rank0)]
+                 MetricsCallback(ctx.task_paths.metrics, ctx.is_rank0, counter=counter)]
     return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, data_collator=collator,
                    processing_class=tokenizer, callbacks=callbacks)
 

@@ -1,0 +1,140 @@
+"""Distillation throughput: prompts/s and generated tokens/s of the vLLM engine against the transformers
+engine, on one fixed prompt set, in one run, side by side (the engines the distill runner uses).
+
+    .venv/bin/python bench/distill_throughput.py [--size tiny|small] [--prompts 64] [--max-new-tokens 64]
+    .venv/bin/python bench/distill_throughput.py --model DIR      # any local Qwen3 folder
+
+Each engine runs in its own process on the same token-id prompts (rendered once by hpcqwen, thinking
+off); vLLM runs under .venv-vllm (scripts/setup-vllm.sh) when the main venv lacks it. Engine start-up is
+timed apart from generation; one warm-up call precedes the timed one. On CPU both engines get every
+core (vLLM's OpenMP threads are bound to all of them, none reserved). The random models rarely emit an
+end of turn, so nearly every answer runs to --max-new-tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = {  # random Qwen3 shapes (hpcqwen.testing); head_dim >= 32 for vLLM's CPU attention
+    "tiny": dict(),
+    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=64),
+}
+
+
+def fixed_prompts(n: int) -> list[list[dict[str, str]]]:
+    """n user turns: the shipped sft-tiny prompts, cycled, each made unique."""
+    rows = [json.loads(x) for x in (REPO / "jobspecs/data/sft-tiny.jsonl").read_text().splitlines()]
+    users = [r["messages"][0]["content"] for r in rows]
+    return [[{"role": "user", "content": f"{users[i % len(users)]} (request {i})"}] for i in range(n)]
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Inside one engine's process: load, warm up, time, print one JSON line."""
+    from hpcqwen.data.tokenize import load_tokenizer, render_prompt
+    from hpcqwen.inference import SamplingConfig, make_generator
+
+    tok = load_tokenizer(args.model)
+    ids = [tok(render_prompt(tok, m, enable_thinking=False), add_special_tokens=False)["input_ids"]
+           for m in fixed_prompts(args.prompts)]
+    sampling = SamplingConfig(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=args.max_new_tokens)
+    t0 = time.perf_counter()
+    gen = make_generator(args.worker, args.model, tok, dtype=args.dtype, max_model_len=1024,
+                         max_batch_size=args.max_batch_size)
+    init_s = time.perf_counter() - t0
+    gen.generate(ids[:2], sampling, [0, 1])  # warm-up
+    t0 = time.perf_counter()
+    out = gen.generate(ids, sampling, list(range(len(ids))))
+    gen_s = time.perf_counter() - t0
+    tokens = sum(c.completion_tokens for g in out for c in g.completions)
+    print("RESULT " + json.dumps({"engine": args.worker, "init_s": init_s, "gen_s": gen_s, "prompts": len(ids),
+                                  "tokens": tokens, "python": sys.executable}), flush=True)
+
+
+def run_engine(engine: str, python: str, args: argparse.Namespace, model: Path) -> dict[str, float]:
+    argv = [python, __file__, "--worker", engine, "--model", str(model), "--prompts", str(args.prompts),
+            "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype,
+            "--max-batch-size", str(args.max_batch_size)]
+    # vLLM on CPU binds its OpenMP threads and by default keeps one core for its front-end process; give it
+    # every core, as torch gets in the transformers process, so both engines compute on the same cores.
+    defaults = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
+                "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**defaults, **os.environ}, cwd=REPO)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"{engine} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result: dict[str, float] = json.loads(line.removeprefix("RESULT "))
+    return result
+
+
+def main() -> None:
+    """Build (or take) the model, run both engines, print the table and the ratio."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="a local Qwen3 folder (default: a random model of --size)")
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-batch-size", type=int, default=16, help="transformers: prompts per generate() call")
+    p.add_argument("--dtype", default="float32", help="both engines (vLLM would pick bfloat16 on CPU)")
+    p.add_argument("--worker", choices=["hf", "vllm"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    from hpcqwen.inference import vllm_importable
+    from hpcqwen.tasks.distill import default_vllm_python
+
+    vllm_python = sys.executable if vllm_importable() else default_vllm_python()
+    if vllm_python is None:
+        sys.exit("no vLLM: run scripts/setup-vllm.sh (or set HPCQWEN_VLLM_PYTHON)")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(args.model) if args.model else build_model(Path(tmp), args.size)
+        params = model_params(model)
+        results = [run_engine("hf", sys.executable, args, model), run_engine("vllm", vllm_python, args, model)]
+    print(f"model: {args.model or args.size} ({params / 1e6:.1f} M parameters), {args.prompts} prompts × "
+          f"{args.max_new_tokens} new tokens, temperature 0.6, {args.dtype}; transformers batches of "
+          f"{args.max_batch_size}")
+    print(f"{'engine':<14}{'start s':>9}{'generate s':>12}{'prompts/s':>11}{'tokens/s':>10}")
+    rates = {}
+    for r in results:
+        rates[r["engine"]] = (r["prompts"] / r["gen_s"], r["tokens"] / r["gen_s"])
+        name = {"hf": "transformers", "vllm": "vllm"}[str(r["engine"])]
+        print(f"{name:<14}{r['init_s']:>9.1f}{r['gen_s']:>12.2f}{rates[r['engine']][0]:>11.1f}"
+              f"{rates[r['engine']][1]:>10.0f}")
+    print(f"vllm / transformers: prompts/s {rates['vllm'][0] / rates['hf'][0]:.1f}x, "
+          f"tokens/s {rates['vllm'][1] / rates['hf'][1]:.1f}x")
+
+
+def build_model(folder: Path, size: str) -> Path:
+    from hpcqwen.testing import build_tiny_qwen3, build_tokenizer
+
+    tok = build_tokenizer(folder / "tokenizer")
+    return build_tiny_qwen3(folder / f"qwen3-{size}", tok, **SIZES[size])
+
+
+def model_params(model: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in model.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            total += sum(_numel(st.get_slice(k).get_shape()) for k in st.keys())
+    return total
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+if __name__ == "__main__":
+    main()
