@@ -12,15 +12,31 @@ from monitor_helpers import SUFFIX, MonitorJobs, Tmux, fake_train, submit
 
 
 @pytest.fixture(scope="session")
-def monitor_jobs(slurm_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonitorJobs]:
+def monitor_jobs(slurm_cluster: str, tmp_path_factory: pytest.TempPathFactory,
+                 tiny_qwen3_dir: Path) -> Iterator[MonitorJobs]:
     """Long-lived jobs for the monitor tests (cancelled at the end of the session):
-    - `sft`: fake training, 1 step per 1.5 s for 200 steps, a checkpoint every 5 steps;
+    - `sft`: a real LoRA SFT of the tiny Qwen3 (hpcqwen.runners.sft), 200 steps of 64 accumulated
+      micro-batches (about a second each on one core), a checkpoint every 5 steps;
     - `dep`: afterok on `sft`, so PENDING (Dependency) the whole time;
     - `arr`: a 4-task array with throttle 2 (GRPO-style metrics): 2 tasks run, 2 wait."""
     root = tmp_path_factory.mktemp("monitor-runs")
     root.chmod(0o755)
     limits = "resources: {time_limit_min: 15}\n"
-    sft, sft_dir = submit(root, f"mon{SUFFIX}-sft", limits + fake_train(200, 1.5, "--save-every", "5"))
+    data = Path(__file__).resolve().parents[2] / "jobspecs" / "data" / "sft-tiny.jsonl"
+    sft, sft_dir = submit(root, f"mon{SUFFIX}-sft", limits + "env: {OMP_NUM_THREADS: '1'}\n" + f"""
+task:
+  kind: sft
+  model: {tiny_qwen3_dir}
+  dataset: [{data}]
+  torch_dtype: float32
+  max_steps: 200
+  save_steps: 5
+  logging_steps: 1
+  per_device_train_batch_size: 1
+  gradient_accumulation_steps: 64
+  max_length: 128
+  gradient_checkpointing: false
+""")
     dep, _ = submit(root, f"mon{SUFFIX}-dep", limits + f"depends_on: [{sft}]\n"
                     + "task: {kind: command, module: hpcqwen.examples.steps, args: ['--steps', '1']}\n")
     arr, arr_dir = submit(root, f"mon{SUFFIX}-arr", limits + "array: {size: 4, throttle: 2}\n"
