@@ -91,11 +91,13 @@ def test_two_launchers_on_localhost_rendezvous(write_spec, run_root: Path) -> No
 
     base = {**os.environ, "SLURM_JOB_ID": "31337", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "localhost",
             "HPCQWEN_MASTER_PORT": str(free_port())}  # the job-id port may still be in TIME_WAIT from a rerun
+    # stderr apart: a warning written to stderr in pieces would otherwise cut into a rank's line
     procs = [subprocess.Popen([sys.executable, "-m", "hpcqwen", "launch", str(paths.root)],
                               env={**base, "SLURM_NODEID": str(i)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
-    outs = [p.communicate(timeout=180)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+                              stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    results = [p.communicate(timeout=180) for p in procs]
+    outs = [out for out, _ in results]
+    assert [p.returncode for p in procs] == [0, 0], results
     lines = [line for out in outs for line in out.splitlines() if line.startswith("allreduce ")]
     assert len(lines) == 4 and all("sum=10 expected=10" in line for line in lines)  # 1+2+3+4
     assert {line.split("node_rank=")[1][0] for line in lines} == {"0", "1"}
