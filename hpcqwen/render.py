@@ -118,6 +118,16 @@ def srun_argv(spec: JobSpec, run_dir: Path) -> list[str]:
     return argv + launcher_argv(spec, run_dir)
 
 
+def task_lines(spec: JobSpec) -> list[str]:
+    """`key: value` for every task knob the spec sets (what the node reads from spec.json), so the
+    script shows the job's settings next to its resources."""
+    import json
+
+    set_knobs = spec.task.model_dump(mode="json", exclude_unset=True)
+    set_knobs.setdefault("kind", spec.task.kind)
+    return [f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in set_knobs.items()]
+
+
 def sbatch_context(spec: JobSpec, paths: RunPaths, source: SpecSource,
                    dependencies: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """Everything the template writes, decided here (pure)."""
@@ -128,6 +138,7 @@ def sbatch_context(spec: JobSpec, paths: RunPaths, source: SpecSource,
         "source_path": source.path,
         "source_sha256": source.sha256,
         "sbatch_path": str(paths.sbatch),
+        "task_lines": task_lines(spec),
         "sbatch_flags": sbatch_flags(spec, paths, dependencies or {}),
         "setup": list(spec.cluster.setup),
         "run_dir": str(paths.root),

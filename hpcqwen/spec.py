@@ -217,6 +217,11 @@ def parse_spec(source: SpecSource) -> JobSpec:
     profile = _merge_profile(doc, data.get("cluster", "local"), issues, base_dir)
     # A placeholder keeps the other sections checkable when the profile itself is wrong.
     data["cluster"] = profile if profile is not None else {"profile": "?"}
+    # A task kind may fill sections from its own knobs (distill: `shards` -> `array.size`).
+    task_kind = TASK_KINDS.get(str(data["task"].get("kind"))) if isinstance(data.get("task"), dict) else None
+    derive = getattr(task_kind, "derive_spec", None)
+    if derive is not None:
+        derive(data)
     _check_env(doc, data.get("env"), issues)
     spec = None
     try:

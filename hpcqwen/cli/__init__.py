@@ -21,6 +21,8 @@ SUBCOMMANDS = {
     "plot": ("plot", "write loss / lr / tokens/s (and reward) curves of a run dir as a PNG"),
     "prepare": ("prepare", "build the tokenization/packing cache of a training spec as its own CPU job"),
     "export": ("export", "write a checkpoint as a Hugging Face model (--merge-lora), optionally push it"),
+    "merge": ("merge", "write a distill run's result_path from its shards (--resubmit unfinished shards)"),
+    "chat": ("chat", "terminal chat with a model (+ LoRA adapters): streaming, /think and /no_think"),
     "schema": ("schema", "print the JSON Schema of job specs (for editor completion)"),
     "launch": ("launch", "(on a node) start the task of RUN_DIR under torchrun"),
 }

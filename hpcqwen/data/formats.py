@@ -26,11 +26,11 @@ SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant", "tool")
 PLACEHOLDERS = {"{{NAME}}": "model_name", "{{AUTHOR}}": "model_author"}
 EXPECTED = (
-    "`messages` (a list of {role, content}; optional `system` column) or `query` + `response` "
-    "(optional `system`, `history`)"
+    "`messages` (a list of {role, content}; optional `system` column), `query` (+ `response`; optional "
+    "`system`, `history`), or alpaca `instruction` (+ `input`, `output`)"
 )
 # Columns that ms-swift's self-cognition rows use only to pick the zh/en name; not kept.
-_CONSUMED = ("messages", "system", "query", "response", "history", "tag")
+_CONSUMED = ("messages", "system", "query", "response", "history", "tag", "instruction", "input", "output")
 Row = dict[str, Any]
 
 
@@ -212,8 +212,10 @@ def normalize_row(record: Row, file: str | Path, row: int, *, system: str | None
     """
     if record.get("messages") is not None:
         messages = _check_messages(record["messages"], file, row)
-    elif record.get("query") is not None and record.get("response") is not None:
+    elif record.get("query") is not None:  # a response is optional: prompt-only rows (distill, GRPO)
         messages = _query_response_messages(record, file, row)
+    elif record.get("instruction") is not None:  # alpaca: instruction (+ input) -> output
+        messages = _alpaca_messages(record)
     else:
         raise DataError(
             f"columns {sorted(record)} match no known format; expected {EXPECTED}", file, row
@@ -250,7 +252,19 @@ def _query_response_messages(record: Row, file: str | Path, row: int) -> list[Ro
             {"role": "assistant", "content": str(pair[1])},
         ]
     messages.append({"role": "user", "content": str(record["query"])})
-    messages.append({"role": "assistant", "content": str(record["response"])})
+    if record.get("response") is not None:
+        messages.append({"role": "assistant", "content": str(record["response"])})
+    return messages
+
+
+def _alpaca_messages(record: Row) -> list[Row]:
+    """Alpaca rows (alpaca-gpt4-data-en/zh): the input, when there is one, follows the instruction."""
+    text = str(record["instruction"])
+    if record.get("input"):
+        text += "\n" + str(record["input"])
+    messages: list[Row] = [{"role": "user", "content": text}]
+    if record.get("output") is not None:
+        messages.append({"role": "assistant", "content": str(record["output"])})
     return messages
 
 

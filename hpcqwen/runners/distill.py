@@ -21,6 +21,7 @@ from typing import Any
 from hpcqwen.metrics import MetricsWriter
 from hpcqwen.runners._shared import RunContext, load_context, log0, run_main
 from hpcqwen.shards import (
+    DistillError,
     ShardFile,
     incomplete_shards,
     mark_done,
@@ -85,13 +86,25 @@ def plan(ctx: RunContext) -> Plan:
         sf = ShardFile(shard_file(ctx.paths.root, s))
         with sf.lock:
             cut = sf.repair()  # a writer killed mid-line leaves a torn tail
-            done = set(sf.read())
+            done = sf.read()
         if cut:
             print(f"distill: shard {s}: cut a torn last line ({cut} bytes)", flush=True)
         ids = shard_ids(len(rows), t.shards, s)
+        check_same_prompts(sf.path, ids, done, rows)
         out.pending[s] = [i for k, i in enumerate(ids) if k % ctx.world_size == ctx.rank and i not in done]
         out.written[s] = sf.count_lines()
     return out
+
+
+def check_same_prompts(path: Path, ids: range, done: dict[int, dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    """Ids are positions in the prompt list: a restart must see the list the written answers came from."""
+    from hpcqwen.tasks.distill import prompt_messages
+
+    for i, record in done.items():
+        if i not in ids or record["messages"] != prompt_messages(rows[i]["messages"]):
+            raise DistillError(f"prompt {i} in {path.name} is not prompt {i} of the dataset now: the data files "
+                               "changed since this run started", where=str(path),
+                               hint="restore the data files, or submit the spec again (a new run dir)")
 
 
 def build_generator(ctx: RunContext, backend: str, tokenizer: Any) -> Any:

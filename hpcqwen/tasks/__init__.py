@@ -11,10 +11,14 @@ from typing import Annotated, Union
 from pydantic import Field
 
 from hpcqwen.tasks.command import CommandTask
+from hpcqwen.tasks.distill import DistillTask
+from hpcqwen.tasks.grpo import GrpoTask
 from hpcqwen.tasks.sft import SftTask
 
-TaskSpec = Annotated[Union[CommandTask, SftTask], Field(discriminator="kind")]  # noqa: UP007
+# Sorted by kind: pydantic lists the tags in this order in "unknown task kind" errors.
+TaskSpec = Annotated[Union[CommandTask, DistillTask, GrpoTask, SftTask],  # noqa: UP007
+                     Field(discriminator="kind")]
 
-TASK_KINDS: dict[str, type] = {"command": CommandTask, "sft": SftTask}
+TASK_KINDS: dict[str, type] = {"command": CommandTask, "sft": SftTask, "grpo": GrpoTask, "distill": DistillTask}
 
-__all__ = ["TASK_KINDS", "CommandTask", "SftTask", "TaskSpec"]
+__all__ = ["TASK_KINDS", "CommandTask", "DistillTask", "GrpoTask", "SftTask", "TaskSpec"]

@@ -186,3 +186,51 @@ def test_deepspeed_zero_on_two_processes(stage: str, write_spec, tiny_qwen3_dir:
     if stage == "zero3":  # gathered 16-bit weights on save: export works without zero_to_fp32
         assert (ckpt / "model.safetensors").is_file()
         assert main(["export", str(run_dir)]) == 0
+
+
+def test_prepare_builds_the_cache_once_and_training_reuses_it(write_spec, tiny_qwen3_dir: Path, run_root: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    spec = sft_spec(write_spec, tiny_qwen3_dir, "prep", max_steps=4, packing=True)
+    assert main(["prepare", str(spec), "--backend", "local", "--wait"]) == 0
+    out = capsys.readouterr().out
+    prep_dir = Path(out.split("run dir: ")[1].split()[0])
+    assert prep_dir.parent.name == "prep-prepare"
+    entries = [p for p in (run_root / ".cache").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(entries) == 1 and (entries[0] / "COMPLETE").is_file()
+    built_at = (entries[0] / "COMPLETE").stat().st_mtime_ns
+    prep_log = (prep_dir / "logs" / "prep-prepare-local.out").read_text()
+    assert "data cache ready (prepare only)" in prep_log and "fill" in prep_log  # packing fill ratio logged
+    assert not (prep_dir / "checkpoints").exists()  # no training happened
+    run_dir, _ = submit(spec, capsys)
+    log = (run_dir / "logs" / "prep-local.out").read_text()
+    assert f"[{entries[0]}]" in log  # the training read the same entry...
+    assert (entries[0] / "COMPLETE").stat().st_mtime_ns == built_at  # ...without building it again
+
+
+def test_export_push_to_hub_never_writes_the_token(tmp_path: Path, tiny_qwen3_dir: Path,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hpcqwen import checkpoints
+
+    ckpt = tmp_path / "checkpoints" / "checkpoint-1"
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_qwen3_dir))
+    get_peft_model(base, LoraConfig(r=4, target_modules="all-linear")).save_pretrained(str(ckpt))
+    AutoTokenizer.from_pretrained(str(tiny_qwen3_dir)).save_pretrained(str(ckpt))
+    checkpoints.mark_complete(ckpt)
+    out = tmp_path / "merged"
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert main(["export", str(ckpt), "--merge-lora", "--output", str(out), "--push-to-hub", "me/model"]) == 1
+    assert "no hub token in the environment" in capsys.readouterr().err and (out / "config.json").is_file()
+    secret = "hf_SECRETtoken1234567890"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: the push fails
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    rc = main(["export", str(ckpt), "--merge-lora", "--output", str(out), "--push-to-hub", "me/model"])
+    text = "".join(capsys.readouterr())
+    assert rc == 1 and "push to me/model failed" in text and secret not in text
+    for path in [*tmp_path.rglob("*"), *Path.home().joinpath(".cache", "huggingface").rglob("*")]:
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert secret.encode() not in path.read_bytes(), path

@@ -168,10 +168,10 @@ def test_mixing_datasets_with_per_dataset_counts(tmp_path: Path, data_dir: Path)
     ("line", "message"),
     [
         (
-            {"instruction": "x", "output": "y"},
-            "columns ['instruction', 'output'] match no known format",
+            {"prompt": "x", "completion": "y"},
+            "columns ['completion', 'prompt'] match no known format",
         ),
-        ({"query": "only a query"}, "columns ['query'] match no known format"),
+        ({"text": "only text"}, "columns ['text'] match no known format"),
         ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0] needs a role"),
         ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content must be a string"),
         ({"messages": []}, "`messages` must be a non-empty list"),
@@ -190,7 +190,7 @@ def test_bad_rows_name_file_row_and_expected_columns(
     if "no known format" in message:
         assert (
             "expected `messages`" in err.value.message
-            and "`query` + `response`" in err.value.message
+            and "`query` (+ `response`" in err.value.message and "alpaca `instruction`" in err.value.message
         )
 
 
@@ -230,3 +230,15 @@ def test_a_local_folder_wins_over_a_hub_id_and_subset_picks_a_subfolder(tmp_path
     )
     rows = load_dataset_rows(["swift/self-cognition:qwen3"], base_dir=tmp_path, seed=0)
     assert _queries(rows) == ["q"]
+
+
+def test_alpaca_and_prompt_only_rows(tmp_path: Path) -> None:
+    from hpcqwen.data.formats import normalize_row
+
+    alpaca = normalize_row({"instruction": "Translate", "input": "bonjour", "output": "hello", "id": 7}, "a", 1)
+    assert alpaca == {"messages": [{"role": "user", "content": "Translate\nbonjour"},
+                                   {"role": "assistant", "content": "hello"}], "id": 7}
+    no_input = normalize_row({"instruction": "Say hi", "input": "", "output": "hi"}, "a", 2)
+    assert no_input["messages"][0] == {"role": "user", "content": "Say hi"}
+    prompt = normalize_row({"query": "2+2?", "solution": "4"}, "a", 3)
+    assert prompt == {"messages": [{"role": "user", "content": "2+2?"}], "solution": "4"}

