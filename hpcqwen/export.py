@@ -1,5 +1,8 @@
 """Export a training checkpoint as a plain Hugging Face model (LoRA merged), optionally pushed.
 
+Megatron runs (`task.kind: megatron`) keep `dist_checkpointing` folders `iter_<n>/`; `--to-hf`
+converts one back to Hugging Face safetensors on this machine's CPU (hpcqwen.megatron.checkpoint).
+
 The hub token is read from the environment (HF_TOKEN / HUGGING_FACE_HUB_TOKEN) at push time and
 handed to huggingface_hub in memory only: never written to the output folder, logs or run dir.
 """
@@ -34,6 +37,44 @@ def resolve_checkpoint(target: Path, array_index: int | None = None) -> Path:
         return target
     raise RunDirError(f"{target} is neither a run dir nor a checkpoint-<step> folder",
                       hint="give the run dir that `hpcqwen submit` printed")
+
+
+def megatron_checkpoint_root(run_dir: Path, array_index: int | None = None) -> Path | None:
+    """The checkpoint folder of a Megatron run dir (`task.save` or `<task dir>/checkpoints`), else None."""
+    task = json.loads((run_dir / SPEC_JSON).read_text())["task"]
+    if task.get("kind") != "megatron":
+        return None
+    return Path(task["save"]) if task.get("save") else RunPaths(run_dir).task(array_index).checkpoints
+
+
+def resolve_megatron_checkpoint(target: Path, array_index: int | None = None) -> Path | None:
+    """A Megatron run dir -> its newest complete `iter_<n>`; an `iter_<n>` folder -> itself (if
+    complete); None when `target` is neither (an SFT run or checkpoint)."""
+    from hpcqwen.megatron import checkpoint as mcore
+
+    if is_run_dir(target):
+        root = megatron_checkpoint_root(target, array_index)
+        if root is None:
+            return None
+        latest = mcore.latest_complete(root)
+        if latest is None:
+            raise RunDirError(f"{target} has no complete Megatron checkpoint yet", where=str(root),
+                              hint="wait for the first save (save_interval), or give an iter_<n> folder")
+        return latest
+    if mcore.iteration_of(target) is None:
+        return None
+    if not checkpoints.is_complete(target):
+        raise RunDirError(f"{target} is not a complete checkpoint (no {checkpoints.MARKER})",
+                          hint="the save was interrupted; use an older iter_<n>")
+    return target
+
+
+def export_megatron(ckpt: Path, out: Path) -> Path:
+    """Write a Hugging Face model folder (safetensors, config, tokenizer) from a Megatron `iter_<n>`."""
+    from hpcqwen.megatron.checkpoint import export_hf
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return export_hf(ckpt, out)
 
 
 def base_model_of(ckpt: Path) -> str:

@@ -15,10 +15,10 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ValidationError, ValidationInfo
+from pydantic import BaseModel, ValidationError
 
 from hpcqwen.errors import SpecIssue
 

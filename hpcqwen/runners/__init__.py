@@ -7,4 +7,5 @@ RUNNERS = {
     "sft": "hpcqwen.runners.sft",
     "grpo": "hpcqwen.runners.grpo",
     "distill": "hpcqwen.runners.distill",
+    "megatron": "hpcqwen.runners.megatron",
 }

@@ -106,7 +106,9 @@ def grpo_kwargs(task: Any, output_dir: str, use_gpu: bool) -> dict[str, Any]:
     during training instead). `num_infer_workers` is checked at load (one engine per tensor-parallel
     group of processes is what TRL's colocate mode runs). `max_length` filters prompts in load_prompts.
     """
-    from hpcqwen.runners.sft import zero_config  # the same ZeRO presets as SFT
+    from trl import GRPOConfig
+
+    from hpcqwen.runners.sft import warmup_kwargs, zero_config  # the same presets as SFT
 
     t = task
     return dict(
@@ -118,7 +120,7 @@ def grpo_kwargs(task: Any, output_dir: str, use_gpu: bool) -> dict[str, Any]:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.lr,
         lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio (warmup_ratio is gone)
+        **warmup_kwargs(GRPOConfig, t.warmup_ratio),
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,

@@ -80,7 +80,7 @@ def training_arguments(ctx: RunContext, use_gpu: bool) -> Any:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.lr,
         lr_scheduler_type=t.lr_scheduler_type,
-        **_warmup(TrainingArguments, t.warmup_ratio),
+        **warmup_kwargs(TrainingArguments, t.warmup_ratio),
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
@@ -109,7 +109,7 @@ def training_arguments(ctx: RunContext, use_gpu: bool) -> Any:
     )
 
 
-def _warmup(cls: Any, ratio: float) -> dict[str, float]:
+def warmup_kwargs(cls: Any, ratio: float) -> dict[str, float]:
     """transformers >= 5.20 dropped warmup_ratio: a float warmup_steps in [0, 1) is the ratio."""
     import dataclasses
 

@@ -13,12 +13,14 @@ from pydantic import Field
 from hpcqwen.tasks.command import CommandTask
 from hpcqwen.tasks.distill import DistillTask
 from hpcqwen.tasks.grpo import GrpoTask
+from hpcqwen.tasks.megatron import MegatronTask
 from hpcqwen.tasks.sft import SftTask
 
 # Sorted by kind: pydantic lists the tags in this order in "unknown task kind" errors.
-TaskSpec = Annotated[Union[CommandTask, DistillTask, GrpoTask, SftTask],  # noqa: UP007
+TaskSpec = Annotated[Union[CommandTask, DistillTask, GrpoTask, MegatronTask, SftTask],  # noqa: UP007
                      Field(discriminator="kind")]
 
-TASK_KINDS: dict[str, type] = {"command": CommandTask, "sft": SftTask, "grpo": GrpoTask, "distill": DistillTask}
+TASK_KINDS: dict[str, type] = {"command": CommandTask, "sft": SftTask, "grpo": GrpoTask, "distill": DistillTask,
+                               "megatron": MegatronTask}
 
-__all__ = ["TASK_KINDS", "CommandTask", "DistillTask", "GrpoTask", "SftTask", "TaskSpec"]
+__all__ = ["TASK_KINDS", "CommandTask", "DistillTask", "GrpoTask", "MegatronTask", "SftTask", "TaskSpec"]

@@ -10,28 +10,18 @@ import shlex
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from helpers import wait_until
 
 from hpcqwen import slurm
 from hpcqwen.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 SUFFIX = uuid.uuid4().hex[:5]  # other engineers' jobs share the cluster: every name here is unique
-
-
-def wait_until(pred: Callable[[], object], timeout: float, what: str, every: float = 0.5) -> object:
-    """pred()'s first truthy value, polled; AssertionError naming `what` after `timeout` s."""
-    end = time.time() + timeout
-    while time.time() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def submit(root: Path, name: str, body: str) -> tuple[str, Path]:
@@ -68,6 +58,7 @@ class MonitorJobs:
     """What the session submitted: a running fake SFT, a job waiting on it, a throttled array."""
 
     root: Path
+    tag: str  # in every name: each module's fixture submits its own set
     pattern: str  # --name glob that matches exactly these runs
     sft: str
     sft_dir: Path
@@ -77,7 +68,7 @@ class MonitorJobs:
 
     @property
     def names(self) -> dict[str, str]:
-        return {"sft": f"mon{SUFFIX}-sft", "dep": f"mon{SUFFIX}-dep", "arr": f"mon{SUFFIX}-arr"}
+        return {"sft": f"mon{self.tag}-sft", "dep": f"mon{self.tag}-dep", "arr": f"mon{self.tag}-arr"}
 
 
 class Tmux:

@@ -8,10 +8,10 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from hpcqwen import runs, slurm
 from hpcqwen.cli import main
@@ -29,16 +29,6 @@ def submit(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[str, Path]:
     line = next(x for x in out.splitlines() if x.startswith("submitted job "))
     job, run_dir = line.removeprefix("submitted job ").split("  run dir: ")
     return job, Path(run_dir)
-
-
-def wait_until(pred: Callable[[], object], timeout: float, what: str, every: float = 0.5) -> object:
-    end = time.time() + timeout
-    while time.time() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def state(job: str) -> str:

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from hpcqwen import slurm
 from hpcqwen.cli import main
@@ -21,16 +20,6 @@ from hpcqwen.errors import EXIT_OK, EXIT_USAGE
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS, SHARDS, ANSWERS = 36, 3, 2
-
-
-def wait_until(pred: Callable[[], object], timeout: float, what: str, every: float = 0.3) -> object:
-    end = time.time() + timeout
-    while time.time() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def task_states(job: str) -> dict[int | None, str]:

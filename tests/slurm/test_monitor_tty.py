@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from monitor_helpers import SUFFIX, MonitorJobs, Tmux, fake_train, slurm_state, submit, wait_until
+from monitor_helpers import MonitorJobs, Tmux, fake_train, slurm_state, submit, wait_until
 
 pytestmark = pytest.mark.slurm
 
@@ -33,12 +33,12 @@ def test_live_view_renders_follows_a_log_expands_an_array_and_cancels_after_yes(
         monitor_jobs: MonitorJobs, tmux: Tmux, tmp_path: Path) -> None:
     root = tmp_path / "runs"
     root.mkdir()
-    victim_name = f"mon{SUFFIX}-victim"
+    victim_name = f"mon{monitor_jobs.tag}-victim"
     victim, victim_dir = submit(root, victim_name, "resources: {time_limit_min: 10}\n" + fake_train(300, 1.0))
     wait_until(lambda: steps_logged(victim_dir) >= 2, 120, "the victim to log 2 steps")
     wait_until(lambda: steps_logged(monitor_jobs.arr_dir / "tasks" / "1") >= 1, 180, "array task 1 to start")
 
-    tmux.start(["queue", "--interval", "5", "--name", f"mon{SUFFIX}-*", "--run-root", str(monitor_jobs.root)],
+    tmux.start(["queue", "--interval", "5", "--name", monitor_jobs.pattern, "--run-root", str(monitor_jobs.root)],
                {"HPCQWEN_CACHE_DIR": str(tmp_path / "cache")})
     screen = tmux.wait_for(lambda s: victim_name in s and monitor_jobs.names["arr"] in s, 30, "the first frame")
     assert screen.startswith("hpcqwen queue · ") and "RUN " in screen and "↑↓/jk move" in screen

@@ -1,0 +1,258 @@
+"""`task.kind: megatron` — SFT of Qwen3 / Qwen3-MoE on megatron-core, the guide's `megatron sft` knobs.
+
+Every flag of the guide's Megatron-SWIFT command (Qwen3-30B-A3B, 2 nodes × 8 GPUs) is a field of
+the same name. The parallel layout is checked here against the resources and, when `load` is a
+local folder, against the model's own numbers (experts, heads, layers from its config.json), so a
+layout megatron-core would reject fails `hpcqwen submit`, not the job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WrapValidator
+
+from hpcqwen import specfile
+from hpcqwen.tasks._common import TOKENIZER_FILES, DatasetRefs, ModelRef, check_datasets, is_hub_id
+
+if TYPE_CHECKING:
+    from hpcqwen.spec import JobSpec, Problem
+
+
+def _folder(value: Any, handler: Any, info: ValidationInfo) -> Any:
+    value = handler(value)
+    context = info.context or {}
+    if value is None or "base_dir" not in context:  # unset, or a frozen spec.json: already resolved
+        return value
+    return specfile.expand_path(value, context["base_dir"])
+
+
+Folder = Annotated[str | None, WrapValidator(_folder)]
+"""A folder path, absolute after load (relative to the spec's folder; `~` and `${VAR}` expanded)."""
+
+
+class MegatronTask(BaseModel):
+    """Supervised fine-tuning on megatron-core, as `megatron sft` in the Qwen3 guide."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["megatron"] = "megatron"
+    load: ModelRef = Field(description="Hugging Face model folder (or hub id when the nodes are online), or a "
+                           "megatron checkpoint written by hpcqwen (an iter_<n> folder or its checkpoints/ folder).")
+    dataset: DatasetRefs = Field(description="Training data: 'path[:subset][#N]', one or a list.")
+    val_dataset: DatasetRefs = Field(default_factory=list, description="Evaluation data, same syntax.")
+    split_dataset_ratio: float = Field(0.0, ge=0, lt=1, description="Hold out this fraction for eval.")
+    tensor_model_parallel_size: int = Field(1, ge=1, description="TP: GPUs that split each weight matrix.")
+    pipeline_model_parallel_size: int = Field(1, ge=1, description="PP: GPUs that split the layers into stages.")
+    expert_model_parallel_size: int = Field(1, ge=1, description="EP: GPUs that split the experts of a MoE layer.")
+    context_parallel_size: int = Field(1, ge=1, description="CP: GPUs that split each sequence (needs TE).")
+    sequence_parallel: bool = Field(False, description="Split norms/dropout activations over the TP ranks.")
+    moe_grouped_gemm: bool = Field(False, description="All local experts in grouped GEMMs (TE's TEGroupedMLP, "
+                                   "else torch.nn.functional.grouped_mm) instead of one GEMM per expert.")
+    moe_shared_expert_overlap: bool = Field(False, description="Accepted, no effect: Qwen3-MoE has no shared expert.")
+    moe_aux_loss_coeff: float = Field(0.0, ge=0, description="Weight of the MoE load-balancing loss.")
+    micro_batch_size: int = Field(1, ge=1, description="Rows (packs with packing) per GPU per micro-batch.")
+    global_batch_size: int = Field(16, ge=1, description="Rows per optimizer step over all data-parallel ranks.")
+    packing: bool = Field(False, description="Pack examples padding-free into rows of max_length (THD).")
+    recompute_granularity: Literal["full", "selective"] | None = Field(None, description="Activation recompute.")
+    recompute_method: Literal["uniform", "block"] | None = Field(None, description="Which layers to recompute "
+                                                                 "(recompute_granularity full).")
+    recompute_num_layers: int | None = Field(None, ge=1, description="Layers per recompute group (full).")
+    train_iters: int | None = Field(None, ge=1, description="Optimizer steps; or set max_epochs.")
+    max_epochs: int | None = Field(None, ge=1, description="Epochs over the training rows when train_iters is unset.")
+    eval_iters: int = Field(100, ge=0, description="Micro-batch rounds per evaluation.")
+    eval_interval: int | None = Field(None, ge=1, description="Evaluate every N iterations (default: save_interval).")
+    save_interval: int = Field(500, ge=1, description="Save a complete checkpoint every N iterations.")
+    save: Folder = Field(None, description="Checkpoint folder (shared FS); default <task dir>/checkpoints. A "
+                             "folder shared by several submissions resumes from whichever saved last.")
+    finetune: bool = Field(False, description="From an mcore `load`: weights only, iteration and optimizer reset.")
+    no_save_optim: bool = Field(False, description="Leave the optimizer state out of checkpoints (no resume).")
+    no_save_rng: bool = Field(False, description="Leave the RNG states out of checkpoints.")
+    cross_entropy_loss_fusion: bool = Field(False, description="Megatron's fused vocab-parallel cross entropy.")
+    use_flash_attn: bool = Field(False, description="Flash attention: TE's, else torch SDPA / varlen flash.")
+    transformer_impl: Literal["auto", "transformer_engine", "local"] = Field(
+        "auto", description="TransformerEngine modules (auto: when installed on the nodes) or megatron's local ones.")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    min_lr: float = Field(0.0, ge=0, description="Learning rate at the end of the decay.")
+    lr_warmup_iters: int = Field(0, ge=0, description="Linear warm-up iterations.")
+    lr_decay_style: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    clip_grad: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_length: int = Field(2048, ge=16, description="Truncate (or pack) to this many tokens.")
+    log_interval: int = Field(5, ge=1, description="Write metrics every N iterations.")
+    num_workers: int = Field(1, ge=0, description="Accepted, no effect: batches come from the memory-mapped "
+                             "cache in the training process.")
+    dataset_num_proc: int = Field(1, ge=1, description="CPU cores of the `hpcqwen prepare` cache job.")
+    seed: int = Field(42, description="Seed for data order and initialisation.")
+
+    def runner_module(self) -> str:
+        """The Megatron runner."""
+        return "hpcqwen.runners.megatron"
+
+    def runner_args(self, run_dir: str) -> list[str]:
+        """The runner reads everything from the run dir."""
+        return [run_dir]
+
+    def check(self, spec: JobSpec) -> list[Problem]:
+        """Cross-field checks on the login node, with the numbers."""
+        p = check_datasets("task.dataset", self.dataset) + check_datasets("task.val_dataset", self.val_dataset)
+        config, problems = self._model_config()
+        p += problems + self._check_layout(spec) + self._check_options(spec)
+        if config is not None:
+            p += self._check_model(config)
+        return p
+
+    # ---- the checks ----------------------------------------------------------------------------
+
+    def _check_layout(self, spec: JobSpec) -> list[Problem]:
+        """World size vs TP × PP × CP, EP vs the data-parallel size, the global batch."""
+        from hpcqwen.spec import Problem
+
+        p: list[Problem] = []
+        nodes, nproc, world = spec.resources.nodes, spec.nproc_per_node, spec.world_size
+        tp, pp, cp, ep = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+                          self.context_parallel_size, self.expert_model_parallel_size)
+        if spec.gpus_per_node == 0:
+            p.append(Problem("resources.gpus_per_node", "Megatron training runs on GPUs (NCCL, CUDA kernels) but the "
+                             "job asks for none", got="0", expected=">= 1",
+                             hint="use a GPU profile, e.g. cluster: h100-8x"))
+        if world % (tp * pp * cp):
+            sizes = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "context_parallel_size": cp}
+            key = next((k for k, v in sizes.items() if v > 1 and world % v), "tensor_model_parallel_size")
+            p.append(Problem(f"task.{key}", f"the world size {nodes} node{'s' * (nodes != 1)} × "
+                             f"{nproc} GPUs = {world} must be divisible by tensor_model_parallel_size ({tp}) × "
+                             f"pipeline_model_parallel_size ({pp}) × context_parallel_size ({cp}) = {tp * pp * cp}",
+                             got=str(sizes[key]), expected=f"TP × PP × CP dividing {world}"))
+            return p
+        dp = world // (tp * pp * cp)
+        if (dp * cp) % ep:
+            where = f"{dp} = {world} GPUs / (TP {tp} × PP {pp} × CP {cp})"
+            if cp > 1:
+                where = f"{dp} × context_parallel_size {cp} = {dp * cp}"
+            p.append(Problem("task.expert_model_parallel_size", f"must divide the data-parallel size ({where})",
+                             got=str(ep), expected=f"a divisor of {dp * cp}"))
+        step = self.micro_batch_size * dp
+        if self.global_batch_size % step:
+            p.append(Problem("task.global_batch_size", f"global_batch_size ({self.global_batch_size}) must be "
+                             f"divisible by micro_batch_size ({self.micro_batch_size}) × data-parallel size ({dp}) = {step}",
+                             got=str(self.global_batch_size), expected=f"a multiple of {step}",
+                             hint=f"set global_batch_size: {-(-self.global_batch_size // step) * step}"))
+        if self.sequence_parallel and tp == 1:
+            p.append(Problem("task.sequence_parallel", "needs tensor_model_parallel_size > 1 (it splits the sequence "
+                             "over the tensor-parallel ranks)", got="true", expected="false with TP 1"))
+        if ep > 1 and tp > 1 and not self.sequence_parallel:
+            p.append(Problem("task.sequence_parallel", f"expert_model_parallel_size ({ep}) with "
+                             f"tensor_model_parallel_size ({tp}) needs sequence parallelism (megatron-core: 'When "
+                             "using expert parallelism and tensor parallelism for training, sequence parallelism "
+                             "must be used')", got="false", expected="true"))
+        return p
+
+    def _check_options(self, spec: JobSpec) -> list[Problem]:
+        from hpcqwen.spec import Problem
+
+        p: list[Problem] = []
+        if self.no_save_optim and spec.requeue.enabled:
+            p.append(Problem("task.no_save_optim", "checkpoints without the optimizer state cannot resume a requeued "
+                             "job (Adam's moments and step would restart from zero)", got="true",
+                             hint="set no_save_optim: false, or requeue: {enabled: false}"))
+        if self.train_iters is None and self.max_epochs is None:
+            p.append(Problem("task.train_iters", "set train_iters (or max_epochs)", expected="e.g. train_iters: 2000"))
+        if self.recompute_granularity == "full":
+            if self.recompute_method is None:
+                p.append(Problem("task.recompute_method", "recompute_granularity full needs a recompute_method",
+                                 expected="uniform or block"))
+            if self.recompute_num_layers is None:
+                p.append(Problem("task.recompute_num_layers", "recompute_granularity full needs recompute_num_layers",
+                                 expected="e.g. 1"))
+        elif self.recompute_granularity == "selective" and self.recompute_num_layers is not None:
+            p.append(Problem("task.recompute_num_layers", "must be unset with recompute_granularity selective",
+                             got=str(self.recompute_num_layers)))
+        elif self.recompute_granularity is None and (self.recompute_method or self.recompute_num_layers):
+            p.append(Problem("task.recompute_granularity", "recompute_method / recompute_num_layers are set but "
+                             "recompute_granularity is not", expected="full or selective"))
+        cp = self.context_parallel_size
+        if self.packing and not self.use_flash_attn:
+            p.append(Problem("task.packing", "packing needs use_flash_attn: true (megatron's DotProductAttention "
+                             "cannot keep packed sequences apart: it asserts packed_seq_params is None)",
+                             got="true", hint="set use_flash_attn: true"))
+        if cp > 1 and self.transformer_impl != "transformer_engine":
+            p.append(Problem("task.context_parallel_size", f"context_parallel_size ({cp}) needs transformer_impl: "
+                             "transformer_engine (megatron: 'Context parallelism is only supported by "
+                             "TEDotProductAttention')", got=str(cp), expected="1"))
+        if cp > 1 and self.packing:
+            p.append(Problem("task.context_parallel_size", "packing with context parallelism is not supported "
+                             "(packed sequences would need per-sequence padding to 2 × CP)", got=str(cp),
+                             expected="1 with packing"))
+        return p
+
+    def _model_config(self) -> tuple[tuple[dict[str, Any], str] | None, list[Problem]]:
+        """(config.json of `load`, its path) when `load` is local, and problems with the folder."""
+        from hpcqwen.spec import Problem
+
+        if is_hub_id(self.load):
+            return None, []
+        folder = model_folder(Path(self.load))
+        if folder is None:
+            return None, [Problem("task.load", "is neither a Hugging Face model folder nor an hpcqwen megatron "
+                                  "checkpoint", got=self.load, expected="a folder with config.json, or checkpoints "
+                                  "with a complete iter_<n>/", hint="download the model first (huggingface-cli "
+                                  "download ORG/NAME --local-dir DIR)")]
+        p = []
+        if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            p.append(Problem("task.load", "model folder has no tokenizer", got=str(folder),
+                             expected=f"one of {', '.join(TOKENIZER_FILES)} in the folder"))
+        from hpcqwen.megatron.dims import read_config
+
+        try:
+            return (read_config(folder), str(folder / "config.json")), p
+        except (OSError, ValueError) as e:
+            return None, [*p, Problem("task.load", f"config.json is unreadable: {e}", got=str(folder))]
+
+    def _check_model(self, found: tuple[dict[str, Any], str]) -> list[Problem]:
+        """Parallel sizes against the model's experts, heads and layers."""
+        from hpcqwen.megatron.dims import UnsupportedModel, dims_from_config
+        from hpcqwen.spec import Problem
+
+        config, path = found
+        try:
+            d = dims_from_config(config)
+        except (UnsupportedModel, KeyError) as e:
+            return [Problem("task.load", f"{path}: {e}", expected="a Qwen3 or Qwen3-MoE model")]
+        p: list[Problem] = []
+        tp, pp, ep = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.expert_model_parallel_size
+        if ep > 1 and not d.is_moe:
+            p.append(Problem("task.expert_model_parallel_size", f"is {ep} but the model is dense (model_type "
+                             f"{d.model_type} in {path})", got=str(ep), expected="1"))
+        elif d.is_moe and d.num_experts % ep:
+            p.append(Problem("task.expert_model_parallel_size", f"must divide the model's expert count "
+                             f"({d.num_experts}, num_experts in {path})", got=str(ep),
+                             expected=f"a divisor of {d.num_experts}"))
+        if d.num_heads % tp or d.num_kv_heads % tp:
+            p.append(Problem("task.tensor_model_parallel_size", f"must divide the model's attention heads "
+                             f"({d.num_heads}) and key/value heads ({d.num_kv_heads})", got=str(tp),
+                             expected=f"a divisor of {d.num_kv_heads}"))
+        ffn = d.moe_ffn_hidden_size if d.is_moe else d.ffn_hidden_size
+        if ffn % tp:
+            p.append(Problem("task.tensor_model_parallel_size", f"must divide the model's MLP width ({ffn})",
+                             got=str(tp)))
+        if d.num_layers % pp:
+            p.append(Problem("task.pipeline_model_parallel_size", f"must divide the model's {d.num_layers} layers",
+                             got=str(pp), expected=f"a divisor of {d.num_layers}"))
+        elif self.recompute_num_layers and self.recompute_num_layers > d.num_layers // pp:
+            p.append(Problem("task.recompute_num_layers", f"is more than the {d.num_layers // pp} layers of a "
+                             "pipeline stage", got=str(self.recompute_num_layers),
+                             expected=f"1..{d.num_layers // pp}"))
+        return p
+
+
+def model_folder(load: Path) -> Path | None:
+    """The folder holding config.json and the tokenizer: `load` itself (HF), the `hf/` folder of an
+    hpcqwen `iter_<n>` checkpoint, or that of the newest complete one under a checkpoints folder."""
+    from hpcqwen.megatron.checkpoint import HF_DIR, latest_complete
+
+    if (load / "config.json").is_file():
+        return load
+    if (load / HF_DIR / "config.json").is_file():
+        return load / HF_DIR
+    latest = latest_complete(load)
+    return latest / HF_DIR if latest is not None and (latest / HF_DIR / "config.json").is_file() else None

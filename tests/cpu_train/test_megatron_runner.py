@@ -1,0 +1,148 @@
+"""The Megatron runner itself on the CPU: 2 processes (gloo), TP 2 + sequence parallel, a tiny untied
+Qwen3-MoE with grouped-GEMM experts, packing, SDPA, the MoE aux loss, a held-out eval split; Megatron's
+schedule, DDP and the DistributedOptimizer; then STOP -> save -> resume, and `hpcqwen export --to-hf`.
+
+megatron-core's CUDA assumptions are patched in the runner's processes by tests/megatron_runner_cpu.py
+(tests/megatron_helpers.py: apply_training_shims); the runner code is the GPU code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from megatron_helpers import build_moe, free_port
+
+from hpcqwen.cli import main
+from hpcqwen.metrics import read_metrics
+from hpcqwen.spec import load_spec
+
+pytestmark = [pytest.mark.cpu_train, pytest.mark.cpu_dist]
+REPO = Path(__file__).resolve().parents[2]
+WRAPPER = REPO / "tests" / "megatron_runner_cpu.py"
+ITERS = 12
+
+SPEC = """\
+name: mg-cpu
+cluster: {{profile: h100-8x, cache_root: {cache}}}
+resources: {{nodes: 1, nproc_per_node: 2}}
+task:
+  kind: megatron
+  load: {model}
+  dataset: {data}
+  tensor_model_parallel_size: 2
+  sequence_parallel: true
+  moe_grouped_gemm: true
+  moe_aux_loss_coeff: 0.01
+  use_flash_attn: true
+  packing: true
+  micro_batch_size: 1
+  global_batch_size: 2
+  max_length: 128
+  train_iters: {iters}
+  save_interval: 100
+  split_dataset_ratio: 0.2
+  eval_interval: 6
+  eval_iters: 2
+  log_interval: 1
+  lr: 1e-3
+  lr_warmup_iters: 1
+"""
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    return build_moe(tmp_path_factory.mktemp("moe-runner") / "model", tiny_tokenizer_dir, tie_word_embeddings=False)
+
+
+def run_dir(root: Path, name: str, model: Path) -> Path:
+    """A run dir with the frozen spec.json, as `hpcqwen submit` writes it (no job is submitted)."""
+    spec_file = root / f"{name}.yaml"
+    spec_file.write_text(SPEC.format(cache=root / "cache", model=model, data=REPO / "jobspecs/data/sft-tiny.jsonl",
+                                     iters=ITERS))
+    folder = root / name
+    folder.mkdir()
+    (folder / "spec.json").write_text(load_spec(spec_file).model_dump_json())
+    return folder
+
+
+def runner(folder: Path) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", str(WRAPPER), str(folder)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def finish(proc: subprocess.Popen[str]) -> str:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-8000:]
+    return out
+
+
+def losses(folder: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(folder / "metrics.jsonl") if "loss" in m}
+
+
+def test_train_stop_resume_equals_uninterrupted_then_export(tmp_path: Path, moe_dir: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    straight, stopped = run_dir(tmp_path, "straight", moe_dir), run_dir(tmp_path, "stopped", moe_dir)
+    log = finish(runner(straight))
+    assert "converted 21 tensors" in log and "experts TorchGroupedMLP" in log and "attention SdpaAttention" in log
+
+    proc = runner(stopped)  # the batch script's USR2 trap touches STOP; here: once iteration 2 is logged
+    end = time.time() + 240
+    while not any(m.get("step", 0) >= 2 for m in read_metrics(stopped / "metrics.jsonl")):
+        assert proc.poll() is None and time.time() < end, "the run ended before it could be stopped"
+        time.sleep(0.02)
+    (stopped / "STOP").touch()
+    finish(proc)
+    last = read_metrics(stopped / "metrics.jsonl")[-1]
+    assert last["phase"] == "stopped" and 2 <= last["step"] < ITERS
+    saved = stopped / "checkpoints" / f"iter_{last['step']:07d}"
+    assert (saved / "hpcqwen-complete.json").is_file() and (saved / "hf" / "config.json").is_file()
+    (stopped / "STOP").unlink()  # the batch script removes it when the job restarts
+    log = finish(runner(stopped))
+    assert f"resumed {saved} at iteration {last['step']}" in log
+
+    a, b = losses(straight), losses(stopped)
+    assert sorted(a) == sorted(b) == list(range(1, ITERS + 1))
+    assert max(abs(a[k] - b[k]) for k in a) <= 1e-6, (a, b)  # Adam's step restored (else ~4e-2 apart)
+    assert sum(list(a.values())[-3:]) / 3 < sum(list(a.values())[:3]) / 3 - 0.3  # it learns
+    rows = [m for m in read_metrics(straight / "metrics.jsonl") if "loss" in m]
+    for key in ("lr", "grad_norm", "tokens_per_s", "moe_aux_loss", "peak_mem_gb"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert read_metrics(straight / "metrics.jsonl")[-1]["phase"] == "done"
+    evals = [m for m in read_metrics(straight / "metrics.jsonl") if m.get("phase") == "eval"]
+    assert [m["step"] for m in evals] == [6, 12] and all(0 < m["eval_loss"] < 20 for m in evals)
+
+    assert main(["export", str(stopped), "--to-hf"]) == 0
+    exported = stopped / "exports" / f"iter_{ITERS:07d}-hf"
+    assert f"-> {exported}" in capsys.readouterr().out
+    assert_trained_export(moe_dir, exported)
+
+
+def assert_trained_export(base: Path, exported: Path) -> None:
+    """Every weight moved, and the exported model fits the training data better than the base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hpcqwen.megatron.convert import HfWeights
+
+    before, after = HfWeights(base), HfWeights(exported)
+    assert sorted(before.names) == sorted(after.names)
+    assert all(not torch.equal(before.get(k).to(torch.bfloat16), after.get(k)) for k in before.names)
+    tok = AutoTokenizer.from_pretrained(str(exported))
+    rows = [json.loads(line) for line in (REPO / "jobspecs/data/sft-tiny.jsonl").read_text().splitlines()[:8]]
+    ids = [tok(tok.apply_chat_template(r["messages"], tokenize=False))["input_ids"] for r in rows]
+
+    def loss(folder: Path) -> float:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        with torch.no_grad():
+            return sum(model(torch.tensor([x]), labels=torch.tensor([x])).loss.item() for x in ids) / len(ids)
+
+    assert loss(exported) < loss(base) - 0.3
