@@ -37,6 +37,7 @@ def test_live_view_renders_follows_a_log_expands_an_array_and_cancels_after_yes(
     victim, victim_dir = submit(root, victim_name, "resources: {time_limit_min: 10}\n" + fake_train(300, 1.0))
     wait_until(lambda: steps_logged(victim_dir) >= 2, 120, "the victim to log 2 steps")
     wait_until(lambda: steps_logged(monitor_jobs.arr_dir / "tasks" / "1") >= 1, 180, "array task 1 to start")
+    wait_until(lambda: steps_logged(monitor_jobs.sft_dir) >= 2, 180, "the SFT to log a training step")
 
     tmux.start(["queue", "--interval", "5", "--name", monitor_jobs.pattern, "--run-root", str(monitor_jobs.root)],
                {"HPCQWEN_CACHE_DIR": str(tmp_path / "cache")})
