@@ -29,8 +29,8 @@ EXPECTED = (
     "`messages` (a list of {role, content}; optional `system` column), `query` (+ `response`; optional "
     "`system`, `history`), or alpaca `instruction` (+ `input`, `output`)"
 )
-# Columns that ms-swift's self-cognition rows use only to pick the zh/en name; not kept.
-_CONSUMED = ("messages", "system", "query", "response", "history", "tag", "instruction", "input", "output")
+# Columns turned into `messages` (and `tag`, which self-cognition rows use to pick the zh/en name): not kept.
+CONSUMED_COLUMNS = ("messages", "system", "query", "response", "history", "tag", "instruction", "input", "output")
 Row = dict[str, Any]
 
 
@@ -223,7 +223,7 @@ def normalize_row(record: Row, file: str | Path, row: int, *, system: str | None
     row_system = record.get("system") or system
     if row_system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": str(row_system)})
-    extras = {k: v for k, v in record.items() if k not in _CONSUMED}
+    extras = {k: v for k, v in record.items() if k not in CONSUMED_COLUMNS}
     return {"messages": messages, **extras}
 
 

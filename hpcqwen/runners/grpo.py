@@ -108,34 +108,11 @@ def grpo_kwargs(task: Any, output_dir: str, use_gpu: bool) -> dict[str, Any]:
     """
     from trl import GRPOConfig
 
-    from hpcqwen.runners.sft import warmup_kwargs, zero_config  # the same presets as SFT
+    from hpcqwen.runners.sft import shared_training_kwargs  # the same translation as SFT
 
     t = task
     return dict(
-        output_dir=output_dir,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.lr,
-        lr_scheduler_type=t.lr_scheduler_type,
-        **warmup_kwargs(GRPOConfig, t.warmup_ratio),
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=None,  # pruned by CheckpointCallback, which never drops the newest complete one
-        bf16=use_gpu and t.torch_dtype == "bfloat16",
-        fp16=use_gpu and t.torch_dtype == "float16",
-        use_cpu=not use_gpu,
-        deepspeed=zero_config(t.deepspeed) if t.deepspeed else None,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        dataloader_num_workers=t.dataloader_num_workers,
-        seed=t.seed,
-        data_seed=t.seed,
+        **shared_training_kwargs(t, GRPOConfig, output_dir, use_gpu),
         # GRPO
         num_generations=t.num_generations,
         max_completion_length=t.max_completion_length,

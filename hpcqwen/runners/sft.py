@@ -70,9 +70,25 @@ def training_arguments(ctx: RunContext, use_gpu: bool) -> Any:
     from transformers import TrainingArguments
 
     t = ctx.task
-    bf16 = use_gpu and t.torch_dtype == "bfloat16"
     return TrainingArguments(
-        output_dir=str(ctx.task_paths.checkpoints),
+        **shared_training_kwargs(t, TrainingArguments, str(ctx.task_paths.checkpoints), use_gpu),
+        save_only_model=t.save_only_model,
+        eval_strategy="steps" if (t.val_dataset or t.split_dataset_ratio) else "no",
+        eval_steps=t.eval_steps or t.save_steps,
+        use_liger_kernel=t.use_liger_kernel,
+        remove_unused_columns=False,
+        # Counted by TokenCounter in the collator when it runs in this process (no per-step GPU sync).
+        include_num_input_tokens_seen="no" if t.dataloader_num_workers == 0 else "non_padding",
+        ddp_backend=None if use_gpu else "gloo",
+        report_to=["tensorboard"],  # into TENSORBOARD_LOGGING_DIR (set in main)
+        disable_tqdm=True,
+    )
+
+
+def shared_training_kwargs(t: Any, cls: Any, output_dir: str, use_gpu: bool) -> dict[str, Any]:
+    """The TrainingArguments knobs SFT and GRPO (GRPOConfig) translate alike, from the guide's names."""
+    return dict(
+        output_dir=output_dir,
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps or -1,
         per_device_train_batch_size=t.per_device_train_batch_size,
@@ -80,32 +96,22 @@ def training_arguments(ctx: RunContext, use_gpu: bool) -> Any:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.lr,
         lr_scheduler_type=t.lr_scheduler_type,
-        **warmup_kwargs(TrainingArguments, t.warmup_ratio),
+        **warmup_kwargs(cls, t.warmup_ratio),
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=None,  # pruned by CheckpointCallback, which never drops the newest complete one
-        save_only_model=t.save_only_model,
-        eval_strategy="steps" if (t.val_dataset or t.split_dataset_ratio) else "no",
-        eval_steps=t.eval_steps or t.save_steps,
-        bf16=bf16,
+        bf16=use_gpu and t.torch_dtype == "bfloat16",
         fp16=use_gpu and t.torch_dtype == "float16",
         use_cpu=not use_gpu,
         deepspeed=zero_config(t.deepspeed) if t.deepspeed else None,
-        use_liger_kernel=t.use_liger_kernel,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         dataloader_num_workers=t.dataloader_num_workers,
         seed=t.seed,
         data_seed=t.seed,
-        remove_unused_columns=False,
-        # Counted by TokenCounter in the collator when it runs in this process (no per-step GPU sync).
-        include_num_input_tokens_seen="no" if t.dataloader_num_workers == 0 else "non_padding",
-        ddp_backend=None if use_gpu else "gloo",
-        report_to=["tensorboard"],  # into TENSORBOARD_LOGGING_DIR (set in main)
-        disable_tqdm=True,
     )
 
 

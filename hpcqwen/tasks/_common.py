@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BeforeValidator, ValidationInfo, WrapValidator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WrapValidator
 
 from hpcqwen import specfile
 
@@ -113,3 +113,16 @@ def check_datasets(key: str, refs: list[str]) -> list[Problem]:
             problems.append(Problem(f"{key}[{i}]", "dataset not found", got=path,
                                     expected="a local .jsonl/.json/.csv/.parquet file or folder, or a hub id"))
     return problems
+
+
+class ModelKnobs(BaseModel):
+    """The model and LoRA knobs that the transformers-based training tasks (sft, grpo) share."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: ModelRef = Field(description="Local Hugging Face model folder (or hub id when the nodes are online).")
+    train_type: Literal["lora", "full"] = Field("lora", description="LoRA adapters or all parameters.")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: Literal["all-linear"] | list[str] = Field("all-linear", description="LoRA target modules.")
+    torch_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype.")

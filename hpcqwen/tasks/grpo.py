@@ -14,12 +14,13 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WrapValidator
+from pydantic import BeforeValidator, ConfigDict, Field, WrapValidator
 
 from hpcqwen import specfile
+from hpcqwen.data.formats import CONSUMED_COLUMNS
 from hpcqwen.tasks._common import (
     DatasetRefs,
-    ModelRef,
+    ModelKnobs,
     _listify,
     _with_context,
     check_datasets,
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
     from hpcqwen.spec import JobSpec, Problem
 
 ZERO_PRESETS = ("zero2", "zero3", "zero3_offload")
-# Row columns that hpcqwen.data.formats.normalize_row turns into `messages` (not passed to rewards).
-CONSUMED_COLUMNS = frozenset({"messages", "system", "query", "response", "history", "tag"})
 
 
 def resolve_reward_ref(ref: str, base_dir: Path | None) -> str:
@@ -48,18 +47,11 @@ RewardRefs = Annotated[list[str], BeforeValidator(_listify), WrapValidator(_with
 """Reward function names: built-ins, or plugins resolved against the spec's folder."""
 
 
-class GrpoTask(BaseModel):
+class GrpoTask(ModelKnobs):
     """GRPO, as `swift rlhf --rlhf_type grpo` in the Qwen3 guide (the run dir is the output dir)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["grpo"] = "grpo"
-    model: ModelRef = Field(description="Local Hugging Face model folder (or hub id when the nodes are online).")
-    train_type: Literal["lora", "full"] = Field("lora", description="LoRA adapters or all parameters.")
-    lora_rank: int = Field(8, ge=1, description="LoRA rank r.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: Literal["all-linear"] | list[str] = Field("all-linear", description="LoRA target modules.")
-    torch_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype.")
     dataset: DatasetRefs = Field(description="Prompts: 'path[:subset][#N]' (messages without the final assistant "
                                  "turn; other columns such as `solution` go to the rewards as keyword lists).")
     reward_funcs: RewardRefs = Field(description="accuracy, format, cosine, repetition, or plugins "
@@ -163,7 +155,7 @@ class GrpoTask(BaseModel):
                              expected=f"one weight per reward_funcs entry ({n})"))
         columns = dataset_columns(self.dataset)
         for i, ref in enumerate(self.reward_funcs):
-            problems = check_reward(ref, "/", None if columns is None else columns - CONSUMED_COLUMNS)
+            problems = check_reward(ref, "/", None if columns is None else columns - set(CONSUMED_COLUMNS))
             if problems:
                 p.append(Problem(f"task.reward_funcs[{i}]", f"{ref}: " + "; ".join(problems),
                                  hint="see jobspecs/plugins/example_reward.py"))

@@ -5,9 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from hpcqwen.tasks._common import DatasetRefs, ModelRef, check_datasets, check_model_dir, split_dataset_ref
+from hpcqwen.tasks._common import (
+    DatasetRefs,
+    ModelKnobs,
+    check_datasets,
+    check_model_dir,
+    split_dataset_ref,
+)
 
 if TYPE_CHECKING:
     from hpcqwen.spec import JobSpec, Problem
@@ -18,18 +24,11 @@ VARLEN_ATTN = ("flash_attn", "sdpa", "eager")
 ZERO_PRESETS = ("zero2", "zero3", "zero3_offload")
 
 
-class SftTask(BaseModel):
+class SftTask(ModelKnobs):
     """Supervised fine-tuning, as `swift sft` in the Qwen3 guide (the run dir is the output dir)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["sft"] = "sft"
-    model: ModelRef = Field(description="Local Hugging Face model folder (or hub id when the nodes are online).")
-    train_type: Literal["lora", "full"] = Field("lora", description="LoRA adapters or all parameters.")
-    lora_rank: int = Field(8, ge=1, description="LoRA rank r.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: Literal["all-linear"] | list[str] = Field("all-linear", description="LoRA target modules.")
-    torch_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype.")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Total optimizer steps; overrides num_train_epochs.")
     per_device_train_batch_size: int = Field(1, ge=1, description="Micro batch per process.")
