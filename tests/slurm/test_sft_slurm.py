@@ -56,3 +56,25 @@ def test_two_node_sft_requeued_mid_run_resumes_and_finishes(slurm_cluster: str, 
     assert (run_dir / "checkpoints" / "checkpoint-60" / "hpcqwen-complete.json").is_file()
     launches = [json.loads(x) for x in (run_dir / "launches.jsonl").read_text().splitlines()]
     assert [x["restart_count"] for x in launches] == [0, 1] and all(x["nnodes"] == 2 for x in launches)
+
+
+def test_the_quickstart_job_as_the_readme_runs_it(slurm_cluster: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts/quickstart.sh's two steps: build the tiny model, then submit jobspecs/quickstart.yaml."""
+    import subprocess
+    import sys
+
+    model = tmp_path / "qwen3-tiny"
+    build = subprocess.run([sys.executable, "-m", "hpcqwen.testing", "tiny-qwen3", str(model)], capture_output=True,
+                           text=True, timeout=300)
+    assert build.returncode == 0 and "tiny random Qwen3 written" in build.stdout, build.stderr
+    monkeypatch.setenv("HPCQWEN_TINY_MODEL", str(model))
+    spec = Path(__file__).resolve().parents[2] / "jobspecs" / "quickstart.yaml"
+    assert main(["submit", str(spec), "--wait"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("backend: slurm (")
+    run_dir = Path(out.split("run dir: ")[1].split()[0])
+    final = read_metrics(run_dir / "metrics.jsonl")[-1]
+    assert (final["phase"], final["step"]) == ("done", 30)
+    assert (run_dir / "checkpoints" / "checkpoint-30" / "adapter_model.safetensors").is_file()
