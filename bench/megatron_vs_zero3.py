@@ -1,7 +1,8 @@
 """Megatron (expert parallel) vs DeepSpeed ZeRO-3 on the same MoE model, data and GPUs, in one call.
 
     python bench/megatron_vs_zero3.py --case moe30b-12l --gpus 4        # the issue's comparison (target >= 5x)
-    python bench/megatron_vs_zero3.py --case experts-538m --gpus 1      # grouped_mm vs SequentialMLP experts
+    python bench/megatron_vs_zero3.py --case moe30b-4l --gpus 1         # the same comparison on one GPU (EP 1)
+    python bench/megatron_vs_zero3.py --case experts-538m --gpus 1 --long 300   # grouped_mm vs SequentialMLP
     python bench/megatron_vs_zero3.py --case moe30b-12l --gpus 4 --only zero3   # one side per device call
     python bench/megatron_vs_zero3.py --case moe30b-12l --gpus 4 --dry-run   # write + validate the specs only
 
@@ -16,17 +17,25 @@ random-text conversations written with the real Qwen3 tokenizer) and the same gl
   checkpointing, 1 row per GPU per micro-batch and gradient accumulation up to the same global batch.
 Reported: median s/it over the timed iterations (metrics.jsonl times), tokens/s, peak GiB, and
 zero3 s/it ÷ megatron s/it (the guide: 91.2 / 9.6 = 9.5× on 16 GPUs with the full 30B model).
+`moe30b-4l` is the same layer shape with 4 layers (3.1 B parameters, 18 bytes each for either
+optimizer fit one 141 GB card): on one GPU there is no expert parallelism and ZeRO-3 gathers nothing
+from other ranks, so it compares the kernels and schedules alone, not the communication that the
+guide's multi-node ratio is mostly about.
 
 `experts-538m`: the 538M Qwen3-MoE-like model of ../shared/notes/mcore-gpu.md (hidden 1024, 8 layers,
 16 experts top-4, expert FFN 512, untied vocab 151936) on one GPU, rows of ~2048 tokens, micro-batch 4
 × 2 micro-batches (16k tokens per iteration): `moe_grouped_gemm` true (TorchGroupedMLP) vs false
 (megatron's SequentialMLP), both with SDPA attention, and the note's own configuration (SequentialMLP +
 DotProductAttention, which measured 27.5k tokens/s on an H200): tokens/s and the ratios (target >= 2×).
+`--long N` adds a side `grouped-long`: the grouped configuration for N iterations over the same few
+rows (many epochs), to show the loss of a ~0.5 B model falling over hundreds of iterations.
 
 Each side's figures are kept in <work>/results-<case>.json, so the two sides may run in separate
 calls on the same warm machine (`--only`; a device command may run 10 minutes at most); the COMPARE
-line is printed once both are there. Record the printed COMPARE lines in bench/RESULTS.md with the card. Needs megatron-core on the GPU
-machine: `pip install --no-index --no-deps .whl/megatron_core-0.16.1-*.whl` (carry `.whl`).
+line is printed once both are there. Record the printed COMPARE lines in bench/RESULTS.md with the card.
+Needs megatron-core on the GPU machine, and hpcqwen's other dependencies that its image lacks: carry
+`.whl` with megatron-core 0.16.1 (cp312), pydantic, submitit, datasets, trl, deepspeed and the rest
+listed in bench/RESULTS.md, installed with `pip install --no-index --no-deps --target`.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ MOE_538M = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, n
                 norm_topk_prob=True, tie_word_embeddings=False)
 CASES: dict[str, dict[str, Any]] = {
     "moe30b-12l": {"shape": MOE_30B_12L, "max_length": 4096, "rows_per_gpu": 2},
+    "moe30b-4l": {"shape": dict(MOE_30B_12L, num_hidden_layers=4), "max_length": 4096, "rows_per_gpu": 4},
     "experts-538m": {"shape": MOE_538M, "max_length": 2048, "rows_per_gpu": 8},
 }
 
@@ -86,12 +96,12 @@ def megatron_task(model: Path, data: Path, args: argparse.Namespace, grouped: bo
             "save_interval": 100000, "log_interval": 1, "no_save_optim": True, "no_save_rng": True}
 
 
-def experts_task(model: Path, data: Path, args: argparse.Namespace, grouped: bool, flash: bool = True
-                 ) -> dict[str, Any]:
+def experts_task(model: Path, data: Path, args: argparse.Namespace, grouped: bool, flash: bool = True,
+                 iters: int | None = None) -> dict[str, Any]:
     """The note's probe setup: fixed 2048-token rows, micro-batch 4 × 2 micro-batches, no recompute."""
     return {"kind": "megatron", "load": str(model), "dataset": [str(data)], "moe_grouped_gemm": grouped,
             "moe_aux_loss_coeff": 1e-3, "micro_batch_size": 4, "global_batch_size": 8 * args.gpus,
-            "packing": False, "use_flash_attn": flash, "train_iters": args.warmup + args.timed, "lr": 1e-4,
+            "packing": False, "use_flash_attn": flash, "train_iters": iters or args.warmup + args.timed, "lr": 1e-4,
             "max_length": 2048, "save_interval": 100000, "log_interval": 1, "no_save_optim": True,
             "no_save_rng": True}
 
@@ -151,6 +161,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timed", type=int, default=5)
     p.add_argument("--work", default="/tmp/hpcqwen-bench-megatron")
+    p.add_argument("--long", type=int, default=0, help="experts-538m: also train the grouped model this many "
+                   "iterations (side grouped-long) and report its loss curve")
     p.add_argument("--only", action="append", default=[], help="run only these sides (megatron, zero3, grouped, "
                    "sequential, note-baseline); the others' earlier results are read from the work dir")
     p.add_argument("--dry-run", action="store_true", help="build a tiny model on CPU, write and validate the specs")
@@ -165,11 +177,15 @@ def main() -> None:
     data = work / f"data-{args.case}.jsonl"
     # experts-538m: rows of nearly max_length tokens, as the note's fixed 2048-token rows
     lens = (case["max_length"] - 160, case["max_length"] - 64) if args.case == "experts-538m" else (256, 2048)
-    write_data(data, model, int(rows * (1.0 if args.case == "experts-538m" else 4.0)) + 16, lens)
+    n_docs = int(rows * (1.0 if args.case == "experts-538m" else 4.0)) + 16
+    write_data(data, model, n_docs, lens)
     if args.case == "experts-538m":
-        pairs = [("grouped", experts_task(model, data, args, True)), ("sequential", experts_task(model, data, args, False)),
+        pairs = [("grouped", experts_task(model, data, args, True)),
+                 ("sequential", experts_task(model, data, args, False)),
                  # the note's exact configuration: SequentialMLP + megatron's DotProductAttention
                  ("note-baseline", experts_task(model, data, args, False, flash=False))]
+        if args.long:
+            pairs.append(("grouped-long", experts_task(model, data, args, True, iters=args.long)))
     else:
         pairs = [("megatron", megatron_task(model, data, args)), ("zero3", zero3_task(model, data, args))]
     specs = [(name, spec_for(f"bench-{args.case}-{name}", task, work, args)) for name, task in pairs]
@@ -186,6 +202,13 @@ def main() -> None:
         if not args.only or name in args.only:
             results[name] = run(name, spec, args)
             saved.write_text(json.dumps(results, indent=1))
+    long = results.get("grouped-long") if args.long else None
+    if long and long.get("ok"):
+        losses = long["losses"]
+        print(f"LONG {args.case}: grouped, {len(losses)} iterations over {n_docs} distinct rows: loss {losses[0]} -> "
+              f"{losses[-1]} (mean of the first 10 {statistics.mean(losses[:10]):.3f}, of the last 10 "
+              f"{statistics.mean(losses[-10:]):.3f}); {long['tokens_per_s']} tok/s, peak {long['peak_GiB']} GiB",
+              flush=True)
     if any(name not in results for name, _ in specs):
         print(f"COMPARE {args.case}: waiting for {[n for n, _ in specs if n not in results]} (--only)", flush=True)
         return
@@ -201,7 +224,8 @@ def main() -> None:
                   "measured 27,541 tok/s on an H200 with megatron-core 0.19.2)", flush=True)
         else:
             ratio = float(rb["s_per_it"]) / float(ra["s_per_it"])
-            print(f"COMPARE {args.case} on {args.gpus} GPUs: megatron {ra['s_per_it']} s/it ({ra['tokens_per_s']} tok/s, "
+            print(f"COMPARE {args.case} on {args.gpus} GPU(s): megatron {ra['s_per_it']} s/it "
+                  f"({ra['tokens_per_s']} tok/s, "
                   f"peak {ra['peak_GiB']} GiB) vs ZeRO-3 {rb['s_per_it']} s/it ({rb['tokens_per_s']} tok/s, peak "
                   f"{rb['peak_GiB']} GiB): {ratio:.2f}x (target >= 5x; the guide 9.5x)", flush=True)
     else:

@@ -36,7 +36,7 @@ def _torch_varlen() -> Any:
 
 def _segments(cu: torch.Tensor) -> list[tuple[int, int]]:
     bounds = cu.tolist()
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float) -> torch.Tensor:
@@ -66,7 +66,8 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, 
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     cu32 = cu.to(device=q.device, dtype=torch.int32)
-    return kernel(q, k, v, cu32, cu32, max_len, max_len, **kwargs)
+    out: torch.Tensor = kernel(q, k, v, cu32, cu32, max_len, max_len, **kwargs)
+    return out
 
 
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

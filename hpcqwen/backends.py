@@ -57,7 +57,8 @@ class SubmititBackend:
         import submitit
 
         r, c = spec.resources, spec.cluster
-        executor = submitit.SlurmExecutor(folder=str(paths.root / "submitit"), max_num_timeout=spec.requeue.max_restarts)
+        executor = submitit.SlurmExecutor(folder=str(paths.root / "submitit"),
+                                          max_num_timeout=spec.requeue.max_restarts)
         extra: dict[str, str] = {"open-mode": "append", "chdir": str(paths.root)}
         dep = ",".join(f"{k}:{':'.join(v)}" for k, v in dependencies.items() if v)
         if dep:

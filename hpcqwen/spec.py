@@ -161,7 +161,8 @@ class JobSpec(_Section):
         data = self.task.model_dump(mode="json")
         for key, value in self.array.tasks[array_index].items():
             specfile.apply_override(data, str(key).split("."), value)
-        return _TASK_ADAPTER.validate_python(data)
+        task: TaskSpec = _TASK_ADAPTER.validate_python(data)
+        return task
 
 
 def _task_adapter() -> Any:

@@ -79,12 +79,12 @@ def _walk(node: yaml.Node, loc: Loc, doc: YamlDoc, issues: list[SpecIssue]) -> N
                                         hint=f"it is already set on line {seen[key]}; keep one"))
                 continue
             seen[key] = line
-            doc.lines[(*loc, key)] = line
-            _walk(value_node, (*loc, key), doc, issues)
+            doc.lines[loc + (key,)] = line
+            _walk(value_node, loc + (key,), doc, issues)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            doc.lines[(*loc, i)] = item.start_mark.line + 1
-            _walk(item, (*loc, i), doc, issues)
+            doc.lines[loc + (i,)] = item.start_mark.line + 1
+            _walk(item, loc + (i,), doc, issues)
 
 
 def dotted_key(loc: Sequence[str | int]) -> str:
@@ -238,7 +238,8 @@ def issue_from_error(err: Mapping[str, Any], loc: Loc, file: str, line: int | No
     bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
     if kind in bounds:
         limit = next(iter(ctx.values()))
-        return SpecIssue(file, line, key, f"must be {bounds[kind]} {limit}", got=got, expected=f"{bounds[kind]} {limit}")
+        return SpecIssue(file, line, key, f"must be {bounds[kind]} {limit}", got=got,
+                         expected=f"{bounds[kind]} {limit}")
     if kind == "literal_error":
         return SpecIssue(file, line, key, "not an allowed value", got=got, expected=f"one of {ctx.get('expected')}")
     if kind in ("enum",):

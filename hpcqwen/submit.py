@@ -88,10 +88,8 @@ def manifest(spec: JobSpec, source: SpecSource, backend: str, git: dict[str, Any
     """The run's provenance: versions, interpreter, git state, backend (job ids come later)."""
     versions = {"hpcqwen": __version__, "python": platform.python_version()}
     for name in PACKAGES:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     container = spec.cluster.container
     return {
         "name": spec.name,

@@ -23,7 +23,6 @@ from transformers import TrainerCallback
 from hpcqwen import checkpoints
 from hpcqwen.metrics import MetricsWriter
 
-
 _CPU_GROUP: Any = None
 
 
@@ -54,7 +53,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-class StopFileCallback(TrainerCallback):  # type: ignore[misc]
+class StopFileCallback(TrainerCallback):
     """Save and stop on every rank once any rank sees the STOP file."""
 
     def __init__(self, stop_file: Path) -> None:
@@ -69,7 +68,7 @@ class StopFileCallback(TrainerCallback):  # type: ignore[misc]
         return control
 
 
-class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
+class CheckpointCallback(TrainerCallback):
     """Completion markers, pruning, and a save at the last step."""
 
     def __init__(self, root: Path, keep: int | None, is_rank0: bool) -> None:
@@ -91,7 +90,7 @@ class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
         return control
 
 
-class MetricsCallback(TrainerCallback):  # type: ignore[misc]
+class MetricsCallback(TrainerCallback):
     """metrics.jsonl lines: step, total_steps, epoch, loss, lr, grad_norm, tokens/s, peak memory."""
 
     def __init__(self, path: Path, is_rank0: bool, extra_keys: tuple[str, ...] = (),
@@ -150,7 +149,7 @@ class TokenCounter:
         self.tokens = 0
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.collator(features)
+        batch: dict[str, Any] = self.collator(features)
         mask = batch.get("attention_mask")
         self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         return batch

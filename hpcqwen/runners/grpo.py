@@ -106,7 +106,7 @@ def grpo_kwargs(task: Any, output_dir: str, use_gpu: bool) -> dict[str, Any]:
     during training instead). `num_infer_workers` is checked at load (one engine per tensor-parallel
     group of processes is what TRL's colocate mode runs). `max_length` filters prompts in load_prompts.
     """
-    from trl import GRPOConfig
+    from trl import GRPOConfig  # type: ignore[attr-defined]
 
     from hpcqwen.runners.sft import shared_training_kwargs  # the same translation as SFT
 

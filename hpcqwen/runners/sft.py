@@ -25,7 +25,8 @@ DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 def zero_config(preset: str) -> dict[str, Any]:
     """DeepSpeed config for zero2 / zero3 / zero3_offload; "auto" values are filled by transformers."""
     if preset.endswith(".json"):
-        return json.loads(Path(preset).read_text())
+        config: dict[str, Any] = json.loads(Path(preset).read_text())
+        return config
     stage = 2 if preset == "zero2" else 3
     zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
                             "reduce_bucket_size": "auto"}
@@ -178,7 +179,8 @@ def main(run_dir: str) -> int:
 
     ctx = load_context(run_dir)
     t = ctx.task
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(ctx.spec.cluster.cache_root) / "torch_extensions"))
+    cache_root = ctx.spec.cluster.cache_root or str(Path(ctx.spec.cluster.run_root) / ".cache")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(cache_root) / "torch_extensions"))
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(ctx.task_paths.dir / "tensorboard"))
     from hpcqwen.data import load_tokenizer
 
@@ -191,8 +193,8 @@ def main(run_dir: str) -> int:
     if use_gpu:
         torch.cuda.set_device(ctx.local_rank)
     if t.deepspeed:
+        import deepspeed  # type: ignore[import-untyped]
         import torch._dynamo  # noqa: F401 - imported inside zero.Init's Tensor.__new__ patch it breaks it
-        import deepspeed
 
         # Before TrainingArguments: ZeRO-3's zero.Init must see the real world size (else it
         # asserts train_batch_size != micro_batch × accumulation × 1), and gloo on CPU.

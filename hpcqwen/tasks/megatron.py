@@ -134,7 +134,8 @@ class MegatronTask(BaseModel):
         step = self.micro_batch_size * dp
         if self.global_batch_size % step:
             p.append(Problem("task.global_batch_size", f"global_batch_size ({self.global_batch_size}) must be "
-                             f"divisible by micro_batch_size ({self.micro_batch_size}) × data-parallel size ({dp}) = {step}",
+                             f"divisible by micro_batch_size ({self.micro_batch_size}) × data-parallel size "
+                             f"({dp}) = {step}",
                              got=str(self.global_batch_size), expected=f"a multiple of {step}",
                              hint=f"set global_batch_size: {-(-self.global_batch_size // step) * step}"))
         if self.sequence_parallel and tp == 1:

@@ -97,7 +97,8 @@ class SftTask(ModelKnobs):
             p.append(Problem("task.deepspeed", "is neither a preset nor a file", got=self.deepspeed,
                              expected=f"one of {', '.join(ZERO_PRESETS)} or a DeepSpeed JSON file"))
         if self.save_only_model and spec.requeue.enabled:
-            zero3 = " (with ZeRO-3, not even the optimizer shards)" if (self.deepspeed or "").startswith("zero3") else ""
+            zero3 = (" (with ZeRO-3, not even the optimizer shards)"
+                     if (self.deepspeed or "").startswith("zero3") else "")
             p.append(Problem("task.save_only_model", f"checkpoints without optimizer, scheduler and RNG state{zero3} "
                              "cannot resume a requeued job", got="true",
                              hint="set save_only_model: false, or requeue: {enabled: false}"))
