@@ -164,7 +164,7 @@ def main() -> None:
     p.add_argument("--long", type=int, default=0, help="experts-538m: also train the grouped model this many "
                    "iterations (side grouped-long) and report its loss curve")
     p.add_argument("--only", action="append", default=[], help="run only these sides (megatron, zero3, grouped, "
-                   "sequential, note-baseline); the others' earlier results are read from the work dir")
+                   "sequential, note-baseline, grouped-long); the others' earlier results are read from the work dir")
     p.add_argument("--dry-run", action="store_true", help="build a tiny model on CPU, write and validate the specs")
     args = p.parse_args()
     work = Path(args.work)

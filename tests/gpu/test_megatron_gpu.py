@@ -55,8 +55,9 @@ def curve(run_dir: Path) -> list[float]:
 
 
 # (GPUs, TP, EP, sequence parallel): one GPU, TP 2 + SP, and TP 2 × EP 2
-LAYOUTS = [pytest.param(1, 1, 1, False, id="1gpu"), pytest.param(2, 2, 1, True, id="tp2-sp"),
-           pytest.param(4, 2, 2, True, id="tp2-ep2")]
+LAYOUTS = [pytest.param(n, tp, ep, sp, id=name, marks=pytest.mark.skipif(
+               gpus() < n, reason=f"needs {n} GPUs, this machine has {gpus()}"))
+           for name, n, tp, ep, sp in (("1gpu", 1, 1, 1, False), ("tp2-sp", 2, 2, 1, True), ("tp2-ep2", 4, 2, 2, True))]
 
 
 @pytest.mark.parametrize(("n_gpus", "tp", "ep", "sp"), LAYOUTS)
@@ -64,8 +65,6 @@ def test_trains_stops_resumes_and_exports(moe_dir: Path, capsys: pytest.CaptureF
                                           ep: int, sp: bool) -> None:
     """Train 200 iterations; a STOP at iteration >= 20 saves and leaves; the relaunch continues at the
     saved iteration and finishes; the loss falls; the export's logits equal the checkpoint's."""
-    if gpus() < n_gpus:
-        pytest.skip(f"needs {n_gpus} GPUs, this machine has {gpus()}")
     iters = 200
     run_dir = submit(moe_dir, capsys, f"resources.gpus_per_node={n_gpus}", f"task.tensor_model_parallel_size={tp}",
                      f"task.expert_model_parallel_size={ep}", f"task.sequence_parallel={str(sp).lower()}",
