@@ -2,17 +2,17 @@
 
 Every backend ends in the same command on the node, `<python> -m hpcqwen launch RUN_DIR`, so
 there is one code path there. `choose_backend` implements `auto`: slurm when a controller
-answers `scontrol ping`, else local.
+answers `scontrol ping`; else local for the `local` profile only, an error for any other.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from hpcqwen import slurm
@@ -20,6 +20,7 @@ from hpcqwen.errors import ControllerUnreachable, HpcqwenError
 from hpcqwen.paths import RunPaths
 from hpcqwen.render import cpus_per_task, launcher_argv
 from hpcqwen.spec import JobSpec
+from hpcqwen.stopping import EXIT_STOPPED
 
 BACKENDS = ("slurm", "submitit", "local")
 
@@ -29,8 +30,9 @@ class Backend(Protocol):
 
     name: str
 
-    def submit(self, spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[str]]) -> list[str]:
-        """Start the job; raise HpcqwenError if nothing was submitted."""
+    def submit(self, spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[str]],
+               array_indices: list[int] | None = None) -> list[str]:
+        """Start the job (only these array tasks, when given); raise HpcqwenError if nothing was submitted."""
         ...
 
 
@@ -41,20 +43,28 @@ class SlurmBackend:
     run: slurm.RunCmd = slurm.run_cmd
     name: str = "slurm"
 
-    def submit(self, spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[str]]) -> list[str]:
-        """Submit the rendered script (dependencies are already in its #SBATCH lines)."""
+    def submit(self, spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[str]],
+               array_indices: list[int] | None = None) -> list[str]:
+        """Submit the rendered script (dependencies and array tasks are already in its #SBATCH lines)."""
         return [slurm.sbatch(str(paths.sbatch), run=self.run)]
 
 
 @dataclass
 class SubmititBackend:
-    """submitit's SlurmExecutor running the same launcher command on every node."""
+    """submitit's SlurmExecutor running the same launcher command on every node.
+
+    The job function is `hpcqwen.requeue.SubmititLaunch`: it runs the launcher and then applies the
+    batch script's requeue rule, so a stop saves, requeues and resumes as on the sbatch backend.
+    """
 
     name: str = "submitit"
 
-    def submit(self, spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[str]]) -> list[str]:
+    def submit(self, spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[str]],
+               array_indices: list[int] | None = None) -> list[str]:
         """Submit through submitit (it writes its own sbatch file under RUN_DIR/submitit)."""
         import submitit
+
+        from hpcqwen.requeue import SubmititLaunch
 
         r, c = spec.resources, spec.cluster
         executor = submitit.SlurmExecutor(folder=str(paths.root / "submitit"),
@@ -66,6 +76,8 @@ class SubmititBackend:
         for key in ("account", "qos"):
             if getattr(r, key) or getattr(c, key):
                 extra[key] = str(getattr(r, key) or getattr(c, key))
+        if r.constraint:
+            extra["constraint"] = r.constraint
         executor.update_parameters(
             job_name=spec.name, nodes=r.nodes, ntasks_per_node=1, cpus_per_task=cpus_per_task(spec),
             time=r.time_limit_min, gpus_per_node=spec.gpus_per_node or None,
@@ -75,19 +87,24 @@ class SubmititBackend:
             array_parallelism=(spec.array.throttle or spec.array.count) if spec.array else 256,
             additional_parameters=extra,
         )
-        command = submitit.helpers.CommandFunction(launcher_argv(spec, paths.root), verbose=True)
+        if spec.requeue.enabled:
+            executor.update_parameters(additional_parameters={**extra, "requeue": True})
+        def job(index: int | None) -> SubmititLaunch:
+            return SubmititLaunch(launcher_argv(spec, paths.root), str(paths.root), index, spec.requeue.max_restarts,
+                                  spec.requeue.enabled, spec.requeue.on_failure)
         if spec.array is None:
-            return [str(executor.submit(command).job_id)]
-        with executor.batch():
-            jobs = [executor.submit(command) for _ in range(spec.array.count)]
+            return [str(executor.submit(job(None)).job_id)]
+        indices = array_indices if array_indices is not None else list(range(spec.array.count))
+        with executor.batch():  # one sbatch --array=0-(k-1); task k runs the k-th submission
+            jobs = [executor.submit(job(i)) for i in indices]
         return [str(jobs[0].job_id).split("_")[0]]
 
 
-def free_port() -> int:
-    """An unused TCP port on this machine (for the local backend's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def local_env(environ: dict[str, str], spec: JobSpec) -> dict[str, str]:
+    """The local run's environment: the caller's without SLURM_* (inside `salloc -N2` they would make
+    the launcher wait for a second node that never comes), plus the spec's env."""
+    clean = {k: v for k, v in environ.items() if not k.startswith("SLURM_")}
+    return {**clean, **spec.cluster.env, **spec.env}
 
 
 @dataclass
@@ -101,17 +118,18 @@ class LocalBackend:
     wait: bool = False
     name: str = "local"
 
-    def submit(self, spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[str]]) -> list[str]:
-        """Start the run in the background (or in the foreground with `wait`)."""
+    def submit(self, spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[str]],
+               array_indices: list[int] | None = None) -> list[str]:
+        """Start the run in the background (or in the foreground with `wait`); finished array tasks
+        are skipped by localrun itself."""
         if any(dependencies.values()):
             raise HpcqwenError("the local backend cannot wait for Slurm jobs (depends_on)",
                                hint="submit with --backend slurm, or drop depends_on")
         log = paths.logs / f"{spec.name}-local.out"
-        env = {**os.environ, **spec.cluster.env, **spec.env, "HPCQWEN_MASTER_PORT": str(free_port())}
         argv = [sys.executable, "-m", "hpcqwen.localrun", str(paths.root)]
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, cwd=paths.root, start_new_session=True)
+                                    env=local_env(dict(os.environ), spec), cwd=paths.root, start_new_session=True)
         job_id = f"local-{proc.pid}"
         if self.wait:
             proc.wait()
@@ -120,12 +138,21 @@ class LocalBackend:
 
 def choose_backend(requested: str, spec: JobSpec, wait: bool = False,
                    run: slurm.RunCmd = slurm.run_cmd) -> tuple[Backend, str]:
-    """The backend to use and why (printed by the CLI)."""
+    """The backend to use and why (printed by the CLI).
+
+    `auto` falls back to running here only for the `local` profile (this machine's own cluster);
+    on any other profile an unreachable controller is an error, never a training run on the login node.
+    """
     name = spec.cluster.backend if requested == "auto" else requested
     if name == "auto":
         status = slurm.ping(run=run)
         if status:
             return SlurmBackend(run=run), f"slurm ({status.strip()})"
+        if spec.cluster.profile != "local":
+            raise ControllerUnreachable(
+                f"no Slurm controller answers `scontrol ping` (profile '{spec.cluster.profile}')",
+                hint="check the controller (`scontrol ping`) or your SLURM_CONF; to run on this machine on "
+                "purpose, pass --backend local")
         return LocalBackend(wait=wait), "local (no Slurm controller answered `scontrol ping`)"
     if name in ("slurm", "submitit"):
         if not slurm.ping(run=run):
@@ -137,15 +164,29 @@ def choose_backend(requested: str, spec: JobSpec, wait: bool = False,
     raise HpcqwenError(f"unknown backend {name!r}", hint=f"use one of auto, {', '.join(BACKENDS)}")
 
 
-def local_status(paths: RunPaths, job_id: str) -> str:
-    """RUNNING, COMPLETED or FAILED for a local-backend job."""
-    if paths.local_rc.exists():
-        return "COMPLETED" if paths.local_rc.read_text().strip() == "0" else "FAILED"
-    pid = int(job_id.removeprefix("local-"))
+def local_process(job_id: str, run_dir: Path) -> int | None:
+    """The pid of a local run if that process is still this run's `hpcqwen.localrun` (a pid may
+    since have been reused by another program: never signal that one), else None."""
+    pid = job_id.removeprefix("local-")
+    if not pid.isdigit():
+        return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return "FAILED"  # gone without writing an exit code
-    except PermissionError:
-        pass
-    return "RUNNING"
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    args = [a.decode(errors="replace") for a in cmdline]
+    if "hpcqwen.localrun" not in args or not any(Path(a) == run_dir for a in args if a.startswith("/")):
+        return None
+    return int(pid)
+
+
+def local_status(paths: RunPaths, job_id: str) -> str:
+    """RUNNING, COMPLETED, STOPPED, CANCELLED or FAILED for a local-backend job."""
+    if paths.local_cancelled.exists() and local_process(job_id, paths.root) is None:
+        return "CANCELLED"
+    if paths.local_rc.exists():
+        code = paths.local_rc.read_text().strip()
+        return {"0": "COMPLETED", str(EXIT_STOPPED): "STOPPED"}.get(code, "FAILED")
+    if local_process(job_id, paths.root) is not None:
+        return "RUNNING"
+    return "FAILED"  # gone without writing an exit code

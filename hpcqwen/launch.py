@@ -1,9 +1,22 @@
-"""On each node: SLURM_* -> NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE, then exec.
+"""On each node: SLURM_* -> the rendezvous and this node's ranks; start them, watch them, report.
 
-`srun --ntasks-per-node=1 hpcqwen launch RUN_DIR` runs this once per node. `launch_env` is
-pure (environ dict + spec in, LaunchEnv out) and unit-tested over dicts; `main` prints one
-summary line per node and `exec`s torchrun on the task's module (or the module directly for
-a single process). Every backend (slurm, submitit, local) ends here.
+`srun --ntasks-per-node=1 python -m hpcqwen launch RUN_DIR` runs this once per node (the local and
+submitit backends run the same command). `launch_env` and `worker_env` are pure (environ dict +
+spec in, decisions out) and unit-tested over dicts; `main`:
+1. node 0 takes the task's launch lease (a second live launch of the same task is refused),
+   records the start in `TASK_DIR/launches.jsonl` and publishes the rendezvous port;
+2. starts NPROC_PER_NODE ranks of the task's module (`hpcqwen.supervisor`);
+3. on SIGTERM/SIGUSR2/SIGINT touches STOP and passes the signal on: the ranks save and exit 75;
+   when a rank crashes the others are killed at once (their collectives would hang on the dead
+   peer) and the launcher exits with the crash's code, so `srun --kill-on-bad-exit` ends the job;
+4. node 0 writes `TASK_DIR/OUTCOME` (done | stopped | failed), which the batch script reads to
+   decide between exit and requeue.
+The launcher exits 0 when its ranks ended done or stopped: a non-zero exit would make
+`--kill-on-bad-exit` kill the other nodes while they finish their part of the last save.
+
+hpcqwen starts the ranks itself instead of through torchrun: torchrun answers SIGTERM by killing
+its workers (SIGTERM, then SIGKILL 30 s later) and exiting with an error, which turned every
+preemption into lost work; its workers also ran in their own sessions and outlived a killed launcher.
 """
 
 from __future__ import annotations
@@ -13,16 +26,19 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcqwen import __version__
-from hpcqwen.paths import RunPaths
+from hpcqwen import __version__, fs, lease, supervisor
+from hpcqwen.paths import RunPaths, TaskPaths
 from hpcqwen.spec import JobSpec, read_frozen_spec
 
 PORT_BASE, PORT_SPAN = 15000, 15000  # 15000-29999: unprivileged, below Linux's ephemeral range (32768+)
+RENDEZVOUS_TIMEOUT_S = 300.0
 
 
 def expand_nodelist(text: str) -> list[str]:
@@ -59,11 +75,12 @@ def _expand_group(group: str) -> list[str]:
     return [prefix + v + tail for v in values for tail in _expand_group(rest)]
 
 
-def master_port(job_id: str) -> int:
-    """A port every node of one job derives alike; distinct for jobs (and array tasks) that
-    share a node, since each array task has its own SLURM_JOB_ID."""
-    digits = re.sub(r"\D", "", job_id) or "0"
-    return PORT_BASE + int(digits) % PORT_SPAN
+def master_port(job_id: str, restart: int = 0, attempt: int = 0) -> int:
+    """A candidate rendezvous port for a multi-node job, spread by a hash (job ids 100000 and 115000
+    must not collide as they did with `id % span`); node 0 checks it is free and publishes the one it
+    took (see `publish_rendezvous`), so a taken candidate moves it to the next."""
+    digest = hashlib.sha256(f"{job_id}:{restart}:{attempt}".encode()).digest()
+    return PORT_BASE + int.from_bytes(digest[:4], "big") % PORT_SPAN
 
 
 def visible_gpus(environ: Mapping[str, str]) -> int:
@@ -81,7 +98,6 @@ class LaunchEnv:
     nnodes: int
     node_rank: int
     master_addr: str
-    master_port: int
     nproc_per_node: int
     job_id: str
     array_index: int | None
@@ -94,15 +110,22 @@ class LaunchEnv:
         return self.nnodes * self.nproc_per_node
 
 
+def _cpus(environ: Mapping[str, str]) -> int:
+    """CPUs this launcher may use: Slurm's grant, else this process's affinity."""
+    for key in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        if environ.get(key, "").isdigit():
+            return int(environ[key])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def launch_env(environ: Mapping[str, str], spec: JobSpec, run_dir: str) -> LaunchEnv:
-    """Pure: the node's rendezvous and process layout from its environment and the spec."""
+    """Pure: the node's layout and the environment every rank of this node shares."""
     in_slurm = "SLURM_JOB_ID" in environ
     nnodes = int(environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or 1) if in_slurm else 1
     node_rank = int(environ.get("SLURM_NODEID", "0")) if in_slurm else 0
     nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or ""
-    master_addr = expand_nodelist(nodelist)[0] if in_slurm and nodelist else "127.0.0.1"
+    master_addr = expand_nodelist(nodelist)[0] if in_slurm and nodelist and nnodes > 1 else "127.0.0.1"
     job_id = environ.get("SLURM_JOB_ID", environ.get("HPCQWEN_JOB_ID", "local"))
-    port = int(environ["HPCQWEN_MASTER_PORT"]) if "HPCQWEN_MASTER_PORT" in environ else master_port(job_id)
     gpus = visible_gpus(environ) if spec.gpus_per_node else 0
     nproc = spec.resources.nproc_per_node or gpus or spec.nproc_per_node
     task = environ.get("SLURM_ARRAY_TASK_ID", "")
@@ -111,54 +134,116 @@ def launch_env(environ: Mapping[str, str], spec: JobSpec, run_dir: str) -> Launc
     task_dir = RunPaths(Path(run_dir)).task(array_index if spec.array is not None else None).dir
     env = {
         "NNODES": str(nnodes), "NODE_RANK": str(node_rank), "MASTER_ADDR": master_addr,
-        "MASTER_PORT": str(port), "NPROC_PER_NODE": str(nproc),
+        "NPROC_PER_NODE": str(nproc), "WORLD_SIZE": str(nnodes * nproc), "LOCAL_WORLD_SIZE": str(nproc),
+        "GROUP_RANK": str(node_rank),
         "HPCQWEN_RUN_DIR": run_dir, "HPCQWEN_TASK_DIR": str(task_dir), "HPCQWEN_JOB_ID": job_id,
         "HPCQWEN_RESTART_COUNT": str(restarts),
         "HPCQWEN_ARRAY_TASK_ID": "" if array_index is None else str(array_index),
     }
-    if nnodes * nproc == 1:  # no torchrun: give the process torch.distributed's single-rank env
-        env.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
-    return LaunchEnv(nnodes, node_rank, master_addr, port, nproc, job_id, array_index, restarts, env)
+    if "OMP_NUM_THREADS" not in environ:
+        # Without it every rank starts a thread per core: 7x slower on a 2-node CPU job here.
+        env["OMP_NUM_THREADS"] = str(max(1, _cpus(environ) // max(nproc, 1)))
+    return LaunchEnv(nnodes, node_rank, master_addr, nproc, job_id, array_index, restarts, env)
 
 
-def launch_argv(le: LaunchEnv, module: str, args: list[str], python: str = sys.executable) -> list[str]:
-    """torchrun (as `python -m torch.distributed.run`, the same interpreter) or the module alone."""
-    if le.world_size == 1:
-        return [python, "-m", module, *args]
-    return [python, "-m", "torch.distributed.run", f"--nnodes={le.nnodes}", f"--node_rank={le.node_rank}",
-            f"--master_addr={le.master_addr}", f"--master_port={le.master_port}",
-            f"--nproc_per_node={le.nproc_per_node}", "-m", module, *args]
+def worker_env(le: LaunchEnv, local_rank: int, master_port: int) -> dict[str, str]:
+    """Pure: the variables of one rank (torch.distributed's env:// rendezvous reads them)."""
+    rank = le.node_rank * le.nproc_per_node + local_rank
+    return {**le.env, "RANK": str(rank), "LOCAL_RANK": str(local_rank), "MASTER_PORT": str(master_port)}
 
 
-def summary_line(le: LaunchEnv, spec_sha: str, environ: Mapping[str, str], argv: list[str]) -> str:
-    """The one line each node prints before exec."""
-    host = environ.get("SLURMD_NODENAME") or os.uname().nodename
+def summary_line(le: LaunchEnv, spec_sha: str, environ: Mapping[str, str], argv: list[str], port: int) -> str:
+    """The one line each node prints before starting its ranks."""
+    host = environ.get("SLURMD_NODENAME") or socket.gethostname()
     array = f" array task {le.array_index}" if le.array_index is not None else ""
     return (f"hpcqwen {__version__} launch: spec sha256 {spec_sha[:12]} job {le.job_id}{array} restart "
-            f"{le.restart_count} node {le.node_rank}/{le.nnodes} ({host}) master {le.master_addr}:{le.master_port} "
-            f"nproc {le.nproc_per_node} CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES', '')} "
-            f"-> {' '.join(argv[1:])}")
+            f"{le.restart_count} node {le.node_rank}/{le.nnodes} ({host}) master {le.master_addr}:{port} "
+            f"nproc {le.nproc_per_node} OMP_NUM_THREADS={le.env.get('OMP_NUM_THREADS', environ.get('OMP_NUM_THREADS'))}"
+            f" CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES', '')} -> {' '.join(argv[1:])}")
 
 
-def record_launch(paths: RunPaths, le: LaunchEnv, host: str) -> None:
-    """Append this start to launches.jsonl (node rank 0 only: NFS appends from many clients race)."""
-    if le.node_rank != 0:
-        return
+# ---- rendezvous --------------------------------------------------------------------------------
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """An unused TCP port on this machine (a single-node job's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def choose_port(le: LaunchEnv, task: TaskPaths, environ: Mapping[str, str]) -> int:
+    """The rendezvous port: HPCQWEN_MASTER_PORT if set; a free one for a single node; for several
+    nodes, node 0 takes the first free candidate and publishes it, the others read it."""
+    if environ.get("HPCQWEN_MASTER_PORT", "").isdigit():
+        return int(environ["HPCQWEN_MASTER_PORT"])
+    if le.nnodes == 1:
+        return free_port()
+    path = task.dir / ".rendezvous.json"
+    key = {"job_id": le.job_id, "restart": le.restart_count}
+    if le.node_rank == 0:
+        port = next(p for p in (master_port(le.job_id, le.restart_count, a) for a in range(64)) if _port_free(p))
+        fs.write_json_atomic(path, {**key, "addr": le.master_addr, "port": port})
+        return port
+    deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
+    while time.monotonic() < deadline:
+        data = fs.read_json(path)
+        if isinstance(data, dict) and all(data.get(k) == v for k, v in key.items()) \
+                and isinstance(data.get("port"), int):
+            return int(data["port"])
+        time.sleep(0.5)
+    raise supervisor.LaunchError(f"node 0 published no rendezvous port in {path} within {RENDEZVOUS_TIMEOUT_S:.0f} s",
+                                 hint="node 0's launcher did not start (see its log lines), or the run dir is "
+                                 "not on a filesystem all nodes share")
+
+
+def record_launch(task: TaskPaths, le: LaunchEnv, host: str, port: int) -> None:
+    """Append this start to the task's launches.jsonl (node 0 only: one writer per file)."""
     line = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "job_id": le.job_id,
-            "array_index": le.array_index, "restart_count": le.restart_count, "nnodes": le.nnodes, "host": host}
-    with open(paths.launches, "a", encoding="utf-8") as f:
-        f.write(json.dumps(line) + "\n")
+            "array_index": le.array_index, "restart_count": le.restart_count, "nnodes": le.nnodes, "host": host,
+            "port": port}
+    fs.append_line(task.launches, json.dumps(line), durable=True)
 
 
 def main(run_dir: str) -> int:
-    """Compute the env, print the summary, exec the task. Returns only if exec fails."""
+    """Start this node's ranks, supervise them, report the outcome; returns the launcher's exit code."""
     paths = RunPaths(Path(run_dir).resolve())
     raw = paths.spec_json.read_bytes()
     spec = read_frozen_spec(paths.spec_json)
     le = launch_env(os.environ, spec, str(paths.root))
     task = spec.task_for(le.array_index)
-    argv = launch_argv(le, task.runner_module(), task.runner_args(str(paths.root)))
-    print(summary_line(le, hashlib.sha256(raw).hexdigest(), os.environ, argv), flush=True)
-    Path(le.env["HPCQWEN_TASK_DIR"]).mkdir(parents=True, exist_ok=True)
-    record_launch(paths, le, os.environ.get("SLURMD_NODENAME") or os.uname().nodename)
-    os.execvpe(argv[0], argv, {**os.environ, **le.env})
+    task_paths = TaskPaths(Path(le.env["HPCQWEN_TASK_DIR"]))
+    task_paths.dir.mkdir(parents=True, exist_ok=True)
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    sup = supervisor.Supervisor(task_paths.stop)
+    sup.install_handlers()  # from here a TERM is a stop request, also during the rendezvous
+    held = None
+    if le.node_rank == 0:
+        held = lease.acquire(task_paths.lease, le.job_id, le.restart_count, what=f"task dir {task_paths.dir}")
+    try:
+        port = choose_port(le, task_paths, os.environ)
+        argv = [sys.executable, "-m", task.runner_module(), *task.runner_args(str(paths.root))]
+        print(summary_line(le, hashlib.sha256(raw).hexdigest(), os.environ, argv, port), flush=True)
+        if le.node_rank == 0:
+            record_launch(task_paths, le, host, port)
+        envs = [{**os.environ, **worker_env(le, r, port)} for r in range(le.nproc_per_node)]
+        sup.start(argv, envs)
+        if held is not None:
+            held.start_refreshing()
+        result = sup.wait()
+    finally:
+        if held is not None:
+            held.release()
+    if le.node_rank == 0:
+        fs.write_atomic(task_paths.outcome, result.outcome_line(le.restart_count))
+    print(f"hpcqwen launch: node {le.node_rank}: ranks ended {result.describe()}", flush=True)
+    return result.launcher_exit_code

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from hpcqwen import fs
 
 
 class MetricsWriter:
@@ -65,6 +66,22 @@ def tail_metrics(path: Path, n: int = 50, block: int = 65536) -> list[dict[str, 
     return out
 
 
-def is_rank0() -> bool:
-    """RANK 0 (or no distributed env at all)."""
-    return os.environ.get("RANK", "0") == "0"
+def drop_after(path: Path, step: int) -> int:
+    """Keep only the records up to `step` (rewritten atomically): a run resumed from the checkpoint
+    of `step` logs the later steps again, and metrics.jsonl holds each step once. Returns the
+    number of records dropped."""
+    if not path.exists():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a torn line of a killed writer
+        if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)) and rec["step"] > step:
+            continue
+        kept.append(line)
+    if len(kept) != len(lines):
+        fs.write_atomic(path, "".join(f"{line}\n" for line in kept))
+    return len(lines) - len(kept)

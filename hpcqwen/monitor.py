@@ -31,6 +31,7 @@ from hpcqwen.progress import (
     manifest_of,
     read_progress,
     recent_run_dirs,
+    refine_state,
     restarts_of,
 )
 
@@ -181,7 +182,7 @@ def build_row(run_dir: Path, info: dict[str, Any], rows: list[slurm.JobRow], fet
               unseen: str = "NotInQueue") -> RunRow:
     """The RunRow of one run dir from its job rows (squeue first, then sacct), manifest and files;
     `unseen` is the reason given when no row knows the job."""
-    paths, restarts = RunPaths(run_dir), restarts_of(run_dir)
+    paths, restarts = RunPaths(run_dir), restarts_of(run_dir, info.get("array_size"))
     job_ids = [str(j) for j in info.get("job_ids") or []] or sorted({r.array_job_id for r in rows})
     submitted = _iso_to_epoch(info.get("submitted_at"))
     base: dict[str, Any] = {"name": str(info.get("name") or (rows[0].name if rows else run_dir.parent.name)),
@@ -203,8 +204,8 @@ def build_row(run_dir: Path, info: dict[str, Any], rows: list[slurm.JobRow], fet
                       progress=read_progress(paths.task(None).metrics), checkpoint_step=ck[0], checkpoint_at=ck[1],
                       restarts=max(restarts.values(), default=0))
     running = job.state == slurm.JobState.RUNNING and job.source == "squeue"
-    return RunRow(**base, slurm_state=job.slurm_state, reason=job.reason, dependency=job.dependency,
-                  nodes=job.nodes, gpus_per_node=gpus_of(job.gres), nodelist=job.nodelist,
+    return RunRow(**base, slurm_state=refine_state(job.slurm_state, paths.root), reason=job.reason,
+                  dependency=job.dependency, nodes=job.nodes, gpus_per_node=gpus_of(job.gres), nodelist=job.nodelist,
                   elapsed_s=parse_duration(job.elapsed), elapsed_at=fetched_at if running else None,
                   time_limit_s=parse_duration(job.time_limit), restarts=max(restarts.values(), default=0),
                   progress=read_progress(paths.task(None).metrics), checkpoint_step=ck[0], checkpoint_at=ck[1],
@@ -223,7 +224,7 @@ def _array_row(base: dict[str, Any], paths: RunPaths, rows: list[slurm.JobRow], 
         tdir = paths.task(i).dir
         ck = checkpoint_of(tdir)
         tasks.append(TaskRow(i, r.job_id if r else f"{base['job_id'].split(',')[0]}_{i}",
-                             r.slurm_state if r else "UNKNOWN", r.reason if r else unseen,
+                             refine_state(r.slurm_state, tdir) if r else "UNKNOWN", r.reason if r else unseen,
                              parse_duration(r.elapsed) if r else None, read_progress(paths.task(i).metrics),
                              ck[0], ck[1], restarts.get(i, 0)))
     first = next((r for r in rows if r.source == "squeue"), rows[0] if rows else None)

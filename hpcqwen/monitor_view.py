@@ -22,9 +22,10 @@ from hpcqwen.polling import PollStatus
 from hpcqwen.slurm import SLURM_STATES, JobState
 
 STATE_STYLE = {JobState.RUNNING: "green", JobState.PENDING: "yellow", JobState.SUCCEEDED: "blue",
-               JobState.FAILED: "bold red", JobState.CANCELLED: "magenta", JobState.UNKNOWN: "bold magenta"}
+               JobState.FAILED: "bold red", JobState.CANCELLED: "magenta", JobState.STOPPED: "cyan",
+               JobState.UNKNOWN: "bold magenta"}
 TASK_GLYPH = {JobState.RUNNING: "●", JobState.PENDING: "○", JobState.SUCCEEDED: "✓", JobState.FAILED: "✗",
-              JobState.CANCELLED: "⊘", JobState.UNKNOWN: "?"}
+              JobState.CANCELLED: "⊘", JobState.STOPPED: "‖", JobState.UNKNOWN: "?"}
 MAX_TASK_MAP = 32  # longer arrays show counts only
 STALE_METRICS_S = 600.0
 
@@ -142,14 +143,14 @@ def sparkline(values: Sequence[float], width: int = 10) -> str:
 # ---- selection of rows ------------------------------------------------------------------------
 
 _ORDER = {JobState.RUNNING: 0, JobState.PENDING: 1, JobState.UNKNOWN: 2, JobState.FAILED: 3,
-          JobState.CANCELLED: 4, JobState.SUCCEEDED: 5}
+          JobState.STOPPED: 4, JobState.CANCELLED: 5, JobState.SUCCEEDED: 6}
 
 
 _RANK = {word: _ORDER[folded] for word, folded in SLURM_STATES.items()}  # one dict lookup per row
 
 
 def sort_rows(rows: Iterable[RunRow]) -> list[RunRow]:
-    """Running, then pending, unknown, failed, cancelled, done; newest submission first within."""
+    """Running, then pending, unknown, failed, stopped, cancelled, done; newest submission first within."""
     unknown = _ORDER[JobState.UNKNOWN]
     return sorted(rows, key=lambda r: (_RANK.get(r.slurm_state, unknown), -(r.submitted_at or 0), r.job_id))
 

@@ -20,6 +20,10 @@ GIT_DIFF = "git.diff"
 LAUNCHES = "launches.jsonl"
 LOGS = "logs"
 STOP = "STOP"
+OUTCOME = "OUTCOME"
+FINAL = "FINAL"
+PROGRESS = "PROGRESS"
+LEASE = ".launch.lease"
 METRICS = "metrics.jsonl"
 PLOT = "metrics.png"
 CHECKPOINTS = "checkpoints"
@@ -46,6 +50,31 @@ class TaskPaths:
     def checkpoints(self) -> Path:
         """checkpoint-<step>/ folders."""
         return self.dir / CHECKPOINTS
+
+    @property
+    def launches(self) -> Path:
+        """One JSON line per start of this task (job id, restart count, nodes), written by node 0."""
+        return self.dir / LAUNCHES
+
+    @property
+    def outcome(self) -> Path:
+        """`done|stopped|failed ...`: how the ranks of the last attempt ended (node 0's launcher)."""
+        return self.dir / OUTCOME
+
+    @property
+    def final(self) -> Path:
+        """`STOPPED <why>`: written by the batch script when it ends a resumable run without requeue."""
+        return self.dir / FINAL
+
+    @property
+    def progress(self) -> Path:
+        """Touched by rank 0 after the attempt's first step (a crash after it may be requeued)."""
+        return self.dir / PROGRESS
+
+    @property
+    def lease(self) -> Path:
+        """The launch lease: one live launch of this task at a time (hpcqwen.lease)."""
+        return self.dir / LEASE
 
 
 @dataclass(frozen=True)
@@ -81,7 +110,7 @@ class RunPaths:
 
     @property
     def launches(self) -> Path:
-        """One JSON line per node start (job id, restart count, node rank, time)."""
+        """launches.jsonl of a plain job (array tasks keep theirs in tasks/<index>/)."""
         return self.root / LAUNCHES
 
     @property
@@ -98,6 +127,15 @@ class RunPaths:
     def local_rc(self) -> Path:
         """Exit code of a local-backend run."""
         return self.root / LOGS / LOCAL_RC
+
+    @property
+    def local_cancelled(self) -> Path:
+        """Written by `hpcqwen cancel` before it signals a local run (its state is then CANCELLED)."""
+        return self.root / LOGS / "local.cancelled"
+
+    def task_dirs(self, array_size: int | None) -> list[TaskPaths]:
+        """Every task of the run: the run dir itself, or tasks/0..N-1."""
+        return [self.task(None)] if not array_size else [self.task(i) for i in range(array_size)]
 
     def task(self, array_index: int | None) -> TaskPaths:
         """Paths of the whole job (None) or of one array task."""

@@ -1,9 +1,11 @@
 """What a run dir says about training progress, read cheaply enough to do every few seconds.
 
 `read_progress` summarises the tail of a metrics.jsonl (the format of hpcqwen.metrics),
-`restarts` the launcher's launches.jsonl, `checkpoint` the newest complete checkpoint. Every
-read is memoized on the file's (mtime, size), so an unchanged file costs one stat (cheap on
-NFS); unreadable or half-written files give "nothing known", never an exception.
+`restarts_of` the launchers' launches.jsonl files, `checkpoint_of` the newest complete checkpoint,
+`refine_state` turns Slurm's FAILED into STOPPED when the batch script ended a saved, resumable
+run without requeue (the task's FINAL file). File reads are memoized on the file's (mtime, size),
+so an unchanged file costs one stat (cheap on NFS); unreadable or half-written files give
+"nothing known", never an exception.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, TypeVar
 
 from hpcqwen.checkpoints import MARKER, latest_complete, step_of
 from hpcqwen.metrics import tail_metrics
-from hpcqwen.paths import MANIFEST, RunPaths, is_run_dir
+from hpcqwen.paths import FINAL, MANIFEST, RunPaths, is_run_dir
 
 T = TypeVar("T")
 
@@ -136,18 +138,35 @@ def _progress_of(path: Path) -> Progress | None:
         updated_at=latest("time"), steps_per_s=(s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None)
 
 
-def restarts_of(run_dir: Path) -> dict[int | None, int]:
-    def read(p: Path) -> dict[int | None, int]:
-        out: dict[int | None, int] = {}
-        for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-                key, n = rec.get("array_index"), int(rec.get("restart_count") or 0)
-            except (ValueError, TypeError, AttributeError):
-                continue
-            out[key] = max(out.get(key, 0), n)
-        return out
-    return _by_stat("launches", RunPaths(run_dir).launches, read, {})
+def _max_restarts(p: Path) -> int:
+    n = 0
+    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            n = max(n, int(json.loads(line).get("restart_count") or 0))
+        except (ValueError, TypeError, AttributeError):
+            continue
+    return n
+
+
+def restarts_of(run_dir: Path, array_size: int | None = None) -> dict[int | None, int]:
+    """Restarts per task (None for a plain job), from each task's launches.jsonl."""
+    paths = RunPaths(run_dir)
+    indices: list[int | None] = list(range(array_size)) if array_size else [None]
+    return {i: _by_stat("launches", paths.task(i).launches, _max_restarts, 0) for i in indices}
+
+
+def final_of(task_dir: Path) -> str:
+    """The task's FINAL line (`STOPPED <why>`), or ''."""
+    return _by_stat("final", task_dir / FINAL, lambda p: p.read_text(encoding="utf-8", errors="replace").strip(), "")
+
+
+def refine_state(slurm_state: str, task_dir: Path | None) -> str:
+    """Slurm's state, except FAILED -> STOPPED when the batch script ended a resumable run that
+    saved a complete checkpoint but was not requeued (restart limit, requeue refused or off):
+    Slurm says FAILED (exit 75), the work says STOPPED. CANCELLED stays CANCELLED."""
+    if slurm_state == "FAILED" and task_dir is not None and final_of(task_dir).startswith("STOPPED"):
+        return "STOPPED"
+    return slurm_state
 
 
 def checkpoint_of(task_dir: Path) -> tuple[int | None, float | None]:

@@ -49,16 +49,19 @@ def dependency_flag(job_ids: dict[str, list[str]]) -> str | None:
     return ",".join(parts) or None
 
 
-def array_flag(spec: JobSpec, first: int = 0, last: int | None = None) -> str | None:
-    """`0-99%4` for an array (or one chunk of it), None for a plain job."""
+def array_flag(spec: JobSpec, first: int = 0, last: int | None = None, indices: list[int] | None = None) -> str | None:
+    """`0-99%4` for an array (or one chunk of it), `1,3,5%4` for chosen tasks, None for a plain job."""
     if spec.array is None:
         return None
-    last = spec.array.count - 1 if last is None else last
     throttle = f"%{spec.array.throttle}" if spec.array.throttle else ""
+    if indices is not None:
+        return ",".join(str(i) for i in sorted(set(indices))) + throttle
+    last = spec.array.count - 1 if last is None else last
     return f"{first}-{last}{throttle}" if last > first else f"{first}{throttle}"
 
 
-def sbatch_flags(spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[str]]) -> list[str]:
+def sbatch_flags(spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[str]],
+                 array_indices: list[int] | None = None) -> list[str]:
     """Every `#SBATCH` line's option, in a fixed order."""
     r, c = spec.resources, spec.cluster
     flags = [
@@ -87,7 +90,7 @@ def sbatch_flags(spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[st
         flags += ["--requeue", f"--signal=B:USR2@{spec.requeue.signal_lead_s}"]
     else:
         flags.append("--no-requeue")
-    array = array_flag(spec)
+    array = array_flag(spec, indices=array_indices)
     if array:
         flags.append(f"--array={array}")
     dep = dependency_flag(dependencies)
@@ -129,7 +132,8 @@ def task_lines(spec: JobSpec) -> list[str]:
 
 
 def sbatch_context(spec: JobSpec, paths: RunPaths, source: SpecSource,
-                   dependencies: dict[str, list[str]] | None = None) -> dict[str, Any]:
+                   dependencies: dict[str, list[str]] | None = None,
+                   array_indices: list[int] | None = None) -> dict[str, Any]:
     """Everything the template writes, decided here (pure)."""
     is_array = spec.array is not None
     run_dir_q = shlex.quote(str(paths.root))
@@ -139,7 +143,7 @@ def sbatch_context(spec: JobSpec, paths: RunPaths, source: SpecSource,
         "source_sha256": source.sha256,
         "sbatch_path": str(paths.sbatch),
         "task_lines": task_lines(spec),
-        "sbatch_flags": sbatch_flags(spec, paths, dependencies or {}),
+        "sbatch_flags": sbatch_flags(spec, paths, dependencies or {}, array_indices),
         "setup": list(spec.cluster.setup),
         "run_dir": str(paths.root),
         "env": sorted({**spec.cluster.env, **spec.env}.items()),
@@ -148,6 +152,7 @@ def sbatch_context(spec: JobSpec, paths: RunPaths, source: SpecSource,
         "requeue": spec.requeue.enabled,
         "signal_lead_s": spec.requeue.signal_lead_s,
         "max_restarts": spec.requeue.max_restarts,
+        "requeue_on_failure": "true" if spec.requeue.on_failure else "false",  # bash builtins
         "requeue_id": '"${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"' if is_array else '"$SLURM_JOB_ID"',
     }
 
@@ -167,7 +172,7 @@ def _environment(spec: JobSpec) -> jinja2.Environment:
 
 
 def render_sbatch(spec: JobSpec, paths: RunPaths, source: SpecSource,
-                  dependencies: dict[str, list[str]] | None = None) -> str:
-    """The batch script for `spec` running in `paths`."""
-    context = sbatch_context(spec, paths, source, dependencies)
+                  dependencies: dict[str, list[str]] | None = None, array_indices: list[int] | None = None) -> str:
+    """The batch script for `spec` running in `paths` (`array_indices`: only these array tasks)."""
+    context = sbatch_context(spec, paths, source, dependencies, array_indices)
     return _environment(spec).get_template(TEMPLATE).render(**context)

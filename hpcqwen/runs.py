@@ -6,6 +6,7 @@ to its run dir; a run dir's manifest leads to its job ids.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable
@@ -14,8 +15,9 @@ from pathlib import Path
 
 from hpcqwen import slurm
 from hpcqwen.backends import local_status
-from hpcqwen.errors import RunDirError
+from hpcqwen.errors import JobFailed, RunDirError
 from hpcqwen.paths import RunPaths, is_run_dir
+from hpcqwen.progress import refine_state
 from hpcqwen.spec import JOB_ID_RE
 from hpcqwen.submit import read_manifest
 
@@ -31,8 +33,11 @@ class RunRef:
     array_size: int | None = None
 
 
+LOCAL_ID_RE = re.compile(r"^local-(\d+)$")
+
+
 def resolve_target(text: str, run: slurm.RunCmd = slurm.run_cmd) -> RunRef:
-    """A run dir path or a job id (123, 123_4) -> RunRef."""
+    """A run dir path, a job id (123, 123_4) or a local run's id (local-4242) -> RunRef."""
     path = Path(text).expanduser()
     if is_run_dir(path):
         info = read_manifest(path.resolve())
@@ -40,7 +45,15 @@ def resolve_target(text: str, run: slurm.RunCmd = slurm.run_cmd) -> RunRef:
         if not jobs:
             raise RunDirError(f"{path} was never submitted (its manifest lists no job id)",
                               hint="submit the spec again with `hpcqwen submit`")
-        return RunRef(path.resolve(), str(jobs[0]), info.get("backend", "slurm"), None, info.get("array_size"))
+        # the newest submission (`hpcqwen resume` appends one)
+        return RunRef(path.resolve(), str(jobs[-1]), info.get("backend", "slurm"), None, info.get("array_size"))
+    if LOCAL_ID_RE.match(text):
+        run_dir = _local_run_dir(text)
+        if run_dir is None:
+            raise RunDirError(f"no run dir of {text} was found (it is not running, and no run dir under the "
+                              "local profile's run root names it)", hint="give the run dir that `hpcqwen submit` "
+                              "printed")
+        return resolve_target(str(run_dir), run)
     if JOB_ID_RE.match(text):
         job, _, task = text.partition("_")
         rows = slurm.query_jobs([job], run=run)[job]
@@ -52,17 +65,44 @@ def resolve_target(text: str, run: slurm.RunCmd = slurm.run_cmd) -> RunRef:
                       hint="give the run dir that `hpcqwen submit` printed, or a job id such as 123 or 123_4")
 
 
+def _local_run_dir(job_id: str) -> Path | None:
+    """The run dir of a local run: from its process's command line while it runs, else from the
+    manifests under the local profile's run root (`<run_root>/<name>/<run>/manifest.json`)."""
+    pid = job_id.removeprefix("local-")
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        if "hpcqwen.localrun" in args and is_run_dir(args[-1] or args[-2]):
+            return Path(args[-1] or args[-2])
+    except (OSError, IndexError):
+        pass
+    from hpcqwen.monitor import default_run_root
+
+    for manifest in sorted(default_run_root().glob("*/*/manifest.json"), reverse=True)[:5000]:
+        try:
+            if job_id in (read_manifest(manifest.parent).get("job_ids") or []):
+                return manifest.parent
+        except RunDirError:
+            continue
+    return None
+
+
 def job_rows(ref: RunRef, run: slurm.RunCmd = slurm.run_cmd) -> list[slurm.JobRow]:
-    """Current rows of the job (one per array task); sacct fills in tasks that left the queue."""
+    """Current rows of the job (one per array task); sacct fills in tasks that left the queue.
+    A resumable run that saved and stopped without requeue reads STOPPED (progress.refine_state)."""
     if ref.backend == "local":
         state = local_status(RunPaths(ref.run_dir), ref.job_id) if ref.run_dir else "UNKNOWN"
         return [slurm.JobRow(ref.job_id, ref.job_id, None, state, "", "local", source="local")]
     rows = slurm.query_jobs([ref.job_id], run=run)[ref.job_id]
-    if ref.array_size and len({r.array_task_id for r in rows}) < ref.array_size and rows[0].source == "squeue":
+    if rows and ref.array_size and len({r.array_task_id for r in rows}) < ref.array_size \
+            and rows[0].source == "squeue":
         seen = {r.array_task_id for r in rows}
         rows += [r for r in slurm.sacct([ref.job_id], run=run) if r.array_task_id not in seen]
     if ref.array_task is not None:
         rows = [r for r in rows if r.array_task_id == ref.array_task]
+    if ref.run_dir is not None:
+        paths = RunPaths(ref.run_dir)
+        rows = [dataclasses.replace(r, slurm_state=refine_state(
+            r.slurm_state, paths.task(r.array_task_id if ref.array_size else None).dir)) for r in rows]
     return sorted(rows, key=lambda r: (r.array_task_id is None, r.array_task_id or 0))
 
 
@@ -75,17 +115,36 @@ def is_finished(ref: RunRef, rows: list[slurm.JobRow]) -> bool:
     return all(r.state.is_terminal for r in rows)
 
 
+def forgotten_row(ref: RunRef) -> slurm.JobRow:
+    """An UNKNOWN row for a job neither squeue nor sacct knows (older than MinJobAge, no
+    accounting), with what the run dir says about how it ended."""
+    said = ""
+    if ref.run_dir is not None:
+        task = RunPaths(ref.run_dir).task(ref.array_task if ref.array_size else None)
+        for path in (task.final, task.outcome):
+            if path.is_file():
+                said = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[0][:200]
+                break
+    reason = "Slurm no longer knows this job" + (f"; the run dir says: {said}" if said else "")
+    return slurm.JobRow(ref.job_id, ref.job_id, ref.array_task, "UNKNOWN", reason, "", source="none")
+
+
 def wait_for(ref: RunRef, run: slurm.RunCmd = slurm.run_cmd, first_poll_s: float = 1.0, max_poll_s: float = 15.0,
-             on_change: Callable[[list[slurm.JobRow]], None] | None = None) -> list[slurm.JobRow]:
-    """Poll (one squeue call each time, backing off) until the job is finished."""
-    delay, last = first_poll_s, None
+             on_change: Callable[[list[slurm.JobRow]], None] | None = None,
+             forget_after: int = 3) -> list[slurm.JobRow]:
+    """Poll (one squeue call each time, backing off) until the job is finished; a job that neither
+    squeue nor sacct knows for `forget_after` polls in a row ends the wait as UNKNOWN."""
+    delay, last, unknown = first_poll_s, None, 0
     while True:
         rows = job_rows(ref, run=run)
+        unknown = 0 if rows else unknown + 1
+        if unknown >= forget_after:
+            rows = [forgotten_row(ref)]
         summary = [(r.job_id, r.slurm_state) for r in rows]
         if on_change and summary != last:
             on_change(rows)
             last = summary
-        if is_finished(ref, rows):
+        if unknown >= forget_after or is_finished(ref, rows):
             return rows
         time.sleep(delay)
         delay = min(max_poll_s, delay * 1.5)
@@ -114,3 +173,25 @@ def failure_excerpt(text: str, lines: int = 15) -> list[str]:
         if re.match(r"^(error\[|[\w.]*(Error|Exception)\b.*:)", line.strip()):
             return all_lines[max(0, i - lines + 3): i + 3]
     return all_lines[-lines:]
+
+
+def check_completed(ref: RunRef, rows: list[slurm.JobRow], job_id: str) -> None:
+    """Return when every task COMPLETED; otherwise raise JobFailed saying how it ended (STOPPED: saved
+    and resumable, with why it was not requeued; FAILED/CANCELLED/TIMEOUT/UNKNOWN: the log's tail)."""
+    failed = [r for r in rows if r.slurm_state != "COMPLETED"]
+    if not failed:
+        return
+    states = ", ".join(sorted({r.slurm_state for r in failed}))
+    if all(r.slurm_state == "STOPPED" for r in failed) and ref.run_dir is not None:
+        paths = RunPaths(ref.run_dir)
+        why = "; ".join(sorted({paths.task(r.array_task_id if ref.array_size else None).final.read_text().strip()
+                                for r in failed if paths.task(r.array_task_id if ref.array_size else None)
+                                .final.is_file()}))
+        raise JobFailed(f"job {job_id} ended STOPPED: it saved a complete checkpoint but did not finish ({why})",
+                        where=str(ref.run_dir), hint=f"continue it with `hpcqwen resume {ref.run_dir}`")
+    logs = log_files(ref) if ref.run_dir else []
+    tail = failure_excerpt(logs[-1].read_text(errors="replace")) if logs else []
+    reasons = "; ".join(sorted({r.reason for r in failed if r.reason}))
+    raise JobFailed(f"job {job_id} ended {states}" + (f" ({reasons})" if reasons else ""),
+                    where=str(logs[-1] if logs else ref.run_dir),
+                    hint="last log lines:\n    " + "\n    ".join(tail) if tail else "see the run dir's logs/")

@@ -21,6 +21,7 @@ from typing import Any
 from filelock import FileLock
 
 from hpcqwen.errors import HpcqwenError
+from hpcqwen.fs import write_atomic
 
 SHARDS = "shards"
 Record = dict[str, Any]
@@ -141,16 +142,6 @@ def _is_json(line: bytes) -> bool:
     except ValueError:
         return False
     return True
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write, fsync, rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def mark_done(run_dir: str | Path, shard: int, ids: range) -> bool:

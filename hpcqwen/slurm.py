@@ -27,19 +27,23 @@ class JobState(str, enum.Enum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    STOPPED = "STOPPED"  # saved a complete checkpoint and stopped without requeue: resumable
     UNKNOWN = "UNKNOWN"
 
     @property
     def is_terminal(self) -> bool:
         """The job will not run again by itself."""
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.STOPPED)
 
 
 SLURM_STATES: dict[str, JobState] = {
     **dict.fromkeys(["PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SPECIAL_EXIT"],
                     JobState.PENDING),
-    **dict.fromkeys(["RUNNING", "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "SUSPENDED", "STOPPED",
-                     "RESIZING", "UPDATE_DB"], JobState.RUNNING),
+    **dict.fromkeys(["RUNNING", "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "SUSPENDED", "RESIZING",
+                     "UPDATE_DB"], JobState.RUNNING),
+    # hpcqwen's own (progress.refine_state): FAILED with exit 75 and a FINAL file. Slurm's rare STOPPED
+    # (SIGSTOP sent to a job) reads the same; it is a terminal state here.
+    "STOPPED": JobState.STOPPED,
     "COMPLETED": JobState.SUCCEEDED,
     **dict.fromkeys(["FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
                      "REVOKED"], JobState.FAILED),

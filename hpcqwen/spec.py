@@ -94,12 +94,20 @@ class Dependency(_Section):
 
 
 class Requeue(_Section):
-    """Preemption and time-limit handling: save, requeue, resume."""
+    """Preemption, time limit and crash handling: save, requeue, resume (DESIGN.md, the signal chain)."""
 
-    enabled: bool = Field(True, description="Requeue on the signal and on node failure (sbatch --requeue).")
+    enabled: bool = Field(
+        True, description="Requeue a run that stopped to save (time-limit USR2, preemption, scancel --signal=TERM, "
+        "scontrol requeue) while restarts remain (sbatch --requeue; Slurm also requeues it after a node failure)."
+    )
     max_restarts: int = Field(3, ge=0, description="Give up after this many restarts (SLURM_RESTART_COUNT).")
     signal_lead_s: int = Field(
-        120, ge=10, le=65535, description="Seconds before the time limit that USR2 reaches the batch script."
+        120, ge=10, le=65535, description="Seconds before the time limit that USR2 reaches the batch script; must "
+        "cover one training step plus one checkpoint save (checked on submit against the last run of the spec)."
+    )
+    on_failure: bool = Field(
+        True, description="Also requeue after a crash (a rank exited with an error or was killed) when the attempt "
+        "got past its first step; a failure before the first step is not retried (it would fail again)."
     )
 
 

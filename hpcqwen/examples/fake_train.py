@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
+from hpcqwen import stopping
 from hpcqwen.checkpoints import checkpoint_dir, latest_complete, mark_complete, step_of
 from hpcqwen.metrics import MetricsWriter
 from hpcqwen.paths import TaskPaths
@@ -37,6 +39,14 @@ def record(step: int, total: int, grpo: bool, distill: bool) -> dict[str, object
     return rec
 
 
+def save(task: TaskPaths, step: int) -> None:
+    """A complete checkpoint of `step` (marker last)."""
+    ckpt = checkpoint_dir(task.checkpoints, step)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "state.txt").write_text(f"{step}\n")
+    mark_complete(ckpt)
+
+
 def main() -> None:
     """Run (or resume) the fake loop."""
     p = argparse.ArgumentParser()
@@ -47,23 +57,24 @@ def main() -> None:
     p.add_argument("--distill", action="store_true", help="add distill shard progress keys")
     args = p.parse_args()
     task = TaskPaths(Path(os.environ["HPCQWEN_TASK_DIR"]))
+    stopping.install_handlers(task.stop)
     writer = MetricsWriter(task.metrics)
     last = latest_complete(task.checkpoints)
     step = (step_of(last) or 0) if last else 0
     print(f"fake_train: start at step {step} of {args.steps}", flush=True)
     while step < args.steps:
-        if task.stop.exists():
-            print(f"fake_train: STOP seen at step {step}", flush=True)
-            return
+        if stopping.requested():
+            save(task, step)
+            writer.write({"step": step, "total_steps": args.steps, "phase": "stopped"})
+            print(f"fake_train: stop requested, saved and stopped at step {step}", flush=True)
+            sys.exit(stopping.EXIT_STOPPED)
         time.sleep(args.step_seconds)
         step += 1
         writer.write(record(step, args.steps, args.grpo, args.distill))
+        stopping.mark_progress(task.progress)
         print(f"fake_train: step {step}", flush=True)
         if step % args.save_every == 0 or step == args.steps:
-            ckpt = checkpoint_dir(task.checkpoints, step)
-            ckpt.mkdir(parents=True, exist_ok=True)
-            (ckpt / "state.txt").write_text(f"{step}\n")
-            mark_complete(ckpt)
+            save(task, step)
     writer.write({"step": step, "total_steps": args.steps, "phase": "done"})
     print(f"fake_train: finished {step} steps", flush=True)
 

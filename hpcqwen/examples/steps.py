@@ -1,9 +1,9 @@
 """A stand-in for a runner's step loop with the stop-file protocol, for requeue tests.
 
 Counts `--steps` steps of `--step-seconds` each, saving progress to TASK_DIR/progress.json
-after every step. When TASK_DIR/STOP appears (the batch script's USR2 trap), it records
-"stopped at step N" and exits 0 so the batch script can requeue; a restart resumes from the
-saved step. It also prints SLURM_RESTART_COUNT as the launcher passed it on.
+after every step. On a stop request (SIGTERM/SIGUSR2 or TASK_DIR/STOP: `hpcqwen.stopping`) it
+prints "stopped at step N" and exits 75 (stopped, resumable) so the batch script can requeue; a
+restart resumes from the saved step. It also prints SLURM_RESTART_COUNT as the launcher passed it on.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
+
+from hpcqwen import fs, stopping
 
 
 def main() -> None:
@@ -22,19 +25,19 @@ def main() -> None:
     p.add_argument("--step-seconds", type=float, default=1.0)
     args = p.parse_args()
     task_dir = Path(os.environ["HPCQWEN_TASK_DIR"])
+    stopping.install_handlers(task_dir / "STOP")
     progress = task_dir / "progress.json"
     step = json.loads(progress.read_text())["step"] if progress.exists() else 0
     print(f"steps: start at step {step} restart_count={os.environ.get('HPCQWEN_RESTART_COUNT')} "
           f"job={os.environ.get('HPCQWEN_JOB_ID')}", flush=True)
     while step < args.steps:
-        if (task_dir / "STOP").exists():
-            print(f"steps: STOP seen, stopped at step {step}", flush=True)
-            return
+        if stopping.requested():
+            print(f"steps: stop requested ({stopping.received() or 'STOP file'}), stopped at step {step}", flush=True)
+            sys.exit(stopping.EXIT_STOPPED)
         time.sleep(args.step_seconds)
         step += 1
-        tmp = progress.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": step}))
-        tmp.replace(progress)
+        fs.write_atomic(progress, json.dumps({"step": step}))
+        stopping.mark_progress(task_dir / "PROGRESS")
     print(f"steps: finished {step} steps", flush=True)
 
 

@@ -8,8 +8,11 @@ Layout of `<checkpoint root>/iter_0000200/` (Megatron-LM's folder naming):
   vocabulary, parallel sizes, whether optimizer/RNG are inside);
 - `hf/`: config.json, generation_config.json and the tokenizer files of the model, so the folder
   alone exports to Hugging Face (`hpcqwen export --to-hf`);
-- `hpcqwen-complete.json`: written last by rank 0 after every rank has finished and the files are
-  fsynced (`hpcqwen.checkpoints.mark_complete`), the same rule as the SFT runner's.
+- `hpcqwen-complete.json`: written last by rank 0 after every node fsynced what it wrote and all
+  ranks met at a barrier (`hpcqwen.checkpoints.mark_complete`), the same rule as the SFT runner's.
+A complete `iter_<n>` is never deleted to make room for a new save (a save that finds one keeps it
+and writes nothing); an incomplete one (a save that died) is replaced. `prune` (rank 0, after the
+marker, in the background) keeps `save_total_limit` complete folders and removes crashed saves.
 
 megatron-core 0.16.1 + torch AdamW (no TE/apex) needs three work-arounds to resume
 (../shared/notes/mcore-gpu.md §4): the `dp_reshardable` optimizer format (the default
@@ -27,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from hpcqwen import checkpoints
+from hpcqwen import checkpoints, fs, stopping
 
 META = "hpcqwen-megatron.json"
 HF_DIR = "hf"
@@ -51,11 +54,12 @@ def iteration_of(path: Path) -> int | None:
 
 def latest_complete(root: Path) -> Path | None:
     """The newest `iter_<n>` folder with the completion marker, or None."""
-    if not root.is_dir():
-        return None
-    found = [(iteration_of(p), p) for p in root.iterdir() if p.is_dir() and iteration_of(p) is not None]
-    complete = [(it, p) for it, p in found if checkpoints.is_complete(p)]
-    return max(complete, key=lambda ip: ip[0] or 0)[1] if complete else None
+    return checkpoints.latest_complete(root, iteration_of)
+
+
+def prune(root: Path, keep: int | None) -> list[Path]:
+    """Crashed saves older than the newest complete one, and complete ones beyond `keep`."""
+    return checkpoints.prune(root, keep, iteration_of)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -69,13 +73,6 @@ def copy_hf_files(src: Path, dst: Path) -> None:
     for name in HF_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def rng_state() -> dict[str, Any]:
@@ -107,8 +104,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(root: Path, iteration: int, model: Any, optimizer: Any, scheduler: Any, *, meta: dict[str, Any],
-         hf_dir: Path, save_optim: bool = True, save_rng: bool = True) -> Path:
-    """Write `iter_<iteration>` collectively (every rank calls it) and mark it complete."""
+         hf_dir: Path, save_optim: bool = True, save_rng: bool = True) -> Path | None:
+    """Write `iter_<iteration>` collectively (every rank calls it) and mark it complete; None (and
+    nothing written) when a complete `iter_<iteration>` is already there."""
+    import os
+
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -117,11 +117,16 @@ def save(root: Path, iteration: int, model: Any, optimizer: Any, scheduler: Any,
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     path = iter_dir(root, iteration)
+    if stopping.agree(checkpoints.is_complete(path)):
+        if rank == 0:
+            print(f"megatron: {path} is already a complete checkpoint (another run's, or this run's before a "
+                  "resume): kept, not overwritten", flush=True)
+        return None
     if rank == 0:
         if path.exists():  # an earlier attempt at this iteration died mid-save: start clean
             shutil.rmtree(path)
         path.mkdir(parents=True)
-    _barrier()
+    stopping.barrier()
     state: dict[str, Any] = {"model": unwrap(model).sharded_state_dict(metadata=SHARDING), "iteration": iteration}
     if save_optim and optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=False, metadata=SHARDING)
@@ -135,10 +140,13 @@ def save(root: Path, iteration: int, model: Any, optimizer: Any, scheduler: Any,
         body = {**meta, "iteration": iteration, "world_size": world, "optimizer": bool(save_optim and optimizer),
                 "rng": save_rng}
         (path / META).write_text(json.dumps(body, indent=1) + "\n")
-    _barrier()
+    stopping.barrier()
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        fs.fsync_tree(path)  # a client flushes only its own writes: every node its own shards
+    stopping.barrier()
     if rank == 0:
-        checkpoints.mark_complete(path, {"step": iteration, "iteration": iteration})
-    _barrier()
+        checkpoints.mark_complete(path, {"step": iteration, "iteration": iteration}, synced=True)
+    stopping.barrier()
     return path
 
 

@@ -1,4 +1,5 @@
-"""Trivial helpers every runner uses: the frozen spec of this process, ranks, errors on the node."""
+"""Small helpers every runner uses: the frozen spec of this process, ranks, stop handlers, the resume
+decision, the end of a run (done or stopped), errors on the node."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hpcqwen import checkpoints, stopping
 from hpcqwen.errors import HpcqwenError
+from hpcqwen.metrics import MetricsWriter, drop_after
 from hpcqwen.paths import RunPaths, TaskPaths
 from hpcqwen.spec import JobSpec, read_frozen_spec
 
@@ -34,13 +37,15 @@ class RunContext:
 
 
 def load_context(run_dir: str) -> RunContext:
-    """Read spec.json and the launcher's environment (HPCQWEN_*, torchrun's RANK/WORLD_SIZE)."""
+    """Read spec.json and the launcher's environment (HPCQWEN_*, RANK/LOCAL_RANK/WORLD_SIZE), and
+    catch stop signals from here on (they become a save-and-stop request, `hpcqwen.stopping`)."""
     paths = RunPaths(Path(run_dir))
     spec = read_frozen_spec(paths.spec_json)
     index = os.environ.get("HPCQWEN_ARRAY_TASK_ID") or None
     array_index = int(index) if index is not None else None
     task_dir = os.environ.get("HPCQWEN_TASK_DIR")
     task_paths = TaskPaths(Path(task_dir)) if task_dir else paths.task(array_index)
+    stopping.install_handlers(task_paths.stop)
     return RunContext(spec, spec.task_for(array_index), paths, task_paths, int(os.environ.get("RANK", "0")),
                       int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
@@ -49,6 +54,48 @@ def log0(ctx: RunContext, message: str) -> None:
     """Print once (rank 0), flushed, so the Slurm log shows it at once."""
     if ctx.is_rank0:
         print(message, flush=True)
+
+
+def callback(trainer: Any, name: str) -> Any:
+    """The trainer's callback of class `name` (hpcqwen's, added by the runner)."""
+    return next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == name)
+
+
+def resume_point(ctx: RunContext, root: Path) -> Path | None:
+    """The checkpoint every rank resumes from (rank 0 picks the newest complete one); rank 0 also
+    drops metrics.jsonl lines logged after it (those steps run again)."""
+    resume = stopping.agree_resume(lambda: checkpoints.latest_complete(root))
+    if ctx.is_rank0 and resume is not None:
+        dropped = drop_after(ctx.task_paths.metrics, checkpoints.step_of(resume) or 0)
+        if dropped:
+            print(f"resume: dropped {dropped} metrics lines logged after {resume.name} (those steps run again)",
+                  flush=True)
+    return resume
+
+
+def finish_training(ctx: RunContext, trainer: Any, stop: Any, pruner: Any, name: str,
+                    extra: dict[str, Any] | None = None) -> int:
+    """End of a Trainer run: the last metrics line (done or stopped) and one summary line from rank 0,
+    then every rank waits for the others; returns 0 (done) or EXIT_STOPPED (saved, resumable)."""
+    step, total = trainer.state.global_step, trainer.state.max_steps
+    stopped = stop.stopped_at is not None and step < total
+    pruner.join()
+    if ctx.is_rank0:
+        phase = "stopped" if stopped else "done"
+        MetricsWriter(ctx.task_paths.metrics).write({"step": step, "total_steps": total, "phase": phase,
+                                                     **(extra or {})})
+        latest = checkpoints.latest_complete(ctx.task_paths.checkpoints)
+        print(f"{name}: {phase} at step {step} of {total}; newest complete checkpoint: {latest}", flush=True)
+    stopping.barrier()  # nobody leaves (and ends the step for the others) before rank 0 wrote the above
+    return stopping.EXIT_STOPPED if stopped else 0
+
+
+def stop_before_training(ctx: RunContext, name: str) -> bool:
+    """A stop request that came during start-up (every rank agrees): nothing new to save."""
+    if stopping.agree(stopping.requested(ctx.task_paths.stop)):
+        log0(ctx, f"{name}: stop requested during start-up: exiting before the first step (resumable)")
+        return True
+    return False
 
 
 def run_main(main: Callable[[str], int | None]) -> None:

@@ -1,18 +1,23 @@
 """Trainer callbacks shared by the transformers-based runners (SFT, GRPO).
 
-- `StopFileCallback`: the preemption chain's last link. The batch script touches STOP on USR2;
-  every rank checks it after each step, the ranks agree (all_reduce MAX), and all of them save
-  a checkpoint and leave the loop together, so the job can exit for requeue.
-- `CheckpointCallback`: after every save, all ranks meet at a barrier (every shard and RNG file
-  is written), then rank 0 fsyncs the folder, writes the completion marker and prunes old
-  checkpoints (never the newest complete one). Saving also happens at the last step.
+- `StopCallback`: the signal chain's last link. A stop request (SIGTERM/SIGUSR2/SIGINT, or the STOP
+  file: `hpcqwen.stopping`) is checked after every step; the ranks agree (all_reduce MAX over gloo),
+  all of them save a checkpoint and leave the loop together; the runner then exits 75. It also
+  marks the attempt's progress after its first step.
+- `CheckpointCallback`: after every save, the first rank of each node fsyncs the checkpoint (what
+  its node wrote), all ranks meet at a barrier, rank 0 writes the completion marker with the
+  run's counters, all ranks meet again, and rank 0 prunes old checkpoints in a background thread
+  (a slow rmtree of 100 GB must not sit between two collectives). Saving also happens at the last step.
 - `MetricsCallback`: rank 0 appends one line per logging step to metrics.jsonl.
+- `RunCounters`: tokens seen and training seconds, continued across resumes from the marker.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -20,48 +25,83 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from hpcqwen import checkpoints
+from hpcqwen import checkpoints, fs, stopping
 from hpcqwen.metrics import MetricsWriter
+from hpcqwen.paths import TaskPaths
 
-_CPU_GROUP: Any = None
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+EVAL_FLAG = "_hpcqwen_eval"  # a column of evaluation rows: their tokens are not training tokens
 
 
-def _cpu_group() -> Any:
-    """A gloo group for small control messages, so no rank waits for its GPU stream (an NCCL
-    all_reduce plus `.item()` would stall the CUDA pipeline every step). Collective on first use."""
-    global _CPU_GROUP
-    if _CPU_GROUP is None:
-        _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-    return _CPU_GROUP
+class TokenCounter:
+    """Wraps a data collator and counts real (non-padding) training tokens on the CPU.
+
+    Trainer's own `include_num_input_tokens_seen` calls `.item()` on a GPU tensor every micro-batch,
+    which stalls the CUDA stream; this count costs nothing. A batch's tokens are counted when the
+    training loop consumes it (`consume`, once per micro-batch from MetricsCallback), not when it is
+    collated: the dataloader collates a batch ahead, and that batch is collated again after a resume.
+    Only valid with dataloader_num_workers=0 (the collator must run in the training process). Rows
+    carrying EVAL_FLAG (the evaluation split) are collated but never counted.
+    """
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+        self.tokens = 0
+        self.pending: deque[int] = deque()
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        is_eval = bool(features) and EVAL_FLAG in features[0]
+        if is_eval:
+            features = [{k: v for k, v in f.items() if k != EVAL_FLAG} for f in features]
+        batch: dict[str, Any] = self.collator(features)
+        if not is_eval:
+            mask = batch.get("attention_mask")
+            self.pending.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
+        return batch
+
+    def consume(self) -> None:
+        """One micro-batch went through the model: count the oldest collated one."""
+        if self.pending:
+            self.tokens += self.pending.popleft()
 
 
-def _world_max(flag: bool) -> bool:
-    """Any rank's flag, agreed by all."""
-    if not _distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group())
-    return bool(t.item())
+class RunCounters:
+    """Tokens seen and training seconds over the whole run, resumes included."""
+
+    def __init__(self, counter: TokenCounter | None) -> None:
+        self.counter = counter
+        self.tokens_offset, self.seconds_offset = 0, 0.0
+        self.started = time.monotonic()
+
+    def resume_from(self, marker: dict[str, Any]) -> None:
+        """Continue the counters of the checkpoint this run resumes from."""
+        self.tokens_offset = int(marker.get("tokens_seen") or 0)
+        self.seconds_offset = float(marker.get("train_time_s") or 0.0)
+
+    def tokens(self, state: Any) -> int:
+        """Tokens over all ranks since the run began (a collective when counted by TokenCounter)."""
+        if self.counter is None:  # Trainer counted (and restores its count from trainer_state.json)
+            return int(state.num_input_tokens_seen or 0)
+        t = torch.tensor([float(self.counter.tokens)], dtype=torch.float64)
+        if stopping.distributed():
+            dist.all_reduce(t, group=stopping.cpu_group())
+        return self.tokens_offset + int(t.item())
+
+    def seconds(self) -> float:
+        """Training seconds since the run began (start-up of each attempt included)."""
+        return round(self.seconds_offset + time.monotonic() - self.started, 1)
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+class StopCallback(TrainerCallback):
+    """Save and stop on every rank once any rank has a stop request."""
 
-
-class StopFileCallback(TrainerCallback):
-    """Save and stop on every rank once any rank sees the STOP file."""
-
-    def __init__(self, stop_file: Path) -> None:
-        self.stop_file = stop_file
+    def __init__(self, task: TaskPaths, is_rank0: bool) -> None:
+        self.task, self.is_rank0 = task, is_rank0
         self.stopped_at: int | None = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if _world_max(self.stop_file.exists()):
+        if self.is_rank0:
+            stopping.mark_progress(self.task.progress)
+        if stopping.agree(stopping.requested(self.task.stop)):
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
@@ -69,90 +109,83 @@ class StopFileCallback(TrainerCallback):
 
 
 class CheckpointCallback(TrainerCallback):
-    """Completion markers, pruning, and a save at the last step."""
+    """Durable saves with completion markers, pruning off the training thread, a save at the last step."""
 
-    def __init__(self, root: Path, keep: int | None, is_rank0: bool) -> None:
-        self.root, self.keep, self.is_rank0 = root, keep, is_rank0
+    def __init__(self, root: Path, keep: int | None, is_rank0: bool, counters: RunCounters) -> None:
+        self.root, self.keep, self.is_rank0, self.counters = root, keep, is_rank0, counters
+        self.pruner = checkpoints.Pruner()
+        self._save_started = time.monotonic()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if state.max_steps and state.global_step >= state.max_steps:
             control.should_save = True
+        if control.should_save:
+            self._save_started = time.monotonic()
         return control
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        _barrier()
+        path = checkpoints.checkpoint_dir(self.root, state.global_step)
+        if os.environ.get("LOCAL_RANK", "0") == "0" and path.is_dir():
+            fs.fsync_tree(path)  # NFS/Lustre: a client flushes only its own writes, so every node does
+        stopping.barrier()
+        tokens = self.counters.tokens(state)  # a collective: every rank takes part
+        if self.is_rank0 and path.is_dir():
+            checkpoints.mark_complete(path, {"epoch": state.epoch, "max_steps": state.max_steps, "tokens_seen": tokens,
+                                             "train_time_s": self.counters.seconds(),
+                                             "save_s": round(time.monotonic() - self._save_started, 2)}, synced=True)
+        stopping.barrier()
         if self.is_rank0:
-            path = checkpoints.checkpoint_dir(self.root, state.global_step)
-            if path.is_dir():
-                checkpoints.mark_complete(path, {"epoch": state.epoch, "max_steps": state.max_steps})
-                checkpoints.prune(self.root, self.keep)
-        _barrier()
+            self.pruner.start(self.root, self.keep)
         return control
 
 
 class MetricsCallback(TrainerCallback):
     """metrics.jsonl lines: step, total_steps, epoch, loss, lr, grad_norm, tokens/s, peak memory."""
 
-    def __init__(self, path: Path, is_rank0: bool, extra_keys: tuple[str, ...] = (),
-                 counter: TokenCounter | None = None) -> None:
+    def __init__(self, path: Path, is_rank0: bool, counters: RunCounters, extra_keys: tuple[str, ...] = ()) -> None:
         self.writer = MetricsWriter(path) if is_rank0 else None
         self.extra_keys = extra_keys
-        self.counter = counter
+        self.counters = counters
         self._last = (time.time(), 0)
 
-    def _tokens(self, state: Any) -> int:
-        if self.counter is None:
-            return int(state.num_input_tokens_seen or 0)
-        t = torch.tensor([float(self.counter.tokens)], dtype=torch.float64)
-        if _distributed():
-            dist.all_reduce(t, group=_cpu_group())
-        return int(t.item())
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.counters.counter is not None:
+            self.counters.counter.consume()
+        return control
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.counters.counter is not None:
+            self.counters.counter.consume()  # the step's last micro-batch (no on_substep_end for it)
+        return control
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        self._last = (time.time(), self._tokens(state))
+        self._last = (time.time(), self.counters.tokens(state))
         if self.writer:
-            self.writer.write({"step": state.global_step, "total_steps": state.max_steps, "phase": "train"})
+            self.writer.write({"step": state.global_step, "total_steps": state.max_steps, "phase": "train",
+                               "tokens_seen": self._last[1], "train_time_s": self.counters.seconds()})
         return control
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-        tokens = self._tokens(state) if logs else 0  # a collective: every rank takes part
+        tokens = self.counters.tokens(state) if logs else 0  # a collective: every rank takes part
         if self.writer is None or not logs:
             return control
         now = time.time()
         t0, tok0 = self._last
-        self._last = (now, tokens)
         phase = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         record = {"step": state.global_step, "total_steps": state.max_steps, "epoch": logs.get("epoch"),
-                  "phase": phase, "tokens_seen": tokens}
+                  "phase": phase, "tokens_seen": tokens, "train_time_s": self.counters.seconds()}
         for src, dst in (("loss", "loss"), ("learning_rate", "lr"), ("grad_norm", "grad_norm"),
                          ("eval_loss", "eval_loss"), ("train_loss", "train_loss")):
             if src in logs:
                 record[dst] = logs[src]
         record.update({k: v for k, v in logs.items() if k in self.extra_keys or k.startswith(self.extra_keys)})
-        if phase == "train" and "loss" in logs and now > t0 and tokens > tok0:
-            record["tokens_per_s"] = round((tokens - tok0) / (now - t0), 1)
+        if phase == "train" and "loss" in logs:
+            self._last = (now, tokens)
+            if now > t0 and tokens > tok0:
+                record["tokens_per_s"] = round((tokens - tok0) / (now - t0), 1)
         record["peak_mem_gb"] = peak_memory_gb()
         self.writer.write(record)
         return control
-
-
-class TokenCounter:
-    """Wraps a data collator and counts real (non-padding) tokens on the CPU as batches are made.
-
-    Trainer's own `include_num_input_tokens_seen` calls `.item()` on a GPU tensor every micro-batch,
-    which stalls the CUDA stream; this count costs nothing. Only valid with
-    dataloader_num_workers=0 (the collator must run in the training process).
-    """
-
-    def __init__(self, collator: Any) -> None:
-        self.collator = collator
-        self.tokens = 0
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = self.collator(features)
-        mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-        return batch
 
 
 def peak_memory_gb() -> float:

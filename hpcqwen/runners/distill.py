@@ -6,7 +6,9 @@ runs several engines: one process per `tensor_parallel_size` GPUs):
     -> build_generator -> generate_shards -> finish (done markers; the merge once every shard is done)
 Engine r of E takes every E-th prompt of a shard; all engines append to the shard's one file under
 its lock. On a restart (requeue, resubmit) every id already in the file is skipped, so no prompt is
-generated twice; `STOP` (the preemption signal) ends the run after the current batch.
+generated twice. A stop request (SIGTERM/SIGUSR2 or STOP: `hpcqwen.stopping`) ends the run after the
+current batch (at most STOP_CHECK_PROMPTS prompts, so a stop never waits for 1,000 generations) with
+exit 75; a batch cut short by the engine dying of the same signal is simply not written.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpcqwen import stopping
 from hpcqwen.metrics import MetricsWriter
 from hpcqwen.runners._shared import RunContext, load_context, log0, run_main
 from hpcqwen.shards import (
@@ -31,9 +34,10 @@ from hpcqwen.shards import (
     shards_of_task,
 )
 
-# torchrun's variables: each engine is an independent process (vLLM builds its own TP group).
+# The launcher's rendezvous variables: each engine is an independent process (vLLM builds its own TP group).
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                  "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+STOP_CHECK_PROMPTS = 256  # prompts per generate call at most: the stop check runs between calls
 
 
 @dataclass
@@ -147,24 +151,33 @@ def generate_batch(ctx: RunContext, generator: Any, tokenizer: Any, rows: list[d
 
 
 def generate_shards(ctx: RunContext, generator: Any, tokenizer: Any, work: Plan) -> bool:
-    """Generate every pending id in batches of write_batch_size; False when STOP cut the run short."""
+    """Generate every pending id in batches; False when a stop request cut the run short."""
     t, metrics = ctx.task, MetricsWriter(ctx.task_paths.metrics)
+    size = min(t.write_batch_size, STOP_CHECK_PROMPTS)
     for s in work.shards:
         sf, pending = ShardFile(shard_file(ctx.paths.root, s)), work.pending[s]
-        for start in range(0, len(pending), t.write_batch_size):
-            if ctx.task_paths.stop.exists():
-                print(f"distill: STOP seen; shard {s} stops with {work.written[s]} prompts written", flush=True)
+        for start in range(0, len(pending), size):
+            if stopping.requested(ctx.task_paths.stop):
+                print(f"distill: stop requested; shard {s} stops with {work.written[s]} prompts written", flush=True)
                 return False
-            batch = pending[start:start + t.write_batch_size]
+            batch = pending[start:start + size]
             t0 = time.time()
-            records, generated = generate_batch(ctx, generator, tokenizer, work.rows, batch)
+            try:
+                records, generated = generate_batch(ctx, generator, tokenizer, work.rows, batch)
+            except Exception:
+                if stopping.requested(ctx.task_paths.stop):  # the engine's processes got the same TERM
+                    print(f"distill: the engine ended during a stop; shard {s} keeps {work.written[s]} prompts",
+                          flush=True)
+                    return False
+                raise
             work.written[s] = sf.append(records)
+            stopping.mark_progress(ctx.task_paths.progress)
             dt = max(time.time() - t0, 1e-9)
             done = sum(work.written.values())
             # Each engine measures its own rate; engines of a task are alike, so the task's is E times it.
             metrics.write({"step": done, "total_steps": work.total, "done": done, "total": work.total,
                            "tokens_per_s": round(generated / dt * ctx.world_size, 1),
-                           "prompts_per_s": round(len(batch) / dt * ctx.world_size, 3),
+                           "prompts_per_s": round(len(batch) / dt * ctx.world_size, 3), "batch_s": round(dt, 2),
                            "shard": s, "engine": ctx.rank, "phase": "generate"})
             print(f"distill: shard {s}: {work.written[s]}/{len(shard_ids(len(work.rows), t.shards, s))} written "
                   f"(engine {ctx.rank}: +{len(batch)} prompts, {generated} tokens, {generated / dt:.1f} tokens/s)",
@@ -210,7 +223,7 @@ def main(run_dir: str) -> int:
         generator = build_generator(ctx, backend, tokenizer)
         print(f"distill: engine {ctx.rank}: {backend} engine ready in {time.time() - t0:.1f} s", flush=True)
         if not generate_shards(ctx, generator, tokenizer, work):
-            return 0
+            return stopping.EXIT_STOPPED
     finish(ctx, work)
     return 0
 

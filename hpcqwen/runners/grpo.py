@@ -20,8 +20,17 @@ from typing import Any
 
 from hpcqwen import checkpoints
 from hpcqwen.errors import HpcqwenError
-from hpcqwen.metrics import MetricsWriter
-from hpcqwen.runners._shared import RunContext, load_context, log0, run_main
+from hpcqwen.runners._shared import (
+    RunContext,
+    callback,
+    finish_training,
+    load_context,
+    log0,
+    resume_point,
+    run_main,
+    stop_before_training,
+)
+from hpcqwen.stopping import EXIT_STOPPED
 
 COMPLETIONS = "completions.jsonl"  # in the task dir, next to metrics.jsonl
 # TRL 1.16 GRPOTrainer log keys passed through to metrics.jsonl (prefixes): reward, reward_std,
@@ -230,16 +239,17 @@ def grpo_log_callback(completions: Path | None, is_rank0: bool) -> Any:
 
 
 def build_trainer(ctx: RunContext, args: Any, model: Any, tokenizer: Any, train: Any) -> Any:
-    """GRPOTrainer with the rewards and the run-dir callbacks (stop file, checkpoints, metrics)."""
+    """GRPOTrainer with the rewards and the run-dir callbacks (stop, checkpoints, metrics)."""
     from trl import GRPOTrainer  # type: ignore[attr-defined]
 
-    from hpcqwen.runners.callbacks import CheckpointCallback, MetricsCallback, StopFileCallback
+    from hpcqwen.runners.callbacks import CheckpointCallback, MetricsCallback, RunCounters, StopCallback
 
     t = ctx.task
     log_cb = grpo_log_callback(ctx.task_paths.dir / COMPLETIONS if t.log_completions else None, ctx.is_rank0)
-    callbacks = [StopFileCallback(ctx.task_paths.stop),
-                 CheckpointCallback(ctx.task_paths.checkpoints, t.save_total_limit, ctx.is_rank0),
-                 log_cb, MetricsCallback(ctx.task_paths.metrics, ctx.is_rank0, extra_keys=GRPO_LOG_KEYS)]
+    counters = RunCounters(None)  # TRL counts num_input_tokens_seen (prompt + completion) itself
+    callbacks = [StopCallback(ctx.task_paths, ctx.is_rank0),
+                 CheckpointCallback(ctx.task_paths.checkpoints, t.save_total_limit, ctx.is_rank0, counters),
+                 log_cb, MetricsCallback(ctx.task_paths.metrics, ctx.is_rank0, counters, extra_keys=GRPO_LOG_KEYS)]
     trainer = GRPOTrainer(model=model, reward_funcs=load_rewards(t), args=args, train_dataset=train,
                           processing_class=tokenizer, callbacks=callbacks, peft_config=lora_config(t))
     log_cb.trainer = trainer
@@ -262,18 +272,6 @@ def describe(ctx: RunContext, trainer: Any, n_prompts: int, dropped: int) -> Non
     if t.offload_model or t.offload_optimizer or t.gc_collect_after_offload:
         log0(ctx, "grpo: offload_model/offload_optimizer/gc_collect_after_offload have no effect with TRL "
                   "(no offload around rollouts); sleep_level > 0 frees colocated vLLM memory instead")
-
-
-def finish(ctx: RunContext, trainer: Any) -> None:
-    """The last metrics line (done or stopped) and one summary line, from rank 0."""
-    if not ctx.is_rank0:
-        return
-    stop = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "StopFileCallback")
-    phase = "stopped" if stop.stopped_at is not None else "done"
-    MetricsWriter(ctx.task_paths.metrics).write({"step": trainer.state.global_step,
-                                                 "total_steps": trainer.state.max_steps, "phase": phase})
-    latest = checkpoints.latest_complete(ctx.task_paths.checkpoints)
-    print(f"grpo: {phase} at step {trainer.state.global_step}; newest complete checkpoint: {latest}", flush=True)
 
 
 def setup_process(ctx: RunContext) -> bool:
@@ -310,11 +308,14 @@ def main(run_dir: str) -> int:
     set_seed(ctx.task.seed)
     trainer = build_trainer(ctx, args, load_model(ctx), tokenizer, train)
     describe(ctx, trainer, len(train), dropped)
-    resume = checkpoints.latest_complete(ctx.task_paths.checkpoints)
+    if stop_before_training(ctx, "grpo"):
+        return EXIT_STOPPED
+    resume = resume_point(ctx, ctx.task_paths.checkpoints)
+    checkpointing = callback(trainer, "CheckpointCallback")
+    checkpointing.counters.resume_from(checkpoints.read_marker(resume) if resume else {})
     log0(ctx, f"grpo: resuming from {resume}" if resume else "grpo: starting from step 0")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    finish(ctx, trainer)
-    return 0
+    return finish_training(ctx, trainer, callback(trainer, "StopCallback"), checkpointing.pruner, "grpo")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from hpcqwen import stopping
+from hpcqwen.checkpoints import Pruner
 from hpcqwen.metrics import MetricsWriter
 from hpcqwen.runners._shared import RunContext, load_context, log0, run_main
+from hpcqwen.stopping import EXIT_STOPPED
 
 
 @dataclass
@@ -41,11 +44,30 @@ class State:
     iteration: int = 0
     cpu_group: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
+    pruner: Any = field(default_factory=lambda: Pruner())
 
 
 def checkpoint_root(ctx: RunContext) -> Path:
-    """`task.save`, or `<task dir>/checkpoints`."""
-    return Path(ctx.task.save) if ctx.task.save else ctx.task_paths.checkpoints
+    """`task.save` (`<save>/tasks/<index>` for an array task: tasks never share a folder), or
+    `<task dir>/checkpoints`."""
+    if not ctx.task.save:
+        return ctx.task_paths.checkpoints
+    index = os.environ.get("HPCQWEN_ARRAY_TASK_ID") or ""
+    return Path(ctx.task.save) / "tasks" / index if ctx.spec.array is not None and index else Path(ctx.task.save)
+
+
+def hold_save_folder(ctx: RunContext) -> Any:
+    """Rank 0 holds a lease on a user-given `save` folder for the run, so a second submission writing
+    the same folder is refused instead of interleaving iter_* folders with this one (None otherwise)."""
+    if not ctx.task.save or not ctx.is_rank0:
+        return None
+    from hpcqwen import lease
+
+    held = lease.acquire(checkpoint_root(ctx) / ".hpcqwen-lease", os.environ.get("HPCQWEN_JOB_ID", "local"),
+                         int(os.environ.get("HPCQWEN_RESTART_COUNT", "0") or 0),
+                         what=f"megatron save folder {checkpoint_root(ctx)}")
+    held.start_refreshing()
+    return held
 
 
 def resolve_model(ctx: RunContext, weights: bool = True) -> Path:
@@ -192,18 +214,30 @@ def build(ctx: RunContext, dims: Any, train_iters: int) -> tuple[Any, Any, Any]:
 
 
 def restore(ctx: RunContext, state: State) -> str:
-    """Resume from the newest complete checkpoint, else load `task.load` (mcore or HF); says which."""
+    """Resume from the newest complete checkpoint (rank 0 picks it, every rank uses that one), else
+    load `task.load` (mcore or HF); says which."""
     from hpcqwen.megatron import checkpoint
-    from hpcqwen.megatron.convert import load_hf_weights
+    from hpcqwen.metrics import drop_after
 
     t = ctx.task
-    latest = checkpoint.latest_complete(checkpoint_root(ctx))
+    latest = stopping.agree_resume(lambda: checkpoint.latest_complete(checkpoint_root(ctx)))
     if latest is not None:
         state.iteration = checkpoint.load(latest, state.model, state.optimizer, state.scheduler,
                                           load_rng=not t.no_save_rng)
         if not checkpoint.read_meta(latest).get("optimizer"):
             state.optimizer.reload_model_params()
+        if is_metrics_rank():
+            drop_after(ctx.task_paths.metrics, state.iteration)  # those iterations run again
         return f"resumed {latest} at iteration {state.iteration}"
+    return load_initial(ctx, state)
+
+
+def load_initial(ctx: RunContext, state: State) -> str:
+    """Weights (and, from an mcore checkpoint, the training state) of `task.load`."""
+    from hpcqwen.megatron import checkpoint
+    from hpcqwen.megatron.convert import load_hf_weights
+
+    t = ctx.task
     source = mcore_source(t.load)
     if source is not None:
         state.iteration = checkpoint.load(source, state.model, state.optimizer, state.scheduler,
@@ -333,23 +367,21 @@ def is_metrics_rank() -> bool:
 
 
 def stop_requested(ctx: RunContext, group: Any) -> bool:
-    """Any rank sees the STOP file (all ranks agree, over gloo)."""
-    import torch
-    import torch.distributed as dist
-
-    flag = torch.tensor([1.0 if ctx.task_paths.stop.exists() else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return bool(flag.item())
+    """Any rank has a stop request, a signal or the STOP file (all ranks agree, over gloo)."""
+    return stopping.agree(stopping.requested(ctx.task_paths.stop), group)
 
 
-def save(ctx: RunContext, state: State) -> Path:
-    """A complete checkpoint of the current iteration (collective)."""
+def save(ctx: RunContext, state: State) -> Path | None:
+    """A complete checkpoint of the current iteration (collective); rank 0 then prunes in the background."""
     from hpcqwen.megatron import checkpoint
 
     t = ctx.task
-    return checkpoint.save(checkpoint_root(ctx), state.iteration, state.model, state.optimizer, state.scheduler,
-                           meta=state.meta, hf_dir=state.model_dir, save_optim=not t.no_save_optim,
-                           save_rng=not t.no_save_rng)
+    root = checkpoint_root(ctx)
+    path = checkpoint.save(root, state.iteration, state.model, state.optimizer, state.scheduler, meta=state.meta,
+                           hf_dir=state.model_dir, save_optim=not t.no_save_optim, save_rng=not t.no_save_rng)
+    if ctx.is_rank0:
+        state.pruner.start_with(checkpoint.prune, root, t.save_total_limit)
+    return path
 
 
 class Logger:
@@ -437,6 +469,8 @@ def train(ctx: RunContext, state: State) -> str:
                 save(ctx, state)
             return "stopped"
         loss, grad_norm, tokens = train_step(ctx, state, n_micro)
+        if ctx.is_rank0:
+            stopping.mark_progress(ctx.task_paths.progress)
         log.add(loss, tokens)
         if state.iteration % t.log_interval == 0 or state.iteration == state.train_iters:
             log.flush(grad_norm, n_micro)
@@ -498,7 +532,7 @@ def setup(ctx: RunContext, model_dir: Path, train_rows: Any, eval_rows: Any) -> 
 
 
 def main(run_dir: str) -> int:
-    """Train (or, with HPCQWEN_PREPARE_ONLY=1, only build the data cache)."""
+    """Train (or, with HPCQWEN_PREPARE_ONLY=1, only build the data cache); 0 when done, 75 when stopped."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -511,18 +545,24 @@ def main(run_dir: str) -> int:
     if prepare_only:
         log0(ctx, "megatron: data cache ready (prepare only)")
         return 0
-    state = setup(ctx, model_dir, train_rows, eval_rows)
-    describe(ctx, state, restore(ctx, state))
-    phase = train(ctx, state)
-    if is_metrics_rank():
-        MetricsWriter(ctx.task_paths.metrics).write({"step": state.iteration, "total_steps": state.train_iters,
-                                                     "phase": phase, "fill_ratio": stats.get("fill_ratio")})
-    log0(ctx, f"megatron: {phase} at iteration {state.iteration}; newest complete checkpoint: "
-              f"{checkpoint.latest_complete(checkpoint_root(ctx))}")
-    dist.barrier()
+    held = hold_save_folder(ctx)
+    try:
+        state = setup(ctx, model_dir, train_rows, eval_rows)
+        describe(ctx, state, restore(ctx, state))
+        phase = train(ctx, state)
+        state.pruner.join()
+        if is_metrics_rank():
+            MetricsWriter(ctx.task_paths.metrics).write({"step": state.iteration, "total_steps": state.train_iters,
+                                                         "phase": phase, "fill_ratio": stats.get("fill_ratio")})
+        log0(ctx, f"megatron: {phase} at iteration {state.iteration}; newest complete checkpoint: "
+                  f"{checkpoint.latest_complete(checkpoint_root(ctx))}")
+        dist.barrier()
+    finally:
+        if held is not None:
+            held.release()
     ps.destroy_model_parallel()
     dist.destroy_process_group()
-    return 0
+    return EXIT_STOPPED if phase == "stopped" else 0
 
 
 if __name__ == "__main__":  # also keeps dist_checkpointing's spawned Manager from re-running main()

@@ -16,8 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from hpcqwen import checkpoints
-from hpcqwen.metrics import MetricsWriter
-from hpcqwen.runners._shared import RunContext, load_context, log0, run_main
+from hpcqwen.runners._shared import (
+    RunContext,
+    callback,
+    finish_training,
+    load_context,
+    log0,
+    resume_point,
+    run_main,
+    stop_before_training,
+)
+from hpcqwen.stopping import EXIT_STOPPED
 
 DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
@@ -144,22 +153,31 @@ def load_model(ctx: RunContext, use_gpu: bool) -> Any:
 
 
 def build_trainer(ctx: RunContext, args: Any, model: Any, tokenizer: Any, train: Any, evaluation: Any) -> Any:
-    """A plain transformers Trainer with the run-dir callbacks."""
+    """A plain transformers Trainer with the run-dir callbacks (stop, checkpoints, metrics)."""
     from transformers import Trainer
 
     from hpcqwen.data import PackedCollator, PaddingCollator
-    from hpcqwen.runners.callbacks import CheckpointCallback, MetricsCallback, StopFileCallback, TokenCounter
+    from hpcqwen.runners.callbacks import (
+        EVAL_FLAG,
+        CheckpointCallback,
+        MetricsCallback,
+        RunCounters,
+        StopCallback,
+        TokenCounter,
+    )
 
     t = ctx.task
     collator: Any = (PackedCollator(return_flash_attn_kwargs=t.attn_impl == "flash_attn") if t.packing
                      else PaddingCollator(pad_token_id=tokenizer.pad_token_id))
     counter = TokenCounter(collator) if t.dataloader_num_workers == 0 else None
-    collator = counter or collator
-    callbacks = [StopFileCallback(ctx.task_paths.stop),
-                 CheckpointCallback(ctx.task_paths.checkpoints, t.save_total_limit, ctx.is_rank0),
-                 MetricsCallback(ctx.task_paths.metrics, ctx.is_rank0, counter=counter)]
-    return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, data_collator=collator,
-                   processing_class=tokenizer, callbacks=callbacks)
+    if counter is not None and evaluation is not None:  # eval tokens are not training tokens
+        evaluation = evaluation.add_column(EVAL_FLAG, [1] * len(evaluation))
+    counters = RunCounters(counter)
+    callbacks = [StopCallback(ctx.task_paths, ctx.is_rank0),
+                 CheckpointCallback(ctx.task_paths.checkpoints, t.save_total_limit, ctx.is_rank0, counters),
+                 MetricsCallback(ctx.task_paths.metrics, ctx.is_rank0, counters)]
+    return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                   data_collator=counter or collator, processing_class=tokenizer, callbacks=callbacks)
 
 
 def describe(ctx: RunContext, trainer: Any, n_train: int) -> None:
@@ -199,25 +217,22 @@ def main(run_dir: str) -> int:
         # Before TrainingArguments: ZeRO-3's zero.Init must see the real world size (else it
         # asserts train_batch_size != micro_batch × accumulation × 1), and gloo on CPU.
         deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
-    args = training_arguments(ctx, use_gpu)
+    args = training_arguments(ctx, use_gpu)  # joins the process group
     from transformers import set_seed
 
     set_seed(t.seed)  # LoRA's initial A matrices (and a full model's nothing) come from this RNG
     model = load_model(ctx, use_gpu)
     trainer = build_trainer(ctx, args, model, tokenizer, train, evaluation)
     describe(ctx, trainer, len(train))
-    resume = checkpoints.latest_complete(ctx.task_paths.checkpoints)
+    if stop_before_training(ctx, "sft"):
+        return EXIT_STOPPED
+    resume = resume_point(ctx, ctx.task_paths.checkpoints)
+    checkpointing = callback(trainer, "CheckpointCallback")
+    checkpointing.counters.resume_from(checkpoints.read_marker(resume) if resume else {})
     log0(ctx, f"sft: resuming from {resume}" if resume else "sft: starting from step 0")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    stop = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "StopFileCallback")
-    if ctx.is_rank0:
-        phase = "stopped" if stop.stopped_at is not None else "done"
-        MetricsWriter(ctx.task_paths.metrics).write({"step": trainer.state.global_step,
-                                                     "total_steps": trainer.state.max_steps, "phase": phase,
-                                                     "fill_ratio": stats.get("fill_ratio")})
-        latest = checkpoints.latest_complete(ctx.task_paths.checkpoints)
-        print(f"sft: {phase} at step {trainer.state.global_step}; newest complete checkpoint: {latest}", flush=True)
-    return 0
+    return finish_training(ctx, trainer, callback(trainer, "StopCallback"), checkpointing.pruner, "sft",
+                           {"fill_ratio": stats.get("fill_ratio")})
 
 
 if __name__ == "__main__":

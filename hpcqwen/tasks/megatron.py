@@ -63,8 +63,11 @@ class MegatronTask(BaseModel):
     eval_iters: int = Field(100, ge=0, description="Micro-batch rounds per evaluation.")
     eval_interval: int | None = Field(None, ge=1, description="Evaluate every N iterations (default: save_interval).")
     save_interval: int = Field(500, ge=1, description="Save a complete checkpoint every N iterations.")
-    save: Folder = Field(None, description="Checkpoint folder (shared FS); default <task dir>/checkpoints. A "
-                             "folder shared by several submissions resumes from whichever saved last.")
+    save: Folder = Field(None, description="Checkpoint folder (shared FS); default <task dir>/checkpoints. Array "
+                             "tasks save into <save>/tasks/<index>. A later submission with the same folder "
+                             "resumes from its newest complete checkpoint; two live runs cannot share it.")
+    save_total_limit: int | None = Field(None, ge=1, description="Keep at most this many complete iter_* folders "
+                                         "(the newest is never deleted); default: keep all.")
     finetune: bool = Field(False, description="From an mcore `load`: weights only, iteration and optimizer reset.")
     no_save_optim: bool = Field(False, description="Leave the optimizer state out of checkpoints (no resume).")
     no_save_rng: bool = Field(False, description="Leave the RNG states out of checkpoints.")

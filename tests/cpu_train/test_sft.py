@@ -111,13 +111,7 @@ def _relaunch(run_dir: Path) -> None:
     log = next((run_dir / "logs").glob("*-local.out"))
     with open(log, "ab") as out:
         subprocess.run([sys.executable, "-m", "hpcqwen.localrun", str(run_dir)], check=True, timeout=600,
-                       env={**os.environ, "HPCQWEN_MASTER_PORT": str(_port())}, stdout=out, stderr=out)
-
-
-def _port() -> int:
-    from hpcqwen.backends import free_port
-
-    return free_port()
+                       stdout=out, stderr=out)
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(write_spec, tiny_qwen3_dir: Path,
@@ -163,11 +157,49 @@ def test_stop_file_saves_on_every_rank_and_resumes(write_spec, tiny_qwen3_dir: P
     ckpt = run_dir / "checkpoints" / f"checkpoint-{last['step']}"  # saved at the stop, not at save_steps
     assert (ckpt / "hpcqwen-complete.json").is_file() and {"rng_state_0.pth", "rng_state_1.pth"} <= {
         p.name for p in ckpt.iterdir()}
-    (run_dir / "STOP").unlink()  # the batch script removes it when the job restarts
-    (run_dir / "logs" / "local.rc").unlink()
-    _relaunch(run_dir)
+    assert (run_dir / "logs" / "local.rc").read_text() == "75\n"  # stopped, resumable
+    _relaunch(run_dir)  # removes STOP first, as the batch script does
     final = read_metrics(run_dir / "metrics.jsonl")[-1]
     assert final["phase"] == "done" and final["step"] == 40
+
+
+def _train_lines(run_dir: Path) -> list[dict[str, object]]:
+    return [m for m in read_metrics(run_dir / "metrics.jsonl") if m.get("phase") == "train" and "loss" in m]
+
+
+def test_term_to_every_process_saves_and_the_resume_equals_an_uninterrupted_run(
+        write_spec, tiny_qwen3_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Preemption as Slurm does it: SIGTERM to every process (launcher and both ranks) mid-run. The ranks
+    save at the current step and exit 75; the resumed run ends bit-equal to an uninterrupted one, with
+    every step logged once and the token count continued."""
+    knobs = {"max_steps": 14, "save_steps": 100, "logging_steps": 1, "gradient_accumulation_steps": 2,
+             "lora_dropout": 0.1}
+    reference, _ = submit(sft_spec(write_spec, tiny_qwen3_dir, "ref2", nproc=2, **knobs), capsys)
+    run_dir, job = submit(sft_spec(write_spec, tiny_qwen3_dir, "term", nproc=2, **knobs), capsys, wait=False)
+    end = time.time() + 300
+    while not any(m.get("step", 0) >= 4 for m in _train_lines(run_dir)):
+        assert time.time() < end, "training never reached step 4"
+        time.sleep(0.05)
+    os.killpg(int(job.removeprefix("local-")), signal.SIGTERM)
+    end = time.time() + 240
+    while not (run_dir / "logs" / "local.rc").exists():
+        assert time.time() < end, "the run did not stop"
+        time.sleep(0.2)
+    assert (run_dir / "logs" / "local.rc").read_text() == "75\n"
+    stopped = read_metrics(run_dir / "metrics.jsonl")[-1]
+    assert stopped["phase"] == "stopped" and 4 <= stopped["step"] < 14
+    assert (run_dir / "checkpoints" / f"checkpoint-{stopped['step']}" / "hpcqwen-complete.json").is_file()
+    assert main(["status", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"][0]["state"] == "STOPPED"
+    assert main(["resume", str(run_dir), "--wait"]) == 0, capsys.readouterr().err
+    a = load_file(str(reference / "checkpoints" / "checkpoint-14" / "adapter_model.safetensors"))
+    b = load_file(str(run_dir / "checkpoints" / "checkpoint-14" / "adapter_model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0  # bit-equal on CPU with gloo
+    ref_lines, lines = _train_lines(reference), _train_lines(run_dir)
+    assert [m["step"] for m in lines] == list(range(1, 15))  # each step once, none lost
+    assert [m["loss"] for m in lines] == [m["loss"] for m in ref_lines]
+    assert lines[-1]["tokens_seen"] == ref_lines[-1]["tokens_seen"] > 0  # continued across the resume
+    assert lines[-1]["train_time_s"] > lines[stopped["step"] - 1]["train_time_s"]
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])

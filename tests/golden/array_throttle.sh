@@ -20,20 +20,34 @@
 set -u
 export HPCQWEN_RUN_DIR=/shared/runs/shards/20260101T000000Z-abcdef
 TASK_DIR=/shared/runs/shards/20260101T000000Z-abcdef/tasks/"$SLURM_ARRAY_TASK_ID"
-mkdir -p "$TASK_DIR" && rm -f "$TASK_DIR/STOP"
-# USR2 arrives 300 s before the time limit (--signal=B:USR2@...), TERM on preemption:
-# ask every rank to save a complete checkpoint and exit (the runners watch STOP).
-stop_requested=0
-requeue_id="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
-trap 'stop_requested=1; touch "$TASK_DIR/STOP"; echo "hpcqwen: USR2: saving, then requeue" >&2' USR2
-trap 'touch "$TASK_DIR/STOP"; echo "hpcqwen: TERM: saving" >&2' TERM
+mkdir -p "$TASK_DIR" && rm -f "$TASK_DIR/STOP" "$TASK_DIR/OUTCOME" "$TASK_DIR/FINAL" "$TASK_DIR/PROGRESS"
+# The ranks save and exit 75 on a stop request: USR2 300 s before the time limit (to this
+# shell only: it touches STOP), TERM on preemption or scancel (to every process of the step as well).
+trapped=0
+trap 'trapped=1; touch "$TASK_DIR/STOP"; echo "hpcqwen: USR2: time limit in 300 s: saving" >&2' USR2
+trap 'trapped=1; touch "$TASK_DIR/STOP"; echo "hpcqwen: TERM: saving" >&2' TERM
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=1 /opt/venv/bin/python -m hpcqwen launch /shared/runs/shards/20260101T000000Z-abcdef &
 launcher=$!
-wait "$launcher"; rc=$?
-# A trapped signal interrupts `wait`; keep waiting until the launcher has really exited.
-while kill -0 "$launcher" 2>/dev/null; do wait "$launcher"; rc=$?; done
-if [ "$stop_requested" = 1 ] && [ "${SLURM_RESTART_COUNT:-0}" -lt 5 ]; then
-  echo "hpcqwen: requeue $requeue_id (restart $(( ${SLURM_RESTART_COUNT:-0} + 1 )) of 5)" >&2
-  scontrol requeue "$requeue_id"
+rc=
+while :; do  # a trapped signal cuts `wait` short (rc 128+n): wait again for the launcher's own status
+  trapped=0; wait "$launcher"; r=$?
+  [ "$r" = 127 ] && [ -n "$rc" ] && break  # already reaped by the previous wait
+  rc=$r; [ "$trapped" = 1 ] || break
+done
+{ read -r outcome _ < "$TASK_DIR/OUTCOME"; } 2>/dev/null || outcome=failed
+[ "$rc" = 0 ] || outcome=failed
+case "$outcome" in done) exit 0 ;; stopped) code=75 ;; *) code=$rc; [ "$code" = 0 ] && code=1 ;; esac
+restarts=${SLURM_RESTART_COUNT:-0}; requeue_id="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+if [ "$outcome" = stopped ] || { true && [ -e "$TASK_DIR/PROGRESS" ]; }; then
+  if [ "$restarts" -ge 5 ]; then
+    why="restart limit reached ($restarts of 5)"
+  elif err=$(scontrol requeue "$requeue_id" 2>&1); then
+    echo "hpcqwen: $outcome; requeued $requeue_id (restart $((restarts + 1)) of 5)" >&2
+    exit 0
+  else
+    why="requeue refused: ${err//$'\n'/ }"
+  fi
+  echo "hpcqwen: $outcome and not requeued: $why" >&2
 fi
-exit "$rc"
+[ "$outcome" = stopped ] && echo "STOPPED ${why:-requeue is off}" > "$TASK_DIR/FINAL"
+exit "$code"

@@ -78,26 +78,78 @@ def test_unknown_run_dir_is_a_clear_error(tmp_path: Path, capsys: pytest.Capture
     assert "is neither a run dir nor a Slurm job id" in capsys.readouterr().err
 
 
-@pytest.mark.cpu_dist
-def test_two_launchers_on_localhost_rendezvous(write_spec, run_root: Path) -> None:
-    """Two 'nodes' on this machine: two launcher processes with SLURM_NODEID 0 and 1, real torchrun, gloo."""
+def _submitted(out: str) -> tuple[str, Path]:
+    line = next(x for x in out.splitlines() if "submitted job " in x)
+    job, run_dir = line.split("submitted job ")[1].split("  run dir: ")
+    return job, Path(run_dir.strip())
+
+
+def test_cancel_saves_reads_cancelled_and_resume_continues(write_spec, capsys: pytest.CaptureFixture[str]) -> None:
+    from helpers import wait_until
+
+    spec = write_spec("name: steps\ntask: {kind: command, module: hpcqwen.examples.steps, "
+                      "args: [--steps, '40', --step-seconds, '0.1']}\n")
+    assert main(["submit", str(spec), "--backend", "local"]) == EXIT_OK
+    job, run_dir = _submitted(capsys.readouterr().out)
+    progress = run_dir / "progress.json"
+    wait_until(lambda: progress.exists() and json.loads(progress.read_text())["step"] >= 3, 60, "3 steps")
+    assert main(["cancel", job]) == EXIT_OK  # the local-NNNN id that submit printed
+    assert capsys.readouterr().out == f"cancelled {job}\n"
+    wait_until(lambda: (run_dir / "logs" / "local.rc").exists(), 60, "the local run to end")
+    assert main(["status", job, "--json"]) == EXIT_OK
+    status = json.loads(capsys.readouterr().out)
+    assert status["tasks"][0]["state"] == "CANCELLED" and status["run_dir"] == str(run_dir)
+    assert (run_dir / "FINAL").read_text().startswith("STOPPED cancelled")
+    saved = json.loads(progress.read_text())["step"]
+    assert 3 <= saved < 40
+    assert main(["cancel", str(run_dir)]) == EXIT_OK and "is not running" in capsys.readouterr().out
+    assert main(["resume", str(run_dir), "--wait"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "resumed: submitted job local-" in out and "COMPLETED" in out
+    assert json.loads(progress.read_text())["step"] == 40
+    log = (run_dir / "logs" / "steps-local.out").read_text()
+    assert f"steps: start at step {saved} " in log  # continued, not restarted
+    assert len(json.loads((run_dir / "manifest.json").read_text())["job_ids"]) == 2
+    assert main(["resume", str(run_dir)]) == EXIT_USAGE
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_a_stopped_local_run_is_stopped_not_completed(write_spec, capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGUSR2 to the run (as submitit's --signal would send): saves, exits 75, status STOPPED, --wait exits 3."""
+    import signal
+
+    from helpers import wait_until
+
+    spec = write_spec("name: stopme\ntask: {kind: command, module: hpcqwen.examples.steps, "
+                      "args: [--steps, '400', --step-seconds, '0.1']}\n")
+    assert main(["submit", str(spec), "--backend", "local"]) == EXIT_OK
+    job, run_dir = _submitted(capsys.readouterr().out)
+    wait_until(lambda: (run_dir / "progress.json").exists(), 60, "a step")
+    os.killpg(int(job.removeprefix("local-")), signal.SIGUSR2)
+    wait_until(lambda: (run_dir / "logs" / "local.rc").exists(), 60, "the local run to end")
+    assert (run_dir / "logs" / "local.rc").read_text() == "75\n"
+    assert main(["status", str(run_dir), "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["tasks"][0]["state"] == "STOPPED"
+    from hpcqwen import runs
+
+    ref = runs.resolve_target(str(run_dir))
+    with pytest.raises(Exception, match="ended STOPPED: it saved a complete checkpoint") as exc:
+        runs.check_completed(ref, runs.job_rows(ref), job)
+    assert getattr(exc.value, "exit_code", None) == EXIT_JOB_FAILED and "hpcqwen resume" in exc.value.hint
+
+
+def test_a_reused_pid_is_never_signalled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A local run's pid that now belongs to another program (here: this test process)."""
     from hpcqwen.spec import load_spec, read_source
     from hpcqwen.submit import prepare_run_dir
 
-    path = write_spec("name: two\nresources: {nodes: 2, nproc_per_node: 2}\n"
-                      "task: {kind: command, module: hpcqwen.examples.allreduce}\n")
-    paths = prepare_run_dir(load_spec(path), read_source(path), "test", {})
-    from hpcqwen.backends import free_port
-
-    base = {**os.environ, "SLURM_JOB_ID": "31337", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "localhost",
-            "HPCQWEN_MASTER_PORT": str(free_port())}  # the job-id port may still be in TIME_WAIT from a rerun
-    # stderr apart: a warning written to stderr in pieces would otherwise cut into a rank's line
-    procs = [subprocess.Popen([sys.executable, "-m", "hpcqwen", "launch", str(paths.root)],
-                              env={**base, "SLURM_NODEID": str(i)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in (0, 1)]
-    results = [p.communicate(timeout=180) for p in procs]
-    outs = [out for out, _ in results]
-    assert [p.returncode for p in procs] == [0, 0], results
-    lines = [line for out in outs for line in out.splitlines() if line.startswith("allreduce ")]
-    assert len(lines) == 4 and all("sum=10 expected=10" in line for line in lines)  # 1+2+3+4
-    assert {line.split("node_rank=")[1][0] for line in lines} == {"0", "1"}
+    spec_path = tmp_path / "s.yaml"
+    spec_path.write_text("name: old\ntask: {kind: command, module: m}\n")
+    paths = prepare_run_dir(load_spec(spec_path), read_source(spec_path), "local", {})
+    manifest = json.loads(paths.manifest.read_text())
+    manifest["job_ids"] = [f"local-{os.getpid()}"]
+    paths.manifest.write_text(json.dumps(manifest))
+    assert main(["cancel", str(paths.root)]) == EXIT_OK  # would kill pytest itself if it signalled the pid
+    assert "is not running" in capsys.readouterr().out
+    assert main(["status", str(paths.root), "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["tasks"][0]["state"] == "FAILED"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcqwen.launch import expand_nodelist, launch_argv, launch_env, master_port, visible_gpus
+from hpcqwen.launch import expand_nodelist, launch_env, master_port, visible_gpus, worker_env
 from hpcqwen.spec import load_spec
 
 # Forms from the Slurm docs (hostlist expressions, `scontrol show hostnames`).
@@ -28,10 +28,13 @@ def test_expand_nodelist(text: str, hosts: list[str]) -> None:
     assert expand_nodelist(text) == hosts
 
 
-def test_master_port_is_stable_distinct_and_unprivileged() -> None:
+def test_master_port_is_stable_spread_and_unprivileged() -> None:
     ports = {master_port(str(j)) for j in range(1000, 1100)}
-    assert len(ports) == 100 and all(15000 <= p < 30000 for p in ports)
+    assert len(ports) >= 99 and all(15000 <= p < 30000 for p in ports)
     assert master_port("1234") == master_port("1234")
+    # ids a modulo would map to one port (100000 % 15000 == 115000 % 15000) get different ones
+    assert len({master_port(j) for j in ("100000", "115000", "130000")}) == 3
+    assert master_port("1234", restart=1) != master_port("1234") != master_port("1234", attempt=1)
 
 
 def test_visible_gpus() -> None:
@@ -47,29 +50,41 @@ def _spec(write_spec, text: str):  # noqa: ANN202
 def test_two_node_gpu_job(write_spec) -> None:
     spec = _spec(write_spec, "name: t\nresources: {nodes: 2, gpus_per_node: 4}\ntask: {kind: command, module: m}\n")
     environ = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
-               "SLURM_JOB_NODELIST": "gpu[07-08]", "CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_RESTART_COUNT": "2"}
+               "SLURM_JOB_NODELIST": "gpu[07-08]", "CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_RESTART_COUNT": "2",
+               "SLURM_CPUS_PER_TASK": "32"}
     le = launch_env(environ, spec, "/runs/r")
     assert (le.nnodes, le.node_rank, le.master_addr, le.nproc_per_node, le.world_size) == (2, 1, "gpu07", 4, 8)
-    assert le.master_port == master_port("4242") and le.restart_count == 2
+    assert le.restart_count == 2
     assert le.env["NODE_RANK"] == "1" and le.env["MASTER_ADDR"] == "gpu07" and le.env["NPROC_PER_NODE"] == "4"
-    assert "RANK" not in le.env  # torchrun sets per-process ranks
-    argv = launch_argv(le, "hpcqwen.runners.sft", ["/runs/r"], python="/py")
-    assert argv == ["/py", "-m", "torch.distributed.run", "--nnodes=2", "--node_rank=1", "--master_addr=gpu07",
-                    f"--master_port={le.master_port}", "--nproc_per_node=4", "-m", "hpcqwen.runners.sft", "/runs/r"]
+    assert le.env["WORLD_SIZE"] == "8" and le.env["LOCAL_WORLD_SIZE"] == "4"
+    assert le.env["OMP_NUM_THREADS"] == "8"  # 32 CPUs Slurm gave the node's launcher / 4 ranks
+    assert "RANK" not in le.env
+    ranks = [worker_env(le, r, 29500) for r in range(4)]
+    assert [w["RANK"] for w in ranks] == ["4", "5", "6", "7"]
+    assert [w["LOCAL_RANK"] for w in ranks] == ["0", "1", "2", "3"]
+    assert {w["MASTER_PORT"] for w in ranks} == {"29500"}
+
+
+def test_omp_num_threads_set_by_the_user_is_kept(write_spec) -> None:
+    spec = _spec(write_spec, "name: t\nresources: {nproc_per_node: 2}\ntask: {kind: command, module: m}\n")
+    le = launch_env({"SLURM_JOB_ID": "1", "SLURM_CPUS_PER_TASK": "8", "OMP_NUM_THREADS": "3"}, spec, "/r")
+    assert "OMP_NUM_THREADS" not in le.env  # the launcher passes the caller's environment through
+    le = launch_env({"SLURM_JOB_ID": "1", "SLURM_CPUS_PER_TASK": "8"}, spec, "/r")
+    assert le.env["OMP_NUM_THREADS"] == "4"
 
 
 def test_cpu_job_takes_nproc_from_the_spec(write_spec) -> None:
     spec = _spec(write_spec, "name: t\nresources: {nproc_per_node: 3}\ntask: {kind: command, module: m}\n")
     le = launch_env({"SLURM_JOB_ID": "1", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "n1"}, spec, "/r")
     assert le.nproc_per_node == 3 and le.world_size == 3
+    assert le.master_addr == "127.0.0.1"  # one node: the rendezvous stays on this host
 
 
-def test_single_process_runs_the_module_directly(write_spec) -> None:
+def test_single_process_outside_slurm(write_spec) -> None:
     spec = _spec(write_spec, "name: t\ntask: {kind: command, module: m, args: [x]}\n")
     le = launch_env({}, spec, "/r")  # local backend: no SLURM_* at all
     assert (le.nnodes, le.master_addr, le.world_size) == (1, "127.0.0.1", 1)
-    assert le.env["RANK"] == "0" and le.env["WORLD_SIZE"] == "1"
-    assert launch_argv(le, "m", ["x"], python="/py") == ["/py", "-m", "m", "x"]
+    assert worker_env(le, 0, 1234)["RANK"] == "0" and le.env["WORLD_SIZE"] == "1"
 
 
 def test_array_task_gets_its_own_task_dir(write_spec) -> None:

@@ -1,4 +1,5 @@
-"""Rendering: golden scripts per variant, `bash -n`, inert values, and the script run with stubs.
+"""Rendering: golden scripts per variant, `bash -n`, and the guide's GRPO command flag by flag (the
+script run with stub srun/scontrol is in test_batch_script.py).
 
 Regenerate the goldens with HPCQWEN_UPDATE_GOLDEN=1 after an intended change, and read the diff.
 """
@@ -6,17 +7,14 @@ Regenerate the goldens with HPCQWEN_UPDATE_GOLDEN=1 after an intended change, an
 from __future__ import annotations
 
 import os
-import signal
-import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from hpcqwen.paths import RunPaths
 from hpcqwen.render import format_time, render_sbatch
-from hpcqwen.spec import SpecSource, load_spec, parse_spec, read_source
+from hpcqwen.spec import SpecSource, load_spec
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 PINNED = "cluster: {profile: local, python: /opt/venv/bin/python, run_root: /shared/runs}\n"
@@ -74,105 +72,6 @@ def test_template_stays_small() -> None:
 
 def test_time_format() -> None:
     assert [format_time(m) for m in (1, 59, 60, 1500)] == ["00:01:00", "00:59:00", "01:00:00", "1-01:00:00"]
-
-
-# ---- the script itself, run by bash with stub srun / scontrol on PATH -----------------------------
-
-STUB_SRUN = """#!/bin/bash
-echo "srun $*" >> "$STUB_LOG"
-env | grep '^EVIL=' -A3 > "$STUB_DIR/env-seen" || true
-touch "$STUB_DIR/started"
-if [ "${STUB_MODE:-ok}" = wait-stop ]; then
-  while [ ! -f "$STUB_STOP_FILE" ]; do sleep 0.05; done
-  echo "stub launcher: saved at stop" >> "$STUB_LOG"
-fi
-exit "${STUB_RC:-0}"
-"""
-STUB_SCONTROL = '#!/bin/bash\necho "scontrol $*" >> "$STUB_LOG"\n'
-
-
-def _stubs(tmp_path: Path) -> dict[str, str]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, body in (("srun", STUB_SRUN), ("scontrol", STUB_SCONTROL)):
-        p = bin_dir / name
-        p.write_text(body)
-        p.chmod(p.stat().st_mode | stat.S_IEXEC)
-    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(tmp_path / "calls.log"),
-            "STUB_DIR": str(tmp_path), "HOME": str(tmp_path)}
-
-
-def _script_for(tmp_path: Path, text: str) -> tuple[Path, RunPaths]:
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(text)
-    source = read_source(spec_path)
-    spec = parse_spec(source)
-    paths = RunPaths(tmp_path / "run")
-    paths.root.mkdir()
-    script = tmp_path / "job.sbatch"
-    script.write_text(render_sbatch(spec, paths, source))
-    return script, paths
-
-
-def test_values_render_inert(tmp_path: Path) -> None:
-    evil = "$(touch {p}/pwned) `touch {p}/pwned2` ' \" ; touch {p}/pwned3\nline2 $HOME".format(p=tmp_path)
-    # a YAML block scalar keeps the newline; the value reaches the script through `export EVIL=...`
-    text = f"name: evil\ncluster: {{profile: local, run_root: {tmp_path}}}\nenv:\n  EVIL: |-\n"
-    text += "".join(f"    {line}\n" for line in evil.splitlines())
-    text += "task: {kind: command, module: m}\n"
-    script, _ = _script_for(tmp_path, text)
-    env = {**_stubs(tmp_path), "SLURM_JOB_ID": "77"}
-    subprocess.run(["bash", str(script)], env=env, check=True, timeout=30)
-    assert not list(tmp_path.glob("pwned*")), "a spec value was executed"
-    seen = (tmp_path / "env-seen").read_text()
-    assert seen.startswith("EVIL=" + evil.splitlines()[0]) and "line2 $HOME" in seen
-
-
-def test_success_passes_exit_code_and_does_not_requeue(tmp_path: Path) -> None:
-    script, paths = _script_for(tmp_path, "name: ok\ntask: {kind: command, module: m}\n")
-    env = {**_stubs(tmp_path), "SLURM_JOB_ID": "77", "STUB_RC": "3"}
-    (paths.root / "STOP").touch()  # a stale stop file from the previous run is removed at start
-    proc = subprocess.run(["bash", str(script)], env=env, timeout=30)
-    assert proc.returncode == 3
-    calls = (tmp_path / "calls.log").read_text().splitlines()
-    assert calls[0].startswith("srun --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=1 ")
-    assert calls[0].endswith(f"-m hpcqwen launch {paths.root}")
-    assert not any(c.startswith("scontrol") for c in calls)
-    assert not (paths.root / "STOP").exists()
-
-
-def _signal_run(tmp_path: Path, text: str, env_extra: dict[str, str], stop_file: str) -> tuple[int, list[str]]:
-    script, paths = _script_for(tmp_path, text)
-    env = {**_stubs(tmp_path), "STUB_MODE": "wait-stop", "STUB_STOP_FILE": str(paths.root / stop_file),
-           **env_extra}
-    proc = subprocess.Popen(["bash", str(script)], env=env)
-    deadline = time.time() + 20
-    while not (tmp_path / "started").exists():
-        assert time.time() < deadline, "the stub launcher never started"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR2)
-    rc = proc.wait(timeout=30)
-    return rc, (tmp_path / "calls.log").read_text().splitlines()
-
-
-def test_usr2_touches_stop_waits_for_the_launcher_then_requeues(tmp_path: Path) -> None:
-    rc, calls = _signal_run(tmp_path, "name: pre\ntask: {kind: command, module: m}\n", {"SLURM_JOB_ID": "77"},
-                            "STOP")
-    assert rc == 0
-    assert calls[1:] == ["stub launcher: saved at stop", "scontrol requeue 77"]
-
-
-def test_array_task_requeues_itself_by_array_id(tmp_path: Path) -> None:
-    text = "name: arr\narray: {size: 4}\ntask: {kind: command, module: m}\n"
-    env = {"SLURM_JOB_ID": "90", "SLURM_ARRAY_JOB_ID": "50", "SLURM_ARRAY_TASK_ID": "3"}
-    rc, calls = _signal_run(tmp_path, text, env, "tasks/3/STOP")
-    assert rc == 0 and calls[-1] == "scontrol requeue 50_3"
-
-
-def test_restart_limit_stops_requeueing(tmp_path: Path) -> None:
-    text = "name: pre\nrequeue: {max_restarts: 2}\ntask: {kind: command, module: m}\n"
-    rc, calls = _signal_run(tmp_path, text, {"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "2"}, "STOP")
-    assert rc == 0 and not any(c.startswith("scontrol") for c in calls)
 
 
 # The guide's `swift rlhf --rlhf_type grpo` command (qwen3-best-practices.md), flag by flag, with
