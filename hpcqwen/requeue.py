@@ -7,6 +7,8 @@ Python for the submitit backend, and tests/unit/test_requeue.py checks that both
   otherwise exit 75 and write FINAL `STOPPED <why>` (restart limit, requeue refused, requeue off);
 - anything else is a failure -> requeue when `requeue.on_failure`, the attempt got past its first
   step (TASK_DIR/PROGRESS) and restarts remain; otherwise exit with the failure's code.
+A requeue is asked for only while Slurm still says the job is RUNNING: after `scancel` the job is
+COMPLETING, and `scontrol requeue` would bring a cancelled job back (it does, in Slurm 22.05).
 `SubmititLaunch` is what the submitit backend runs on every node: the launcher as a child process,
 then (node 0) this rule, in place of submitit's own USR2 handler, which requeues at once while the
 ranks are still saving and refuses to requeue a command ("not checkpointable").
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,11 +67,27 @@ def decide(outcome: str, rc: int, restarts: int, max_restarts: int, *, enabled: 
     return Decision(False, code, f"STOPPED {why}")
 
 
-def refused(outcome: str, rc: int, err: str) -> Decision:
+def not_running(outcome: str, rc: int, state: str) -> Decision:
+    """No requeue: Slurm no longer runs the job (cancelled, timed out, or requeued by Slurm itself)."""
+    return refused(outcome, rc, f"the job is {state} (cancelled, timed out or requeued by Slurm)", prefix="")
+
+
+def refused(outcome: str, rc: int, err: str, prefix: str = "requeue refused: ") -> Decision:
     """A requeue that `scontrol` refused (a cancelled job, a partition that forbids it)."""
     if outcome == "stopped" and rc == 0:
-        return Decision(False, EXIT_STOPPED, "STOPPED requeue refused: " + " ".join(err.split()))
+        return Decision(False, EXIT_STOPPED, "STOPPED " + prefix + " ".join(err.split()))
     return Decision(False, rc or 1)
+
+
+def job_state(job: str) -> str:
+    """`scontrol show job`'s JobState (RUNNING, COMPLETING, ...), or '' when it cannot be read."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30,
+                             check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    m = re.search(r"JobState=([A-Z_]+)", out)
+    return m.group(1) if m else ""
 
 
 def clear_attempt(task: TaskPaths) -> None:
@@ -125,12 +144,16 @@ class SubmititLaunch:
             job = os.environ.get("SLURM_JOB_ID", "")
             if os.environ.get("SLURM_ARRAY_JOB_ID"):
                 job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
-            proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
-            if proc.returncode == 0:
-                print(f"hpcqwen: {outcome}; requeued {job} (restart {restarts + 1} of {self.max_restarts})",
-                      file=sys.stderr, flush=True)
-                sys.exit(0)
-            d = refused(outcome, rc, proc.stderr or proc.stdout)
+            state = job_state(job)
+            if state and state != "RUNNING":
+                d = not_running(outcome, rc, state)
+            else:
+                proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
+                if proc.returncode == 0:
+                    print(f"hpcqwen: {outcome}; requeued {job} (restart {restarts + 1} of {self.max_restarts})",
+                          file=sys.stderr, flush=True)
+                    sys.exit(0)
+                d = refused(outcome, rc, proc.stderr or proc.stdout)
         if d.final:
             fs.write_atomic(task.final, d.final + "\n")
             print(f"hpcqwen: stopped and not requeued: {d.final.removeprefix('STOPPED ')}", file=sys.stderr,

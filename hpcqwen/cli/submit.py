@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hpcqwen import backends, runs, slurm
+from hpcqwen import backends, preflight, runs, slurm
 from hpcqwen.cli._common import add_spec_arguments
-from hpcqwen.errors import EXIT_OK
+from hpcqwen.errors import EXIT_OK, SpecError, SpecIssue
 from hpcqwen.spec import parse_spec, read_source
 from hpcqwen.submit import submit
 
@@ -29,6 +29,11 @@ def run(args: argparse.Namespace) -> int:
     """Submit; with --wait, follow the state and report how it ended."""
     source = read_source(args.spec, tuple(args.overrides))
     spec = parse_spec(source)
+    errors, warnings = preflight.signal_lead_problems(spec)
+    for text in warnings:
+        print(f"warning: {text}", file=sys.stderr)
+    if errors:
+        raise SpecError(args.spec, [SpecIssue(args.spec, None, "requeue.signal_lead_s", text) for text in errors])
     backend, why = backends.choose_backend(args.backend, spec, wait=args.wait)
     print(f"backend: {why}", file=sys.stderr)
     sub = submit(spec, source, backend)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,7 @@ def save(root: Path, iteration: int, model: Any, optimizer: Any, scheduler: Any,
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     path = iter_dir(root, iteration)
+    started = time.monotonic()
     if stopping.agree(checkpoints.is_complete(path)):
         if rank == 0:
             print(f"megatron: {path} is already a complete checkpoint (another run's, or this run's before a "
@@ -145,7 +147,8 @@ def save(root: Path, iteration: int, model: Any, optimizer: Any, scheduler: Any,
         fs.fsync_tree(path)  # a client flushes only its own writes: every node its own shards
     stopping.barrier()
     if rank == 0:
-        checkpoints.mark_complete(path, {"step": iteration, "iteration": iteration}, synced=True)
+        checkpoints.mark_complete(path, {"step": iteration, "iteration": iteration,
+                                         "save_s": round(time.monotonic() - started, 2)}, synced=True)
     stopping.barrier()
     return path
 

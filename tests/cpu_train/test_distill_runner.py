@@ -105,12 +105,12 @@ def test_a_restart_keeps_written_answers_and_cuts_a_torn_line(capsys: pytest.Cap
     (run_dir / "shards" / "shard-0.done").unlink()
     (run_dir / "distill_dataset.jsonl").unlink()
     env = {**os.environ, "HPCQWEN_RUN_DIR": str(run_dir), "HPCQWEN_TASK_DIR": str(run_dir)}
-    (run_dir / "STOP").touch()  # the batch script's USR2 trap: stop before the next batch, exit 0 (then requeue)
+    (run_dir / "STOP").touch()  # the batch script's USR2 trap: stop before the next batch, exit 75 (then requeue)
     proc = subprocess.run([sys.executable, "-m", "hpcqwen.runners.distill", str(run_dir)], env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 75, proc.stderr
     assert f"distill: shard 0: cut a torn last line ({len(torn)} bytes)" in proc.stdout
-    assert "distill: STOP seen; shard 0 stops with 3 prompts written" in proc.stdout
+    assert "distill: stop requested; shard 0 stops with 3 prompts written" in proc.stdout
     assert shard.read_text() == "".join(kept)  # the torn tail was cut, nothing was added
     (run_dir / "STOP").unlink()
     proc = subprocess.run([sys.executable, "-m", "hpcqwen.runners.distill", str(run_dir)], env=env,

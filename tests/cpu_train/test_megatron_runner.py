@@ -53,6 +53,7 @@ task:
   log_interval: 1
   lr: 1e-3
   lr_warmup_iters: 1
+  save_total_limit: 1
 """
 
 
@@ -72,16 +73,33 @@ def run_dir(root: Path, name: str, model: Path) -> Path:
     return folder
 
 
-def runner(folder: Path) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             f"--master_port={free_port()}", str(WRAPPER), str(folder)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+class Ranks:
+    """Two ranks of the wrapper with the environment hpcqwen's launcher gives them (RANK, LOCAL_RANK,
+    WORLD_SIZE, MASTER_*, HPCQWEN_TASK_DIR), so each rank's own exit code can be checked."""
+
+    def __init__(self, folder: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_"))}
+        port = str(free_port())
+        self.logs = [folder.parent / f"{folder.name}-rank{r}.log" for r in (0, 1)]
+        self.procs = [subprocess.Popen([sys.executable, str(WRAPPER), str(folder)], stdout=open(log, "a"),  # noqa: SIM115
+                                       stderr=subprocess.STDOUT, text=True,
+                                       env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                            "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                            "HPCQWEN_TASK_DIR": str(folder), "HPCQWEN_RUN_DIR": str(folder)})
+                      for r, log in zip((0, 1), self.logs, strict=True)]
+
+    def poll(self) -> int | None:
+        return self.procs[0].poll()
 
 
-def finish(proc: subprocess.Popen[str]) -> str:
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-8000:]
+def runner(folder: Path) -> Ranks:
+    return Ranks(folder)
+
+
+def finish(ranks: Ranks, code: int = 0) -> str:
+    codes = [p.wait(timeout=300) for p in ranks.procs]
+    out = "".join(log.read_text() for log in ranks.logs)
+    assert codes == [code, code], out[-8000:]
     return out
 
 
@@ -101,14 +119,20 @@ def test_train_stop_resume_equals_uninterrupted_then_export(tmp_path: Path, moe_
         assert proc.poll() is None and time.time() < end, "the run ended before it could be stopped"
         time.sleep(0.02)
     (stopped / "STOP").touch()
-    finish(proc)
+    finish(proc, 75)  # stopped, resumable
     last = read_metrics(stopped / "metrics.jsonl")[-1]
     assert last["phase"] == "stopped" and 2 <= last["step"] < ITERS
     saved = stopped / "checkpoints" / f"iter_{last['step']:07d}"
     assert (saved / "hpcqwen-complete.json").is_file() and (saved / "hf" / "config.json").is_file()
+    assert json.loads((saved / "hpcqwen-complete.json").read_text())["save_s"] > 0
+    crashed = stopped / "checkpoints" / "iter_0000001"  # a save that died: no marker, older than `saved`
+    crashed.mkdir()
+    (crashed / "common.pt").write_bytes(b"torn")
     (stopped / "STOP").unlink()  # the batch script removes it when the job restarts
     log = finish(runner(stopped))
     assert f"resumed {saved} at iteration {last['step']}" in log
+    # save_total_limit 1: only the last complete checkpoint stays; the crashed save is gone too
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == [f"iter_{ITERS:07d}"]
 
     a, b = losses(straight), losses(stopped)
     assert sorted(a) == sorted(b) == list(range(1, ITERS + 1))

@@ -39,8 +39,11 @@ done
 case "$outcome" in done) exit 0 ;; stopped) code=75 ;; *) code=$rc; [ "$code" = 0 ] && code=1 ;; esac
 restarts=${SLURM_RESTART_COUNT:-0}; requeue_id="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
 if [ "$outcome" = stopped ] || { true && [ -e "$TASK_DIR/PROGRESS" ]; }; then
+  state=$(scontrol show job "$requeue_id" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | head -n1)
   if [ "$restarts" -ge 5 ]; then
     why="restart limit reached ($restarts of 5)"
+  elif [ -n "$state" ] && [ "$state" != JobState=RUNNING ]; then  # scancel: COMPLETING; never revive it
+    why="the job is ${state#JobState=} (cancelled, timed out or requeued by Slurm)"
   elif err=$(scontrol requeue "$requeue_id" 2>&1); then
     echo "hpcqwen: $outcome; requeued $requeue_id (restart $((restarts + 1)) of 5)" >&2
     exit 0

@@ -128,6 +128,8 @@ def test_scontrol_requeue_restarts_and_resumes(slurm_cluster: str, write_spec,
     assert json.loads(progress.read_text())["step"] == 25
     launches = [json.loads(x) for x in (run_dir / "launches.jsonl").read_text().splitlines()]
     assert [x["restart_count"] for x in launches] == [0, 1]
+    # Slurm requeued it itself (the job was COMPLETING): the batch script must not requeue it a second time
+    assert f"requeued {job} (restart" not in log
 
 
 def test_usr2_before_the_time_limit_stops_and_requeues(slurm_cluster: str, write_spec,
@@ -145,9 +147,9 @@ def test_usr2_before_the_time_limit_stops_and_requeues(slurm_cluster: str, write
     rows = runs.wait_for(ref, max_poll_s=3)
     log = next((run_dir / "logs").glob("preempted-*.out")).read_text()
     assert [r.slurm_state for r in rows] == ["COMPLETED"], log
-    assert "hpcqwen: USR2: saving, then requeue" in log
-    assert "steps: STOP seen, stopped at step" in log
-    assert f"hpcqwen: requeue {job} (restart 1 of 3)" in log
+    assert "hpcqwen: USR2: time limit in 60 s: saving" in log
+    assert "steps: stop requested (STOP file), stopped at step" in log
+    assert f"hpcqwen: stopped; requeued {job} (restart 1 of 3)" in log
     assert "restart_count=1" in log and "steps: finished 130 steps" in log
     assert not (run_dir / "STOP").exists()  # removed by the restarted batch script
 

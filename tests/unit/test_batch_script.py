@@ -20,7 +20,7 @@ import pytest
 
 from hpcqwen.paths import RunPaths
 from hpcqwen.render import render_sbatch
-from hpcqwen.requeue import decide, refused
+from hpcqwen.requeue import decide, not_running, refused
 from hpcqwen.spec import parse_spec, read_source
 
 STUB_SRUN = """#!/bin/bash
@@ -36,6 +36,7 @@ fi
 exit "${STUB_RC:-0}"
 """
 STUB_SCONTROL = """#!/bin/bash
+if [ "$1" = show ]; then echo "JobId=$3 JobName=x"; echo "   JobState=${STUB_JOBSTATE:-RUNNING} Reason=None"; exit 0; fi
 echo "scontrol $*" >> "$STUB_LOG"
 if [ "${STUB_SCONTROL:-ok}" != ok ]; then
   echo "slurm_requeue error: Requested operation is presently disabled" >&2
@@ -86,20 +87,23 @@ OUTCOMES = [("done", 0), ("stopped", 0), ("failed", 1), (None, 0), (None, 137), 
 def test_every_outcome_matches_the_python_rule(tmp_path: Path, enabled: bool, on_failure: bool) -> None:
     script, paths = _script(tmp_path, _spec_text(enabled, on_failure))
     task = paths.task(None)
-    cases = itertools.product(OUTCOMES, (False, True), (0, 2), ("ok", "refused"))
+    cases = itertools.product(OUTCOMES, (False, True), (0, 2), ("ok", "refused", "COMPLETING"))
     for (outcome, rc), progress, restarts, answer in cases:
         (tmp_path / "calls.log").unlink(missing_ok=True)
         for stale in (task.outcome, task.final, task.progress, task.stop):  # a previous attempt's files
             stale.write_text("done restart=9\n" if stale == task.outcome else "x\n")
         env = {**_stubs(tmp_path, task.dir), "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": str(restarts),
                "STUB_RC": str(rc), "STUB_OUTCOME": outcome or "", "STUB_PROGRESS": "1" if progress else "",
-               "STUB_SCONTROL": answer}
+               "STUB_SCONTROL": "ok" if answer == "COMPLETING" else answer,
+               "STUB_JOBSTATE": answer if answer == "COMPLETING" else "RUNNING"}
         proc = subprocess.run(["bash", str(script)], env=env, timeout=30, capture_output=True, text=True)
         case = f"outcome={outcome} rc={rc} progress={progress} restarts={restarts} scontrol={answer}"
         expected = decide(outcome or "failed", rc, restarts, 2, enabled=enabled, on_failure=on_failure,
                           progress=progress)
-        requeued = expected.requeue
-        if expected.requeue and answer != "ok":
+        requeued = expected.requeue and answer != "COMPLETING"
+        if expected.requeue and answer == "COMPLETING":  # scancel'd: never requeued, whatever the outcome
+            expected = not_running(outcome or "failed", rc, "COMPLETING")
+        elif expected.requeue and answer != "ok":
             expected = refused(outcome or "failed", rc, "slurm_requeue error: Requested operation is presently "
                                "disabled\nsecond line")
         calls = _calls(tmp_path)

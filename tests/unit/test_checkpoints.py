@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from hpcqwen import checkpoints
 
 
@@ -50,3 +52,30 @@ def test_prune_keeps_the_newest_complete_and_a_save_in_progress(tmp_path: Path) 
 def test_prune_without_a_complete_checkpoint_deletes_nothing(tmp_path: Path) -> None:
     make(tmp_path, 3, False)
     assert checkpoints.prune(tmp_path, keep=1) == [] and (tmp_path / "checkpoint-3").is_dir()
+
+
+def test_a_complete_megatron_checkpoint_is_never_overwritten(tmp_path: Path) -> None:
+    """Another run's (or an earlier attempt's) complete iter_N stays as it is; save() writes nothing."""
+    pytest.importorskip("megatron.core")
+    from hpcqwen.megatron import checkpoint
+
+    done = checkpoint.iter_dir(tmp_path, 5)
+    done.mkdir()
+    (done / "common.pt").write_bytes(b"theirs")
+    checkpoints.mark_complete(done)
+    assert checkpoint.save(tmp_path, 5, model=None, optimizer=None, scheduler=None, meta={}, hf_dir=tmp_path) is None
+    assert (done / "common.pt").read_bytes() == b"theirs" and checkpoints.is_complete(done)
+
+
+def test_prune_by_iteration_names(tmp_path: Path) -> None:
+    pytest.importorskip("megatron.core")
+    from hpcqwen.megatron import checkpoint
+
+    for it in (1, 2, 3):
+        checkpoint.iter_dir(tmp_path, it).mkdir()
+    for it in (2, 3):
+        checkpoints.mark_complete(checkpoint.iter_dir(tmp_path, it))
+    checkpoint.iter_dir(tmp_path, 4).mkdir()  # a save under way: newer than the newest complete one
+    assert [p.name for p in checkpoint.prune(tmp_path, 1)] == ["iter_0000001", "iter_0000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000003", "iter_0000004"]
+    assert checkpoint.latest_complete(tmp_path) == checkpoint.iter_dir(tmp_path, 3)
