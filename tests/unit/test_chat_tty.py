@@ -123,7 +123,8 @@ def test_chat_with_adapters_alone_and_the_guide_s_response_prefix(adapters: Path
         turn1, turn2 = prompts(screen)
         assert turn1 == "'<|im_start|>user\\nhello<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n'"
         assert turn2.startswith("'<|im_start|>user\\nhello<|im_end|>\\n<|im_start|>assistant\\n")
-        assert turn2.endswith("<|im_start|>user\\nagain<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n'")
+        assert turn2.endswith("<|im_start|>user\\nagain<|im_end|>\\n<|im_start|>assistant\\n"
+                              "<think>\\n\\n</think>\\n\\n'")
         after = screen.split("<<< hello\n", 1)[1].splitlines()
         assert after[0].startswith("[prompt: ") and after[1:4] == ["<think>", "", "</think>"]  # the prefix shows
         term.type("exit")
