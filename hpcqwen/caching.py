@@ -28,7 +28,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # Bump when the bytes written for the same inputs change (format, masking or packing rules).
-DATA_VERSION = 1
+DATA_VERSION = 2  # 2: ignore_empty_think keeps the loss of an answer token that starts inside the block
 COMPLETE_MARKER = "COMPLETE"
 KEY_FILE = "key.json"
 # Files of a model folder that decide tokenization; weights are left out (they don't, and are huge).

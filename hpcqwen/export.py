@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from hpcqwen import checkpoints
 from hpcqwen.errors import HpcqwenError, RunDirError
@@ -88,9 +89,36 @@ def base_model_of(ckpt: Path) -> str:
     return str(json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"])
 
 
+def model_dtype(model: str) -> str:
+    """The dtype a model folder (or hub id) declares in its config (`dtype`, formerly `torch_dtype`),
+    as a torch name; float32 when it declares none."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(declared).removeprefix("torch.") if declared is not None else "float32"
+    return name if name in ("bfloat16", "float16", "float32") else "float32"
+
+
+def merged_model(ckpt: Path) -> Any:
+    """The base model with `ckpt`'s adapters merged, in the base model's own dtype.
+
+    The merge runs in float32 (a bfloat16 `W + BA` would round the small update away in part); the
+    result is cast back to the base's dtype, so the export is the base's size and vLLM's
+    `dtype=auto` serves it as the base is served (a float32 config would be served as float16).
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_ref = base_model_of(ckpt)
+    base = AutoModelForCausalLM.from_pretrained(base_ref, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(ckpt)).merge_and_unload()
+    return merged.to(getattr(torch, model_dtype(base_ref)))
+
+
 def export_checkpoint(ckpt: Path, out: Path, merge_lora: bool = True) -> Path:
     """Write a loadable HF model folder (weights + tokenizer) for `ckpt` into `out`."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     is_lora = (ckpt / "adapter_config.json").is_file()
@@ -99,13 +127,8 @@ def export_checkpoint(ckpt: Path, out: Path, merge_lora: bool = True) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if is_lora:
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(base_model_of(ckpt), dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, str(ckpt)).merge_and_unload()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(ckpt))
+    # A full checkpoint keeps its own dtype ("auto"), as a merged one keeps its base's.
+    model = merged_model(ckpt) if is_lora else AutoModelForCausalLM.from_pretrained(str(ckpt), dtype="auto")
     model.save_pretrained(str(tmp))
     AutoTokenizer.from_pretrained(str(ckpt)).save_pretrained(str(tmp))
     shutil.rmtree(out, ignore_errors=True)

@@ -269,6 +269,34 @@ class VllmGenerator:
                     yield out.outputs[0].text
 
 
+def adapters_base_model(adapters: str | None) -> str:
+    """The base model a LoRA folder names (its run's spec, else adapter_config.json), as `swift infer
+    --adapters DIR` finds it.
+
+    Raises:
+        HpcqwenError: Without adapters, or for a folder without adapter_config.json.
+    """
+    from hpcqwen.export import base_model_of
+
+    if not adapters:
+        raise HpcqwenError("give --model DIR, or --adapters DIR (a LoRA checkpoint that names its base model)",
+                           hint="hpcqwen chat --adapters <run dir>/checkpoints/checkpoint-<step>")
+    if not (Path(adapters) / "adapter_config.json").is_file():
+        raise HpcqwenError(f"--adapters {adapters} has no adapter_config.json, so its base model is unknown",
+                           hint="give --model DIR (a full model folder) instead")
+    return base_model_of(Path(adapters))
+
+
+def tokenizer_folder(model: str, adapters: str | None) -> str:
+    """Where the tokenizer comes from: the adapters' folder when it has one (a checkpoint saves the
+    tokenizer it trained with), else the model's."""
+    from hpcqwen.tasks._common import TOKENIZER_FILES
+
+    if adapters and any((Path(adapters) / name).is_file() for name in TOKENIZER_FILES):
+        return adapters
+    return model
+
+
 def make_generator(backend: str, model: str, tokenizer: Any, *, adapters: str | None = None,
                    dtype: str = "auto", max_model_len: int = 8192, max_batch_size: int = 16,
                    tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, seed: int = 0) -> Generator:

@@ -215,7 +215,10 @@ def build_row(run_dir: Path, info: dict[str, Any], rows: list[slurm.JobRow], fet
 def _array_row(base: dict[str, Any], paths: RunPaths, rows: list[slurm.JobRow], size: int | None,
                restarts: dict[int | None, int], fetched_at: float | None, unseen: str) -> RunRow:
     by_task: dict[int, slurm.JobRow] = {}
-    for row in sorted(rows, key=lambda r: r.source != "squeue"):  # squeue's row wins over sacct's
+    # the newest job's row wins (a resubmission reruns some tasks), and squeue's over sacct's
+    newest_first = sorted(rows, key=lambda r: (-int(r.array_job_id) if r.array_job_id.isdigit() else 0,
+                                               r.source != "squeue"))
+    for row in newest_first:
         if row.array_task_id is not None:
             by_task.setdefault(row.array_task_id, row)
     tasks = []

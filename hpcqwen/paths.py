@@ -15,6 +15,7 @@ from pathlib import Path
 SPEC_YAML = "spec.yaml"
 SPEC_JSON = "spec.json"
 SBATCH = "job.sbatch"
+RESUBMIT_SBATCH = "job-resubmit-{n}.sbatch"  # `hpcqwen merge --resubmit`: the n-th resubmission
 MANIFEST = "manifest.json"
 GIT_DIFF = "git.diff"
 LAUNCHES = "launches.jsonl"
@@ -82,6 +83,11 @@ class RunPaths:
     """The files of one submission."""
 
     root: Path
+    script: str = SBATCH  # the batch script this submission runs (RESUBMIT_SBATCH for a resubmission)
+
+    def resubmission(self, n: int) -> RunPaths:
+        """The same run dir, with the n-th resubmission's batch script as `sbatch`."""
+        return RunPaths(self.root, RESUBMIT_SBATCH.format(n=n))
 
     @property
     def spec_yaml(self) -> Path:
@@ -96,7 +102,7 @@ class RunPaths:
     @property
     def sbatch(self) -> Path:
         """The rendered batch script."""
-        return self.root / SBATCH
+        return self.root / self.script
 
     @property
     def manifest(self) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,20 +50,21 @@ def dependency_flag(job_ids: dict[str, list[str]]) -> str | None:
     return ",".join(parts) or None
 
 
-def array_flag(spec: JobSpec, first: int = 0, last: int | None = None, indices: list[int] | None = None) -> str | None:
-    """`0-99%4` for an array (or one chunk of it), `1,3,5%4` for chosen tasks, None for a plain job."""
+def array_flag(spec: JobSpec, first: int = 0, last: int | None = None,
+               tasks: Sequence[int] | None = None) -> str | None:
+    """`0-99%4` for an array (or one chunk of it, or `1,3%4` for some of its tasks), None for a plain job."""
     if spec.array is None:
         return None
     throttle = f"%{spec.array.throttle}" if spec.array.throttle else ""
-    if indices is not None:
-        return ",".join(str(i) for i in sorted(set(indices))) + throttle
+    if tasks:
+        return ",".join(str(int(t)) for t in tasks) + throttle
     last = spec.array.count - 1 if last is None else last
     return f"{first}-{last}{throttle}" if last > first else f"{first}{throttle}"
 
 
 def sbatch_flags(spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[str]],
-                 array_indices: list[int] | None = None) -> list[str]:
-    """Every `#SBATCH` line's option, in a fixed order."""
+                 array_tasks: Sequence[int] | None = None) -> list[str]:
+    """Every `#SBATCH` line's option, in a fixed order (`array_tasks`: only these tasks of the array)."""
     r, c = spec.resources, spec.cluster
     flags = [
         f"--job-name={spec.name}",
@@ -90,7 +92,7 @@ def sbatch_flags(spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[st
         flags += ["--requeue", f"--signal=B:USR2@{spec.requeue.signal_lead_s}"]
     else:
         flags.append("--no-requeue")
-    array = array_flag(spec, indices=array_indices)
+    array = array_flag(spec, tasks=array_tasks)
     if array:
         flags.append(f"--array={array}")
     dep = dependency_flag(dependencies)
@@ -133,7 +135,7 @@ def task_lines(spec: JobSpec) -> list[str]:
 
 def sbatch_context(spec: JobSpec, paths: RunPaths, source: SpecSource,
                    dependencies: dict[str, list[str]] | None = None,
-                   array_indices: list[int] | None = None) -> dict[str, Any]:
+                   array_tasks: Sequence[int] | None = None) -> dict[str, Any]:
     """Everything the template writes, decided here (pure)."""
     is_array = spec.array is not None
     run_dir_q = shlex.quote(str(paths.root))
@@ -143,7 +145,7 @@ def sbatch_context(spec: JobSpec, paths: RunPaths, source: SpecSource,
         "source_sha256": source.sha256,
         "sbatch_path": str(paths.sbatch),
         "task_lines": task_lines(spec),
-        "sbatch_flags": sbatch_flags(spec, paths, dependencies or {}, array_indices),
+        "sbatch_flags": sbatch_flags(spec, paths, dependencies or {}, array_tasks),
         "setup": list(spec.cluster.setup),
         "run_dir": str(paths.root),
         "env": sorted({**spec.cluster.env, **spec.env}.items()),
@@ -172,7 +174,8 @@ def _environment(spec: JobSpec) -> jinja2.Environment:
 
 
 def render_sbatch(spec: JobSpec, paths: RunPaths, source: SpecSource,
-                  dependencies: dict[str, list[str]] | None = None, array_indices: list[int] | None = None) -> str:
-    """The batch script for `spec` running in `paths` (`array_indices`: only these array tasks)."""
-    context = sbatch_context(spec, paths, source, dependencies, array_indices)
+                  dependencies: dict[str, list[str]] | None = None,
+                  array_tasks: Sequence[int] | None = None) -> str:
+    """The batch script for `spec` running in `paths` (`array_tasks`: a resubmission of some tasks)."""
+    context = sbatch_context(spec, paths, source, dependencies, array_tasks)
     return _environment(spec).get_template(TEMPLATE).render(**context)

@@ -27,10 +27,11 @@ class RunRef:
     """A run dir and/or a job, as far as they could be found."""
 
     run_dir: Path | None
-    job_id: str  # the whole job (array id for arrays)
+    job_id: str  # the whole job (array id for arrays): the newest submission of the run dir
     backend: str  # slurm | submitit | local
     array_task: int | None = None  # set when the user named one task (123_4)
     array_size: int | None = None
+    earlier_jobs: tuple[str, ...] = ()  # earlier submissions of the run dir (`hpcqwen resume` adds jobs)
 
 
 LOCAL_ID_RE = re.compile(r"^local-(\d+)$")
@@ -45,8 +46,9 @@ def resolve_target(text: str, run: slurm.RunCmd = slurm.run_cmd) -> RunRef:
         if not jobs:
             raise RunDirError(f"{path} was never submitted (its manifest lists no job id)",
                               hint="submit the spec again with `hpcqwen submit`")
-        # the newest submission (`hpcqwen resume` appends one)
-        return RunRef(path.resolve(), str(jobs[-1]), info.get("backend", "slurm"), None, info.get("array_size"))
+        # the newest submission (`hpcqwen resume` appends one); a task it did not rerun is an earlier job's
+        return RunRef(path.resolve(), str(jobs[-1]), info.get("backend", "slurm"), None, info.get("array_size"),
+                      tuple(str(j) for j in jobs[:-1]))
     if LOCAL_ID_RE.match(text):
         run_dir = _local_run_dir(text)
         if run_dir is None:
@@ -97,6 +99,15 @@ def job_rows(ref: RunRef, run: slurm.RunCmd = slurm.run_cmd) -> list[slurm.JobRo
             and rows[0].source == "squeue":
         seen = {r.array_task_id for r in rows}
         rows += [r for r in slurm.sacct([ref.job_id], run=run) if r.array_task_id not in seen]
+    if ref.array_size and ref.earlier_jobs and len({r.array_task_id for r in rows}) < ref.array_size:
+        # a resubmission of some tasks: the others' newest rows come from the earlier jobs
+        seen = {r.array_task_id for r in rows}
+        earlier = slurm.query_jobs(list(ref.earlier_jobs), run=run)
+        for job in reversed(ref.earlier_jobs):
+            for r in earlier.get(job, []):
+                if r.array_task_id not in seen:
+                    rows.append(r)
+                    seen.add(r.array_task_id)
     if ref.array_task is not None:
         rows = [r for r in rows if r.array_task_id == ref.array_task]
     if ref.run_dir is not None:

@@ -152,27 +152,37 @@ def unfinished_tasks(spec: JobSpec, paths: RunPaths) -> list[int | None]:
     return [i for i in tasks if read_outcome(paths.task(i)) != "done"]
 
 
-def resubmit(run_dir: Path, backend: Backend) -> Submission:
-    """Submit an existing run dir again (`hpcqwen resume`): the unfinished tasks only, with a freshly
-    rendered job.sbatch (no stale --dependency), recorded in the manifest; the runners resume from
-    their newest complete checkpoints."""
+def resubmit(run_dir: Path, backend: Backend, tasks: list[int] | None = None) -> Submission:
+    """Submit an existing run dir again (`hpcqwen resume`, `hpcqwen merge --resubmit`): the given array
+    tasks, or every unfinished task, with a freshly rendered script `job-resubmit-<n>.sbatch` (no stale
+    --dependency, the array throttle kept), recorded in the manifest (`job_ids`, `resubmits`); the
+    runners resume from their newest complete checkpoints. A refused submission leaves no script."""
     paths = RunPaths(run_dir)
     spec = read_frozen_spec(paths.spec_json)
     info = read_manifest(run_dir)
-    todo = unfinished_tasks(spec, paths)
-    if not todo:
-        raise RunDirError(f"nothing to resume in {run_dir}: every task finished", hint="`hpcqwen status` shows it")
-    indices = [i for i in todo if i is not None] if spec.array else None
+    if tasks is None:
+        todo = unfinished_tasks(spec, paths)
+        if not todo:
+            raise RunDirError(f"nothing to resume in {run_dir}: every task finished", hint="`hpcqwen status` shows it")
+        tasks = [i for i in todo if i is not None] if spec.array else None
+    n = len(info.get("resubmits") or []) + 1
+    again = paths.resubmission(n)
     text = paths.spec_yaml.read_text(encoding="utf-8") if paths.spec_yaml.is_file() else ""
     source = SpecSource(str(info.get("spec") or paths.spec_yaml), text, str(info.get("spec_sha256") or "0" * 64),
                         tuple(info.get("overrides") or ()))
-    fs.write_atomic(paths.sbatch, render_sbatch(spec, paths, source, {}, indices))
-    os.chmod(paths.sbatch, 0o755)
-    job_ids = backend.submit(spec, paths, {}, indices)
+    fs.write_atomic(again.sbatch, render_sbatch(spec, again, source, {}, tasks))
+    os.chmod(again.sbatch, 0o755)
+    try:
+        job_ids = backend.submit(spec, again, {}, tasks)
+    except BaseException:
+        again.sbatch.unlink(missing_ok=True)  # nothing was submitted: leave no script that looks as if it was
+        raise
     info["job_ids"] = [*(info.get("job_ids") or []), *job_ids]
     info["backend"] = backend.name
-    info.setdefault("resumes", []).append({"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                                           "job_ids": job_ids, "backend": backend.name, "tasks": indices})
+    info.setdefault("resubmits", []).append({
+        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "job_id": job_ids[0],
+        "job_ids": job_ids, "backend": backend.name, "array_tasks": ",".join(map(str, tasks or [])),
+        "script": again.sbatch.name})
     fs.write_atomic(paths.manifest, json.dumps(info, indent=2) + "\n")
     return Submission(paths.root, job_ids, backend.name)
 

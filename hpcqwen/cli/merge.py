@@ -3,8 +3,9 @@
 The last array task to finish merges by itself; this command is for afterwards (a shard that was
 resubmitted by hand, a merge that was interrupted). It only reads the shard files, so it is cheap
 and idempotent. With unfinished shards it names them; `--resubmit` then runs exactly their array
-tasks again (`sbatch --array=<those> RUN_DIR/job.sbatch`): they skip every id already written, and
-the last of them merges.
+tasks again: it renders a new script for them, `RUN_DIR/job-resubmit-<n>.sbatch` (the spec's array
+throttle kept; no `--dependency`, since the original's has been dealt with), and submits it through
+the Slurm backend. The tasks skip every id already written, and the last of them merges.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import argparse
 import json
 from pathlib import Path
 
-from hpcqwen import slurm
-from hpcqwen.errors import RunDirError, SlurmCommandError
+from hpcqwen import slurm, submit
+from hpcqwen.backends import SlurmBackend
+from hpcqwen.errors import RunDirError
 from hpcqwen.fs import write_atomic
 from hpcqwen.paths import RunPaths, is_run_dir
 from hpcqwen.shards import ShardFile, array_indices, incomplete_shards, merge_shards, shard_file
-from hpcqwen.spec import read_frozen_spec
+from hpcqwen.spec import JobSpec, read_frozen_spec
 from hpcqwen.submit import read_manifest
 from hpcqwen.tasks.distill import DistillTask
 
@@ -30,21 +32,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="if shards are unfinished, submit their array tasks again instead of failing")
 
 
-def resubmit(run_dir: Path, shards: list[int], array_size: int, run: slurm.RunCmd = slurm.run_cmd) -> str:
-    """Submit the array tasks owning `shards` from the run dir's own job.sbatch; record it in the manifest."""
+def resubmit(run_dir: Path, spec: JobSpec, shards: list[int], run: slurm.RunCmd = slurm.run_cmd) -> str:
+    """Submit the array tasks owning `shards` again (`hpcqwen.submit.resubmit`); returns the job id.
+
+    Raises:
+        RunDirError: When the run did not go to Slurm.
+        SlurmCommandError: When sbatch refuses (the new script is removed again).
+    """
     info = read_manifest(run_dir)
     if info.get("backend") != "slurm":
         raise RunDirError(f"{run_dir} ran on the {info.get('backend')} backend; --resubmit needs Slurm",
                           hint="submit the spec again (finished shards are in this run dir only)")
-    tasks = ",".join(map(str, array_indices(shards, array_size)))
-    argv = ["sbatch", "--parsable", *([f"--array={tasks}"] if array_size > 1 else []), str(RunPaths(run_dir).sbatch)]
-    proc = run(argv, 60.0)
-    if proc.returncode != 0:
-        raise SlurmCommandError(argv, proc.returncode, proc.stderr or proc.stdout)
-    job = slurm.parse_sbatch(proc.stdout)
-    info.setdefault("resubmits", []).append({"job_id": job, "array_tasks": tasks, "shards": shards})
-    write_atomic(RunPaths(run_dir).manifest, json.dumps(info, indent=2) + "\n")
-    return job
+    tasks = array_indices(shards, spec.array.count) if spec.array else None
+    sub = submit.resubmit(run_dir, SlurmBackend(run=run), tasks)
+    manifest = read_manifest(run_dir)
+    manifest["resubmits"][-1]["shards"] = shards
+    write_atomic(RunPaths(run_dir).manifest, json.dumps(manifest, indent=2) + "\n")
+    return sub.job_ids[0]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     missing = incomplete_shards(run_dir, task.shards)
     if missing and args.resubmit:
         written = {s: len(ShardFile(shard_file(run_dir, s)).read()) for s in missing}
-        job = resubmit(run_dir, missing, spec.array.count if spec.array else 1)
+        job = resubmit(run_dir, spec, missing)
         print(f"resubmitted shards {missing} (prompts already written: {written}) as job {job}; "
               "its last task merges")
         return 0

@@ -10,6 +10,7 @@ from hpcqwen.cli._common import add_spec_arguments
 from hpcqwen.errors import EXIT_OK, SpecError, SpecIssue
 from hpcqwen.spec import parse_spec, read_source
 from hpcqwen.submit import submit
+from hpcqwen.tasks import spec_warnings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
     """Submit; with --wait, follow the state and report how it ended."""
     source = read_source(args.spec, tuple(args.overrides))
     spec = parse_spec(source)
+    for w in spec_warnings(spec):
+        print(f"warning: {args.spec}: {w.key}: {w.message} (got {w.got}); hint: {w.hint}", file=sys.stderr)
     errors, warnings = preflight.signal_lead_problems(spec)
     for text in warnings:
         print(f"warning: {text}", file=sys.stderr)

@@ -26,8 +26,9 @@ from hpcqwen.data.tokenize import (
     encode_conversation,
     encode_rows,
     load_tokenizer,
+    open_tokenizer,
     render_prompt,
-    training_template,
+    rendering_template,
 )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "encode_conversation",
     "load_dataset_rows",
     "load_tokenizer",
+    "open_tokenizer",
     "parse_dataset_ref",
     "prepare_sft_dataset",
     "render_prompt",
@@ -56,18 +58,27 @@ class PreparedData:
     path: Path
     dataset: Any  # datasets.Dataset with input_ids, labels (+ position_ids, seq_lens if packed)
     stats: dict[str, Any]
+    template_note: str = ""  # which chat template rendered the rows (`open_tokenizer`)
 
     def summary(self) -> str:
-        """One start-up log line with row counts, tokens and (if packed) the fill ratio."""
+        """One start-up log line: rows, what the truncation strategy did, tokens, (if packed) fill."""
         s = self.stats
         line = (
-            f"data: {s['num_rows']} rows -> {s['num_kept']} examples "
-            f"({s['num_truncated']} truncated), {s['num_tokens']} tokens, "
-            f"{s['num_loss_tokens']} with loss"
+            f"data: {s['num_rows']} rows -> {s['num_kept']} examples ({_length_note(s)}), "
+            f"{s['num_tokens']} tokens, {s['num_loss_tokens']} with loss"
         )
         if "fill_ratio" in s:
             line += f"; {s['num_packs']} packs of {s['max_length']}, fill {s['fill_ratio']:.1%}"
         return line + f" [{self.path}]"
+
+
+def _length_note(s: dict[str, Any]) -> str:
+    """`truncation_strategy delete: 3 rows over max_length 2048 dropped; 1 without loss dropped`."""
+    over = {"delete": (s["num_deleted"], "dropped"), "left": (s["num_truncated"], "cut at the head"),
+            "right": (s["num_truncated"], "cut at the tail")}
+    count, done = over[s["truncation_strategy"]]
+    note = f"truncation_strategy {s['truncation_strategy']}: {count} rows over max_length {s['max_length']} {done}"
+    return note + (f"; {s['num_no_loss']} without a loss token dropped" if s["num_no_loss"] else "")
 
 
 def prepare_sft_dataset(
@@ -80,6 +91,9 @@ def prepare_sft_dataset(
     loss_scale: str = "default",
     packing: bool = False,
     enable_thinking: bool | None = None,
+    multi_turn: str = "all_rounds",
+    truncation_strategy: str = "delete",
+    chat_template: str = "auto",
     seed: int = 42,
     model_name: str | Sequence[str] | None = None,
     model_author: str | Sequence[str] | None = None,
@@ -92,10 +106,13 @@ def prepare_sft_dataset(
         tokenizer_dir: Model or tokenizer folder; its tokenizer files enter the cache key.
         base_dir: Folder that relative dataset paths are taken from.
         cache_root: Shared cache folder.
-        max_length: Truncation length, and the pack size when packing.
+        max_length: Longest example, and the pack size when packing.
         loss_scale: `default` or `ignore_empty_think`.
         packing: Pack examples padding-free into rows of `max_length`.
         enable_thinking: False trains the non-thinking rendering (reasoning stripped).
+        multi_turn: `all_rounds` or `last_round` (`hpcqwen.data.tokenize`).
+        truncation_strategy: `delete`, `left` or `right` for rows over `max_length`.
+        chat_template: `auto`, `qwen3` or `model` (`hpcqwen.data.templates`).
         seed: `#N` sampling seed.
         model_name: Fills `{{NAME}}` in self-cognition rows.
         model_author: Fills `{{AUTHOR}}` in self-cognition rows.
@@ -110,25 +127,29 @@ def prepare_sft_dataset(
     """
     from datasets import load_from_disk  # type: ignore[import-untyped]
 
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer, note = open_tokenizer(tokenizer_dir, chat_template)
     files = [f for r in refs for f in resolve_files(parse_dataset_ref(r), base_dir)]
     options: dict[str, Any] = dict(
         max_length=max_length,
         loss_scale=loss_scale,
         packing=packing,
         enable_thinking=enable_thinking,
+        multi_turn=multi_turn,
+        truncation_strategy=truncation_strategy,
         seed=seed,
         model_name=model_name,
         model_author=model_author,
         system=system,
     )
+    key_options = {k: v for k, v in options.items() if k not in ("multi_turn", "truncation_strategy")}
     parts = dataset_key_parts(
         refs,
         data_files=files,
         tokenizer_dir=tokenizer_dir,
-        chat_template=training_template(tokenizer),  # the template that renders the examples
-        **options,
+        chat_template=rendering_template(tokenizer, multi_turn),  # the template that renders the examples
+        **key_options,
     )
+    parts.update(multi_turn=multi_turn, truncation_strategy=truncation_strategy)
     # A new tokenizers/transformers/TRL may tokenize or render differently: rebuild, don't guess.
     parts["libraries"] = {name: version(name) for name in ("tokenizers", "transformers", "trl")}
 
@@ -137,7 +158,8 @@ def prepare_sft_dataset(
 
     entry = cached(parts, build, cache_root)
     stats = json.loads((entry / STATS_FILE).read_text())
-    return PreparedData(path=entry, dataset=load_from_disk(str(entry / DATASET_DIR)), stats=stats)
+    dataset = load_from_disk(str(entry / DATASET_DIR))
+    return PreparedData(path=entry, dataset=dataset, stats=stats, template_note=note)
 
 
 def _build(
@@ -150,22 +172,24 @@ def _build(
     loss_scale: str,
     packing: bool,
     enable_thinking: bool | None,
+    multi_turn: str,
+    truncation_strategy: str,
     seed: int,
     **row_options: Any,
 ) -> None:
     from datasets import Dataset
 
     rows = load_dataset_rows(refs, base_dir=base_dir, seed=seed, **row_options)
-    examples, enc = encode_rows(
-        tokenizer,
-        rows,
-        max_length=max_length,
-        loss_scale=loss_scale,
-        enable_thinking=enable_thinking,
-    )
+    try:
+        examples, enc = encode_rows(tokenizer, rows, max_length=max_length, loss_scale=loss_scale,
+                                    enable_thinking=enable_thinking, multi_turn=multi_turn,
+                                    truncation_strategy=truncation_strategy)
+    except ValueError as e:
+        raise DataError(str(e), ", ".join(refs)) from e
     if not examples:
         raise DataError(
-            "no example has a token with loss (no assistant turn within max_length)", refs[0]
+            f"no example is left: {_length_note({**vars(enc), 'max_length': max_length})}", ", ".join(refs),
+            hint="raise max_length, or set truncation_strategy: left or right",
         )
     stats: dict[str, Any] = {**vars(enc), "max_length": max_length}
     if packing:

@@ -1,7 +1,12 @@
 """Dataset references and row formats: local files in, `{"messages": [...]}` rows out.
 
 A reference is `path[:subset][#N]`, as in ms-swift's `--dataset`. Files are JSON, JSON Lines,
-CSV or Parquet (or a directory of them). Rows are either `messages` (optional `system` column)
+CSV or Parquet (or a directory of them). A subset selects a subfolder of a dataset folder, except
+for the self-cognition dataset (a path whose last part is `self-cognition` or `self_cognition`,
+with or without a file suffix: `swift/self-cognition`, a local copy, the project's
+`jobspecs/data/self-cognition.jsonl`), whose subsets are ms-swift's: `default`, `qwen3` (each
+query ends in ` /no_think`, each answer starts with an empty think block) and `empty_think` (the
+answers only). Rows are either `messages` (optional `system` column)
 or `query`/`response` (optional `system`, `history`); any other column is kept (GRPO reads
 `solution`). A hub id (`org/name`) is downloaded into the Hugging Face cache when the hub is
 reachable and HF_HUB_OFFLINE is unset (point HF_HOME at the shared filesystem); offline, it is
@@ -29,6 +34,13 @@ EXPECTED = (
     "`messages` (a list of {role, content}; optional `system` column), `query` (+ `response`; optional "
     "`system`, `history`), or alpaca `instruction` (+ `input`, `output`)"
 )
+# ms-swift's subsets of swift/self-cognition: (suffix of every query, prefix of every answer).
+SELF_COGNITION_SUBSETS = {
+    "default": ("", ""),
+    "qwen3": (" /no_think", "<think>\n\n</think>\n\n"),
+    "empty_think": ("", "<think>\n\n</think>\n\n"),
+}
+SELF_COGNITION_NAME = re.compile(r"self[-_]cognition", re.IGNORECASE)
 # Columns turned into `messages` (and `tag`, which self-cognition rows use to pick the zh/en name): not kept.
 CONSUMED_COLUMNS = ("messages", "system", "query", "response", "history", "tag", "instruction", "input", "output")
 Row = dict[str, Any]
@@ -90,12 +102,46 @@ def parse_dataset_ref(ref: str) -> DatasetRef:
     return DatasetRef(path=path.strip(), subset=subset.strip() or None, count=count)
 
 
+def is_self_cognition(path: str) -> bool:
+    """True for the self-cognition dataset: its last path part, less a data-file suffix, is its name."""
+    name = Path(path.rstrip("/")).name
+    for suffix in SUFFIXES:
+        name = name.removesuffix(suffix)
+    return SELF_COGNITION_NAME.fullmatch(name) is not None
+
+
+def subset_error(ref: str) -> tuple[str, str] | None:
+    """Why the subset of a reference cannot work, as (message, hint); None when it can or when it
+    cannot be known here (a hub dataset's own subsets). Checked on the login node at submit.
+    """
+    try:
+        parsed = parse_dataset_ref(ref)
+    except ValueError:
+        return None  # a bad `#N`: reported by the count check
+    subset, path = parsed.subset, Path(parsed.path)
+    if subset is None:
+        return None
+    if is_self_cognition(parsed.path):
+        if subset in SELF_COGNITION_SUBSETS:
+            return None
+        return (f"unknown subset {subset!r} of the self-cognition dataset",
+                f"use one of {', '.join(SELF_COGNITION_SUBSETS)} (ms-swift's subsets)")
+    if path.is_file():
+        return (f"subset {subset!r} given for the file {path}", "a subset selects a subfolder of a dataset folder")
+    if path.is_dir() and not (path / subset).is_dir():
+        have = sorted(p.name for p in path.iterdir() if p.is_dir())
+        return (f"no subfolder {subset!r} in the dataset folder {path}", f"subsets here: {', '.join(have) or 'none'}")
+    return None
+
+
 def resolve_files(ref: DatasetRef, base_dir: str | Path) -> list[Path]:
     """The data files a reference names, sorted, relative paths taken from `base_dir`.
 
     Raises:
         DataError: For a missing path, a hub id, or a folder without data files.
     """
+    if ref.subset and is_self_cognition(ref.path):  # its subsets transform rows, not pick files
+        ref = DatasetRef(ref.path, None, ref.count)
     path = Path(ref.path).expanduser()
     path = path if path.is_absolute() else Path(base_dir) / path
     if ref.subset and path.is_file():
@@ -375,7 +421,27 @@ def _load_ref(
             rows.append(fill_placeholders(row, names, record.get("tag"), path, j))
     if not rows:
         raise DataError("the dataset has no rows", files[0] if len(files) == 1 else ref.path)
+    if ref.subset and is_self_cognition(ref.path):
+        rows = [_self_cognition_subset(row, ref.subset, files[0]) for row in rows]
     return rows
+
+
+def _self_cognition_subset(row: Row, subset: str, file: Path) -> Row:
+    """ms-swift's SelfCognitionPreprocessor: a suffix on every query, a prefix on every answer.
+
+    Raises:
+        DataError: For a subset ms-swift does not define.
+    """
+    if subset not in SELF_COGNITION_SUBSETS:
+        raise DataError(f"unknown subset {subset!r} of the self-cognition dataset", file,
+                        hint=f"use one of {', '.join(SELF_COGNITION_SUBSETS)}")
+    suffix, prefix = SELF_COGNITION_SUBSETS[subset]
+    for message in row["messages"]:
+        if message["role"] == "user" and isinstance(message.get("content"), str):
+            message["content"] += suffix
+        elif message["role"] == "assistant" and isinstance(message.get("content"), str):
+            message["content"] = prefix + message["content"]
+    return row
 
 
 def _copy(row: Row) -> Row:

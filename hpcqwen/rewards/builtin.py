@@ -11,22 +11,28 @@ imported lazily so that the login node validates job specs without the `train` e
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from hpcqwen.rewards import answers
+
 # math-verify's own default; it is enforced with signal.alarm(), which only works in the main
 # thread (math_verify/utils.py `timeout`), so other threads run without a limit.
 MATH_VERIFY_TIMEOUT_S = 5
 
+# Warn when at least this share of at least this many golds could not be parsed (once per run).
+GOLD_WARN_SHARE, GOLD_WARN_MIN = 0.2, 10
+
 _OPEN, _CLOSE = "<think>", "</think>"
-# ms-swift MathAccuracy: an <answer>...</answer> span, when present, is what gets graded.
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FORMAT = re.compile(r"\s*<think>(.*?)</think>(.*)", re.DOTALL)
 _TRL_KWARGS = {"completion_ids", "trainer_state", "log_extra", "log_metric", "environments"}
 _warned_no_timeout = False
+_warned_golds = False
+_golds = {"seen": 0, "failed": 0}
 
 # Any, not list[float | None]: plugins may be async or misbehave; `call_reward` checks them.
 RewardFn = Callable[..., Any]
@@ -97,48 +103,45 @@ def _timeout_s() -> int | None:
 
 
 def _grade(text: str, solution: str, timeout_s: int | None) -> float | None:
-    from latex2sympy2_extended import NormalizationConfig  # type: ignore[import-untyped]
-    from math_verify import LatexExtractionConfig, parse, verify  # type: ignore[import-untyped]
-
-    sol_tag = _ANSWER_TAG.search(solution)
-    sol = sol_tag.group(1).strip() if sol_tag else solution
-    gold = parse(sol, extraction_mode="first_match", parsing_timeout=timeout_s)
-    if not gold:
+    gold = answers.parse_gold(solution, timeout_s)
+    _count_gold(gold is not None, solution)
+    if gold is None:
         return None  # open-r1: an unparseable gold skips the sample instead of scoring it
-    region = final_answer_region(text)
-    tag = _ANSWER_TAG.search(region)
-    if tag:  # ms-swift: a tagged answer is parsed with the lenient default extraction
-        pred = parse(tag.group(1).strip(), extraction_mode="first_match", parsing_timeout=timeout_s)
-    else:
-        # open-r1/ms-swift: well-formed LaTeX only, \boxed{} first, no unanchored guesses.
-        # boxed="all" is the typed value (ms-swift passes True); `equations` is left out since
-        # latex2sympy2_extended 1.11 deprecates it.
-        norm = NormalizationConfig(
-            nits=False, malformed_operators=False, basic_latex=True, boxed="all", units=True
+    return answers.grade(final_answer_region(text), gold, timeout_s)
+
+
+def _count_gold(parsed: bool, solution: str) -> None:
+    """Count golds; warn once per run (rank 0) when a large share could not be parsed."""
+    global _warned_golds
+    _golds["seen"] += 1
+    _golds["failed"] += not parsed
+    seen, failed = _golds["seen"], _golds["failed"]
+    if parsed or _warned_golds or seen < GOLD_WARN_MIN or failed < GOLD_WARN_SHARE * seen:
+        return
+    _warned_golds = True
+    if os.environ.get("RANK", "0") == "0":
+        warnings.warn(
+            f"accuracy: {failed} of {seen} solutions ({failed / seen:.0%}) could not be parsed whole and give no "
+            f"reward (None), e.g. {solution[:80]!r}; give the answer as \\boxed{{...}}, $...$ or a bare "
+            "expression (hpcqwen.rewards.answers)",
+            RuntimeWarning,
+            stacklevel=4,
         )
-        config = LatexExtractionConfig(
-            normalization_config=norm, boxed_match_priority=0, try_extract_without_anchor=False
-        )
-        pred = parse(
-            region, extraction_config=[config], extraction_mode="first_match",
-            parsing_timeout=timeout_s,
-        )  # fmt: skip
-    try:
-        return float(verify(gold, pred, timeout_seconds=timeout_s))
-    except Exception:  # ms-swift: a prediction that crashes the verifier scores 0
-        return 0.0
 
 
 def accuracy_reward(
     completions: Sequence[Any], prompts: Sequence[Any] | None = None, **kwargs: Any
 ) -> list[float | None]:
-    """1.0 when the final answer equals the `solution` column's by math-verify, else 0.0.
+    """1.0 when the final answer equals the `solution` column's, else 0.0; None where the solution
+    cannot be parsed whole.
 
-    Solutions are parsed leniently (LaTeX, `\\boxed{}`, plain numbers). Completions must give the
-    answer in LaTeX, `\\boxed{}` first, else `$...$` after an anchor such as "the answer is"
-    (open-r1's `accuracy_reward`, ms-swift's `MathAccuracy`). Equivalent forms are equal
-    (`\\frac{1}{2}` and `0.5`, `2` and `2.0`, `x=3` and `3`). None where the solution does not
-    parse.
+    The rules (`hpcqwen.rewards.answers`): the gold is the solution's `<answer>`, its last
+    `\\boxed{}`, its one `$...$` span, or the whole text when it is a bare expression (`1+2x`,
+    `y=2x+1`, `\\frac{\\sqrt 3}{2}`), parsed whole; words are a text answer compared as text.
+    The completion's answer is what follows `</think>`: its `<answer>`, else its LAST `\\boxed{}`
+    (several boxes are not a set), else LaTeX after an anchor such as "the answer is" (open-r1's
+    `accuracy_reward`, ms-swift's `MathAccuracy`). Equivalent forms are equal (`\\frac{1}{2}` and
+    `0.5`, `2` and `2.0`, `x=3` and `3`). A run where many solutions do not parse warns once.
 
     Raises:
         ValueError: If there is no `solution` column, or its length differs.

@@ -208,9 +208,10 @@ def main(run_dir: str) -> int:
     t = ctx.task
     backend = choose_engine(ctx, run_dir)
     place_engine(ctx)
-    from hpcqwen.data.tokenize import load_tokenizer
+    from hpcqwen.data.tokenize import open_tokenizer
 
-    tokenizer = load_tokenizer(t.model)
+    tokenizer, template_note = open_tokenizer(t.model, t.chat_template)
+    log0(ctx, f"distill: {template_note}")
     work = plan(ctx)
     todo = sum(len(v) for v in work.pending.values())
     log0(ctx, f"distill: {len(work.rows)} prompts in {t.shards} shards; this task: shards {work.shards} "

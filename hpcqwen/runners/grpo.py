@@ -298,11 +298,12 @@ def main(run_dir: str) -> int:
     """Train with GRPO, resuming from the newest complete checkpoint of the task dir."""
     from transformers import set_seed
 
-    from hpcqwen.data import load_tokenizer
+    from hpcqwen.data import open_tokenizer
 
     ctx = load_context(run_dir)
     use_gpu = setup_process(ctx)
-    tokenizer = load_tokenizer(ctx.task.model)
+    tokenizer, template_note = open_tokenizer(ctx.task.model, ctx.task.chat_template)
+    log0(ctx, f"grpo: {template_note}")
     train, dropped = load_prompts(ctx, tokenizer)
     args = grpo_config(ctx, use_gpu)
     set_seed(ctx.task.seed)

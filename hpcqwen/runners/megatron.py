@@ -96,8 +96,10 @@ def load_data(ctx: RunContext, model_dir: Path) -> tuple[Any, Any, dict[str, Any
 
     t = ctx.task
     options = dict(tokenizer_dir=str(model_dir), base_dir="/", cache_root=ctx.spec.cluster.cache_root,
-                   max_length=t.max_length, packing=t.packing, seed=t.seed)
+                   max_length=t.max_length, packing=t.packing, multi_turn=t.multi_turn,
+                   truncation_strategy=t.truncation_strategy, chat_template=t.chat_template, seed=t.seed)
     train = prepare_sft_dataset(t.dataset, **options)
+    log0(ctx, f"megatron: {train.template_note}")
     log0(ctx, train.summary())
     evaluation = prepare_sft_dataset(t.val_dataset, **options).dataset if t.val_dataset else None
     data = train.dataset

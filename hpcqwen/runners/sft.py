@@ -59,8 +59,9 @@ def load_data(ctx: RunContext, tokenizer_dir: str) -> tuple[Any, Any, dict[str, 
     t = ctx.task
     options = dict(tokenizer_dir=tokenizer_dir, base_dir="/", cache_root=ctx.spec.cluster.cache_root,
                    max_length=t.max_length, loss_scale=t.loss_scale, packing=t.packing,
-                   enable_thinking=t.enable_thinking, seed=t.seed, model_name=t.model_name,
-                   model_author=t.model_author, system=t.system)
+                   enable_thinking=t.enable_thinking, multi_turn=t.multi_turn,
+                   truncation_strategy=t.truncation_strategy, chat_template=t.chat_template, seed=t.seed,
+                   model_name=t.model_name, model_author=t.model_author, system=t.system)
     train = prepare_sft_dataset(t.dataset, **options)
     log0(ctx, train.summary())
     evaluation = prepare_sft_dataset(t.val_dataset, **options).dataset if t.val_dataset else None
@@ -184,8 +185,9 @@ def describe(ctx: RunContext, trainer: Any, n_train: int) -> None:
     """Print the derived numbers once (global batch, steps, trainable parameters)."""
     t = ctx.task
     global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * ctx.world_size
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in trainer.model.parameters())
+    # ZeRO-3 leaves each rank an empty placeholder per parameter; ds_numel is the full size (as in GRPO).
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in trainer.model.parameters()]
+    trainable, total = sum(n for n, grad in sizes if grad), sum(n for n, _ in sizes)
     log0(ctx, f"sft: {t.train_type} on {ctx.world_size} processes, {n_train} training rows, global batch "
               f"{global_batch} ({t.per_device_train_batch_size} × {t.gradient_accumulation_steps} accumulation "
               f"× {ctx.world_size}), lr {t.lr:g}, trainable {trainable:,} of {total:,} parameters")
@@ -200,9 +202,10 @@ def main(run_dir: str) -> int:
     cache_root = ctx.spec.cluster.cache_root or str(Path(ctx.spec.cluster.run_root) / ".cache")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(cache_root) / "torch_extensions"))
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(ctx.task_paths.dir / "tensorboard"))
-    from hpcqwen.data import load_tokenizer
+    from hpcqwen.data import open_tokenizer
 
-    tokenizer = load_tokenizer(t.model)
+    tokenizer, template_note = open_tokenizer(t.model, t.chat_template)
+    log0(ctx, f"sft: {template_note}")
     train, evaluation, stats = load_data(ctx, t.model)
     if os.environ.get("HPCQWEN_PREPARE_ONLY") == "1":
         log0(ctx, "sft: data cache ready (prepare only)")

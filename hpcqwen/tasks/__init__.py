@@ -1,12 +1,13 @@
 """Task models: one per `task.kind`, a tagged union on `kind`.
 
 Each model knows the module the launcher runs (`runner_module()`), its arguments
-(`runner_args(run_dir)`) and its cross-field checks against the whole spec (`check(spec)`).
+(`runner_args(run_dir)`) and its cross-field checks against the whole spec (`check(spec)`); the
+training tasks also name settings that are valid but do nothing (`warnings(spec)`).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import TYPE_CHECKING, Annotated, Union
 
 from pydantic import Field
 
@@ -23,4 +24,14 @@ TaskSpec = Annotated[Union[CommandTask, DistillTask, GrpoTask, MegatronTask, Sft
 TASK_KINDS: dict[str, type] = {"command": CommandTask, "sft": SftTask, "grpo": GrpoTask, "distill": DistillTask,
                                "megatron": MegatronTask}
 
-__all__ = ["TASK_KINDS", "CommandTask", "DistillTask", "GrpoTask", "MegatronTask", "SftTask", "TaskSpec"]
+if TYPE_CHECKING:
+    from hpcqwen.spec import JobSpec, Problem
+
+
+def spec_warnings(spec: JobSpec) -> list[Problem]:
+    """What `hpcqwen submit` prints to stderr as warnings (never errors) for this spec's task."""
+    return spec.task.warnings(spec) if isinstance(spec.task, (SftTask, MegatronTask)) else []
+
+
+__all__ = ["TASK_KINDS", "CommandTask", "DistillTask", "GrpoTask", "MegatronTask", "SftTask", "TaskSpec",
+           "spec_warnings"]

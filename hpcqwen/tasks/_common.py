@@ -13,10 +13,29 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WrapValidator
 
 from hpcqwen import specfile
+from hpcqwen.data.formats import subset_error
 
 if TYPE_CHECKING:
     from hpcqwen.spec import Problem
 
+# Data knobs that every task training on conversations shares (sft, grpo, megatron; distill reads prompts).
+ChatTemplateMode = Literal["auto", "qwen3", "model"]
+CHAT_TEMPLATE_HELP = (
+    "Chat template. auto (default): hpcqwen's Qwen3 template when the model ships a known Qwen3 revision (or none), "
+    "else the model's own (Qwen3-2507, a fine-tune's); qwen3: always hpcqwen's Qwen3 template; model: always the "
+    "model's own. The run log names the one used.")
+TruncationStrategy = Literal["delete", "left", "right"]
+TRUNCATION_HELP = (
+    "Rows longer than max_length: delete (default, as ms-swift) drops them, left cuts their head, right their tail "
+    "(the answer then trains without its end-of-turn token). The data summary line in the run log and the cache's "
+    "stats.json count the rows it touched.")
+MultiTurnMode = Literal["all_rounds", "last_round"]
+MULTI_TURN_HELP = (
+    "Multi-turn rows. all_rounds (default, ms-swift's default): loss on every assistant turn, each rendered as the "
+    "official Qwen3 template renders the newest turn (its own <think> block, empty if none), so later turns see "
+    "earlier reasoning that the template drops at inference. last_round (ms-swift's loss_scale last_round): the "
+    "chat template's own rendering token for token (earlier reasoning dropped), loss only on the answers after the "
+    "last user query; works with any chat template.")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -112,6 +131,8 @@ def check_datasets(key: str, refs: list[str]) -> list[Problem]:
         elif not is_hub_id(path) and not Path(path).exists():
             problems.append(Problem(f"{key}[{i}]", "dataset not found", got=path,
                                     expected="a local .jsonl/.json/.csv/.parquet file or folder, or a hub id"))
+        elif (subset := subset_error(ref)) is not None:
+            problems.append(Problem(f"{key}[{i}]", subset[0], got=repr(ref), hint=subset[1]))
     return problems
 
 
@@ -126,3 +147,4 @@ class ModelKnobs(BaseModel):
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
     target_modules: Literal["all-linear"] | list[str] = Field("all-linear", description="LoRA target modules.")
     torch_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype.")
+    chat_template: ChatTemplateMode = Field("auto", description=CHAT_TEMPLATE_HELP)

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from hpcqwen import specfile
 from hpcqwen.tasks._common import (
+    CHAT_TEMPLATE_HELP,
+    ChatTemplateMode,
     DatasetRefs,
     ModelRef,
     check_datasets,
@@ -76,6 +78,7 @@ class DistillTask(BaseModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype; auto: the model's own.")
+    chat_template: ChatTemplateMode = Field("auto", description=CHAT_TEMPLATE_HELP)
     max_batch_size: int = Field(16, ge=1, description="transformers backend: prompts per generate() call.")
     write_batch_size: int = Field(1000, ge=1, description="Prompts generated, then appended to the shard file, "
                                   "per batch (the most work a crash loses).")

@@ -14,7 +14,19 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WrapValidator
 
 from hpcqwen import specfile
-from hpcqwen.tasks._common import TOKENIZER_FILES, DatasetRefs, ModelRef, check_datasets, is_hub_id
+from hpcqwen.tasks._common import (
+    CHAT_TEMPLATE_HELP,
+    MULTI_TURN_HELP,
+    TOKENIZER_FILES,
+    TRUNCATION_HELP,
+    ChatTemplateMode,
+    DatasetRefs,
+    ModelRef,
+    MultiTurnMode,
+    TruncationStrategy,
+    check_datasets,
+    is_hub_id,
+)
 
 if TYPE_CHECKING:
     from hpcqwen.spec import JobSpec, Problem
@@ -81,7 +93,11 @@ class MegatronTask(BaseModel):
     lr_decay_style: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     clip_grad: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    max_length: int = Field(2048, ge=16, description="Truncate (or pack) to this many tokens.")
+    max_length: int = Field(2048, ge=16, description="Longest example in tokens (see truncation_strategy); the pack "
+                            "size with packing.")
+    truncation_strategy: TruncationStrategy = Field("delete", description=TRUNCATION_HELP)
+    multi_turn: MultiTurnMode = Field("all_rounds", description=MULTI_TURN_HELP)
+    chat_template: ChatTemplateMode = Field("auto", description=CHAT_TEMPLATE_HELP)
     log_interval: int = Field(5, ge=1, description="Write metrics every N iterations.")
     num_workers: int = Field(1, ge=0, description="Accepted, no effect: batches come from the memory-mapped "
                              "cache in the training process.")
@@ -104,6 +120,17 @@ class MegatronTask(BaseModel):
         if config is not None:
             p += self._check_model(config)
         return p
+
+    def warnings(self, spec: JobSpec) -> list[Problem]:
+        """Settings that are valid but do nothing (printed on submit, not errors)."""
+        from hpcqwen.spec import Problem
+
+        asked = sorted({"eval_interval", "eval_iters"} & self.model_fields_set)
+        if asked and not self.val_dataset and self.split_dataset_ratio == 0 and self.eval_iters > 0:
+            return [Problem(f"task.{asked[0]}", "evaluation is off: there is nothing to evaluate (no val_dataset, "
+                            "split_dataset_ratio 0)", got=str(getattr(self, asked[0])),
+                            hint="set split_dataset_ratio or val_dataset, or drop " + " and ".join(asked))]
+        return []
 
     # ---- the checks ----------------------------------------------------------------------------
 

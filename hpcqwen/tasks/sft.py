@@ -8,8 +8,12 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import ConfigDict, Field
 
 from hpcqwen.tasks._common import (
+    MULTI_TURN_HELP,
+    TRUNCATION_HELP,
     DatasetRefs,
     ModelKnobs,
+    MultiTurnMode,
+    TruncationStrategy,
     check_datasets,
     check_model_dir,
     split_dataset_ref,
@@ -44,7 +48,9 @@ class SftTask(ModelKnobs):
     save_total_limit: int | None = Field(None, ge=1, description="Keep at most N checkpoints (never the newest).")
     save_only_model: bool = Field(False, description="Skip optimizer/scheduler/RNG state in checkpoints.")
     logging_steps: int = Field(5, ge=1, description="Write metrics every N steps.")
-    max_length: int = Field(2048, ge=16, description="Truncate (or pack) to this many tokens.")
+    max_length: int = Field(2048, ge=16, description="Longest example in tokens (see truncation_strategy); the pack "
+                            "size with packing.")
+    truncation_strategy: TruncationStrategy = Field("delete", description=TRUNCATION_HELP)
     packing: bool = Field(False, description="Pack examples padding-free into rows of max_length.")
     attn_impl: Literal["sdpa", "flash_attn", "eager"] = Field(
         "sdpa", description="Attention kernel; flash_attn is varlen FlashAttention-2 (the flash-attn package, else "
@@ -60,8 +66,9 @@ class SftTask(ModelKnobs):
     val_dataset: DatasetRefs = Field(default_factory=list, description="Evaluation data, same syntax.")
     split_dataset_ratio: float = Field(0.0, ge=0, lt=1, description="Hold out this fraction for eval.")
     loss_scale: Literal["default", "ignore_empty_think"] = Field(
-        "default", description="ignore_empty_think: no loss on an empty <think></think> block."
-    )
+        "default", description="ignore_empty_think: no loss on an empty <think></think> block and the newlines after "
+        "it (the answer keeps the loss of every token it has).")
+    multi_turn: MultiTurnMode = Field("all_rounds", description=MULTI_TURN_HELP)
     model_name: list[str] | str | None = Field(None, description="Fills {{NAME}} (zh and en names as a list).")
     model_author: list[str] | str | None = Field(None, description="Fills {{AUTHOR}}.")
     system: str | None = Field(None, description="Default system prompt.")
@@ -107,6 +114,17 @@ class SftTask(ModelKnobs):
             p.append(Problem("task.model_name", "the data has {{NAME}}/{{AUTHOR}} placeholders but model_name or "
                              "model_author is missing", hint="set model_name: [中文名, English name] and model_author"))
         return p
+
+    def warnings(self, spec: JobSpec) -> list[Problem]:
+        """Settings that are valid but do nothing (printed on submit, not errors)."""
+        from hpcqwen.spec import Problem
+
+        if "eval_steps" in self.model_fields_set and not self.val_dataset and self.split_dataset_ratio == 0:
+            return [Problem("task.eval_steps", "evaluation is off: there is nothing to evaluate (no val_dataset, "
+                            "split_dataset_ratio 0)", got=str(self.eval_steps),
+                            hint="set split_dataset_ratio (ms-swift's default: 0.01) or val_dataset, or drop "
+                            "eval_steps")]
+        return []
 
     def _check_batch(self, spec: JobSpec) -> list[Problem]:
         from hpcqwen.spec import Problem

@@ -215,6 +215,13 @@ def test_deepspeed_zero_on_two_processes(stage: str, write_spec, tiny_qwen3_dir:
     assert any(p.name.startswith("global_step") for p in ckpt.iterdir())  # DeepSpeed's sharded states
     log = (run_dir / "logs" / f"{stage}-local.out").read_text()
     assert f"ZeRO Stage {stage[-1]}" in log or f"zero_optimization.stage={stage[-1]}" in log or "DeepSpeed" in log
+    # Every parameter counted, also when ZeRO-3 leaves each rank only empty placeholders.
+    from transformers import AutoModelForCausalLM
+
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(tiny_qwen3_dir)).parameters())
+    assert f"trainable {n:,} of {n:,} parameters" in log
+    assert "sft: chat template: hpcqwen's Qwen3 template" in log  # the run log names the template
+    assert "truncation_strategy delete: 0 rows over max_length" in log
     if stage == "zero3":  # gathered 16-bit weights on save: export works without zero_to_fp32
         assert (ckpt / "model.safetensors").is_file()
         assert main(["export", str(run_dir)]) == 0

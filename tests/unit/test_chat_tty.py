@@ -93,3 +93,63 @@ def test_chat_turns_think_switch_clear_and_exit(chat: Terminal) -> None:
     assert prompts(screen)[-1] == "'<|im_start|>user\\nhi again<|im_end|>\\n<|im_start|>assistant\\n'"  # no history
     chat.type("exit")
     chat.wait_for(lambda s: "EXIT=0" in s, 30, "the chat to exit with 0")
+
+
+@pytest.fixture
+def adapters(tmp_path: Path, tiny_qwen3_dir: Path) -> Path:
+    """A LoRA checkpoint of the tiny model, with its tokenizer; adapter_config.json names the base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = tmp_path / "checkpoint-5"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_qwen3_dir)),
+                   LoraConfig(r=4, target_modules="all-linear")).save_pretrained(str(ckpt))
+    AutoTokenizer.from_pretrained(str(tiny_qwen3_dir)).save_pretrained(str(ckpt))
+    return ckpt
+
+
+def test_chat_with_adapters_alone_and_the_guide_s_response_prefix(adapters: Path) -> None:
+    # As in the guide: `swift infer --adapters DIR --response_prefix '<think>\n\n</think>\n\n'`
+    # (a literal backslash-n from the shell).
+    term = Terminal([sys.executable, "-m", "hpcqwen", "chat", "--adapters", str(adapters), "--backend", "hf",
+                     "--stream", "--max-new-tokens", "8", "--show-prompt", "--response-prefix",
+                     r"<think>\n\n</think>\n\n"])
+    try:
+        term.wait_for(ready(1), 120, "the first <<< prompt")
+        term.type("hello")
+        term.wait_for(ready(2), 60, "the answer to turn 1")
+        term.type("again")
+        screen = term.wait_for(ready(3), 60, "the answer to turn 2")
+        turn1, turn2 = prompts(screen)
+        assert turn1 == "'<|im_start|>user\\nhello<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n'"
+        assert turn2.startswith("'<|im_start|>user\\nhello<|im_end|>\\n<|im_start|>assistant\\n")
+        assert turn2.endswith("<|im_start|>user\\nagain<|im_end|>\\n<|im_start|>assistant\\n"
+                              "<think>\\n\\n</think>\\n\\n'")
+        after = screen.split("<<< hello\n", 1)[1].splitlines()
+        assert after[0].startswith("[prompt: ") and after[1:4] == ["<think>", "", "</think>"]  # the prefix shows
+        term.type("exit")
+        term.wait_for(lambda s: "EXIT=0" in s, 30, "the chat to exit with 0")
+    finally:
+        term.close()
+
+
+def test_chat_needs_a_model_or_adapters_that_name_one(tmp_path: Path, adapters: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from hpcqwen.cli import main
+
+    assert main(["chat"]) == 1
+    assert "give --model DIR, or --adapters DIR" in capsys.readouterr().err
+    assert main(["chat", "--adapters", str(tmp_path)]) == 1
+    assert "has no adapter_config.json, so its base model is unknown" in capsys.readouterr().err
+    config = adapters / "adapter_config.json"
+    config.write_text(config.read_text().replace('"base_model_name_or_path": "', '"base_model_name_or_path": "/gone'))
+    assert main(["chat", "--adapters", str(adapters)]) == 1
+    err = capsys.readouterr().err
+    assert f"the base model named by {adapters} (base_model_name_or_path): model folder not found" in err
+
+
+def test_response_prefix_escapes_are_decoded() -> None:
+    from hpcqwen.cli.chat import decode_escapes
+
+    assert decode_escapes(r"<think>\n\n</think>\n\n") == "<think>\n\n</think>\n\n"
+    assert decode_escapes(r"a\tb\\n") == "a\tb\\n" and decode_escapes(None) == ""

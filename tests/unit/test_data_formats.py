@@ -220,16 +220,68 @@ def test_missing_path_and_hub_ids_are_clear_errors(tmp_path: Path) -> None:
 
 
 def test_a_local_folder_wins_over_a_hub_id_and_subset_picks_a_subfolder(tmp_path: Path) -> None:
-    write_jsonl(
-        tmp_path / "swift" / "self-cognition" / "qwen3" / "x.jsonl",
-        [{"query": "q", "response": "r"}],
-    )
-    write_jsonl(
-        tmp_path / "swift" / "self-cognition" / "other" / "y.jsonl",
-        [{"query": "o", "response": "r"}],
-    )
-    rows = load_dataset_rows(["swift/self-cognition:qwen3"], base_dir=tmp_path, seed=0)
+    write_jsonl(tmp_path / "org" / "corpus" / "qwen3" / "x.jsonl", [{"query": "q", "response": "r"}])
+    write_jsonl(tmp_path / "org" / "corpus" / "other" / "y.jsonl", [{"query": "o", "response": "r"}])
+    rows = load_dataset_rows(["org/corpus:qwen3"], base_dir=tmp_path, seed=0)
     assert _queries(rows) == ["q"]
+
+
+SC_NAMES = {"model_name": ["小Q", "Little-Q"], "model_author": ["实验室", "the lab"]}
+
+
+@pytest.mark.parametrize(
+    ("subset", "suffix", "prefix"),
+    [(None, "", ""), ("default", "", ""), ("qwen3", " /no_think", "<think>\n\n</think>\n\n"),
+     ("empty_think", "", "<think>\n\n</think>\n\n")],
+)
+def test_self_cognition_subsets_mean_what_ms_swift_means(
+    data_dir: Path, tmp_path: Path, subset: str | None, suffix: str, prefix: str
+) -> None:
+    plain = load_dataset_rows(["self-cognition.jsonl"], base_dir=data_dir, seed=0, **SC_NAMES)
+    ref = "self-cognition.jsonl" + (f":{subset}" if subset else "")
+    rows = load_dataset_rows([ref], base_dir=data_dir, seed=0, **SC_NAMES)
+    assert len(rows) == len(plain) == 40
+    for row, base in zip(rows, plain, strict=True):
+        (user, answer), (base_user, base_answer) = row["messages"], base["messages"]
+        assert user == {"role": "user", "content": base_user["content"] + suffix}
+        assert answer == {"role": "assistant", "content": prefix + base_answer["content"]}
+    assert "Little-Q" in rows[-1]["messages"][1]["content"]  # names are filled as before
+    # A local copy of the hub dataset (a folder named self-cognition) behaves the same, with #N.
+    copy = tmp_path / "swift" / "self-cognition"
+    copy.mkdir(parents=True)
+    (copy / "self_cognition.jsonl").write_text((data_dir / "self-cognition.jsonl").read_text())
+    sampled = load_dataset_rows([f"{copy}:{subset or 'default'}#7"], base_dir=tmp_path, seed=0, **SC_NAMES)
+    assert len(sampled) == 7 and all(r["messages"][0]["content"].endswith(suffix) for r in sampled)
+    assert all(r["messages"][1]["content"].startswith(prefix) for r in sampled)
+
+
+def test_unknown_self_cognition_subset_is_a_data_error(data_dir: Path) -> None:
+    with pytest.raises(DataError, match="unknown subset 'qwen4' of the self-cognition dataset") as err:
+        load_dataset_rows(["self-cognition.jsonl:qwen4"], base_dir=data_dir, seed=0, **SC_NAMES)
+    assert "default, qwen3, empty_think" in err.value.hint
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("{data}/self-cognition.jsonl:qwen3#10", None),
+        ("{data}/self-cognition.jsonl:qwen4#10", "unknown subset 'qwen4' of the self-cognition dataset"),
+        ("swift/self-cognition:qwen3#600", None),
+        ("swift/self-cognition:thinking#600", "unknown subset 'thinking' of the self-cognition dataset"),
+        ("{tmp}/self_cognition:empty_think", None),
+        ("{data}/sft-tiny.jsonl:qwen3", "subset 'qwen3' given for the file"),
+        ("{tmp}/corpus:missing", "no subfolder 'missing' in the dataset folder"),
+        ("{tmp}/corpus:part", None),
+        ("org/corpus:anything", None),  # a hub dataset's subsets are its own
+    ],
+)
+def test_subsets_are_checked_on_the_login_node(data_dir: Path, tmp_path: Path, ref: str, message: str | None) -> None:
+    from hpcqwen.data.formats import subset_error
+
+    (tmp_path / "corpus" / "part").mkdir(parents=True)
+    (tmp_path / "self_cognition").mkdir()
+    error = subset_error(ref.format(data=data_dir, tmp=tmp_path))
+    assert (error is None) if message is None else (error is not None and message in error[0])
 
 
 def test_alpaca_and_prompt_only_rows(tmp_path: Path) -> None:

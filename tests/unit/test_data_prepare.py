@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,41 @@ def test_data_errors_surface_from_the_build_and_leave_no_entry(
     with pytest.raises(DataError, match="`model_name` is not set"):
         _prepare(tmp_path, tiny_tokenizer_dir, data_dir, model_name=None)
     assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "said"),
+    [("delete", "truncation_strategy delete: 3 rows over max_length 48 dropped"),
+     ("left", "truncation_strategy left: 3 rows over max_length 48 cut at the head"),
+     ("right", "truncation_strategy right: 3 rows over max_length 48 cut at the tail")],
+)
+def test_truncation_strategy_is_reported_and_keys_the_cache(
+    tmp_path: Path, tiny_tokenizer_dir: Path, strategy: str, said: str
+) -> None:
+    short = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "yes"}]}
+             for i in range(5)]
+    long = [{"messages": [{"role": "user", "content": "why " * 40}, {"role": "assistant", "content": "no"}]}] * 3
+    (tmp_path / "mix.jsonl").write_text("\n".join(json.dumps(r) for r in short + long) + "\n")
+    opts = dict(tokenizer_dir=tiny_tokenizer_dir, base_dir=tmp_path, cache_root=tmp_path / "cache", max_length=48)
+    prepared = prepare_sft_dataset(["mix.jsonl"], truncation_strategy=strategy, **opts)
+    assert said in prepared.summary()
+    stats = json.loads((prepared.path / "stats.json").read_text())
+    assert stats["truncation_strategy"] == strategy
+    assert (stats["num_deleted"], stats["num_truncated"]) == ((3, 0) if strategy == "delete" else (0, 3))
+    assert stats["num_kept"] == (8 if strategy == "left" else 5)  # right: the answers were cut away
+    assert stats["num_no_loss"] == (3 if strategy == "right" else 0)
+    assert all(len(ids) <= 48 for ids in prepared.dataset["input_ids"])
+    others = {prepare_sft_dataset(["mix.jsonl"], truncation_strategy=s, **opts).path
+              for s in ("delete", "left", "right")}
+    assert len(others) == 3 and prepared.path in others
+    last_round = prepare_sft_dataset(["mix.jsonl"], truncation_strategy=strategy, multi_turn="last_round", **opts)
+    assert last_round.path not in others
+
+
+def test_no_example_left_names_the_strategy(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
+    row = {"messages": [{"role": "user", "content": "why " * 40}, {"role": "assistant", "content": "no"}]}
+    (tmp_path / "long.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match="truncation_strategy delete: 1 rows over max_length 32 dropped") as err:
+        prepare_sft_dataset(["long.jsonl"], tokenizer_dir=tiny_tokenizer_dir, base_dir=tmp_path,
+                            cache_root=tmp_path / "cache", max_length=32)
+    assert "truncation_strategy: left or right" in err.value.hint

@@ -150,16 +150,67 @@ def test_enable_thinking_false_trains_the_non_thinking_rendering(tok: Any) -> No
     assert tok.decode(enc["input_ids"]).startswith(render_prompt(tok, msgs, enable_thinking=False))
 
 
-def test_truncation_and_rows_left_without_loss(tok: Any) -> None:
-    msgs = _msgs("a long question " * 20, "answer")
-    enc = encode_conversation(tok, msgs, max_length=16)
-    assert len(enc["input_ids"]) == len(enc["labels"]) == 16
-    kept, stats = encode_rows(
-        tok, [{"messages": msgs}, {"messages": _msgs("hi", "yo")}], max_length=16
-    )
-    assert (stats.num_rows, stats.num_kept, stats.num_truncated) == (2, 1, 1)
-    assert _loss_runs(tok, kept[0]) == [EMPTY + "yo<|im_end|>"]
-    assert stats.num_loss_tokens == 6 and stats.num_tokens == len(kept[0]["input_ids"])
+@pytest.mark.parametrize("answer", [" Paris.", "  Paris.", "\tParis.", "Paris."])
+def test_ignore_empty_think_keeps_the_answer_s_first_token_after_whitespace(tok: Any, answer: str) -> None:
+    msgs = _msgs("Capital of France?", EMPTY + answer)
+    enc = encode_conversation(tok, msgs, max_length=512, loss_scale="ignore_empty_think")
+    default = encode_conversation(tok, msgs, max_length=512)
+    assert enc is not None and default is not None
+    # Only the four tokens of the empty block lose their loss: the answer keeps every token it has.
+    assert _loss_runs(tok, default) == [EMPTY + answer + "<|im_end|>"]
+    assert "".join(_loss_runs(tok, enc)) == answer + "<|im_end|>"
+    assert sum(a != b for a, b in zip(default["labels"], enc["labels"], strict=True)) == 4
+
+
+LONG = _msgs("a long question " * 20, "the answer")  # 64 tokens
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [
+        ("delete", None),
+        ("left", ["the answer<|im_end|>"]),  # the head is cut: the answer keeps its end of turn
+        ("right", []),  # the tail is cut: nothing of the answer is left
+    ],
+)
+def test_truncation_strategies_on_one_conversation(tok: Any, strategy: str, expected: list[str] | None) -> None:
+    enc = encode_conversation(tok, LONG, max_length=16, truncation_strategy=strategy)
+    if expected is None:
+        assert enc is None
+        return
+    assert enc is not None and len(enc["input_ids"]) == len(enc["labels"]) == 16
+    full = encode_conversation(tok, LONG, max_length=4096)
+    assert full is not None
+    window = full["input_ids"][-16:] if strategy == "left" else full["input_ids"][:16]
+    assert enc["input_ids"] == window
+    assert [r.replace(EMPTY, "") for r in _loss_runs(tok, enc)] == expected
+
+
+def test_right_truncation_trains_an_answer_without_its_end_of_turn(tok: Any) -> None:
+    msgs = _msgs("q", "one two three four five six seven eight")
+    cut = encode_conversation(tok, msgs, max_length=14, truncation_strategy="right")
+    assert cut is not None and "<|im_end|>" not in "".join(_loss_runs(tok, cut))
+    assert encode_conversation(tok, msgs, max_length=14) is None  # the default, delete, drops it
+
+
+@pytest.mark.parametrize(
+    ("strategy", "counts"),  # (kept, truncated, deleted, without loss)
+    [("delete", (2, 0, 2, 0)), ("left", (4, 2, 0, 0)), ("right", (2, 2, 0, 2))],
+)
+def test_encode_rows_counts_what_each_strategy_did(
+    tok: Any, strategy: str, counts: tuple[int, int, int, int]
+) -> None:
+    rows = [{"messages": m} for m in (LONG, _msgs("hi", "yo"), LONG, _msgs("ok", "fine"))]
+    kept, stats = encode_rows(tok, rows, max_length=16, truncation_strategy=strategy)
+    assert (stats.num_kept, stats.num_truncated, stats.num_deleted, stats.num_no_loss) == counts
+    assert stats.num_rows == 4 and stats.truncation_strategy == strategy and len(kept) == counts[0]
+    assert stats.num_tokens == sum(len(e["input_ids"]) for e in kept)
+    assert all(len(e["input_ids"]) <= 16 for e in kept)
+
+
+def test_unknown_truncation_strategy_is_refused(tok: Any) -> None:
+    with pytest.raises(ValueError, match="truncation_strategy must be one of"):
+        encode_conversation(tok, _msgs("q", "a"), max_length=64, truncation_strategy="split")
 
 
 def test_render_prompt_thinking_modes_and_response_prefix(tok: Any) -> None:
@@ -176,5 +227,5 @@ def test_unknown_loss_scale_and_untrainable_template(tok: Any, tiny_tokenizer_di
         encode_conversation(tok, _msgs("q", "a"), max_length=8, loss_scale="last_round")
     other = load_tokenizer(tiny_tokenizer_dir)
     other.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
-    with pytest.raises(ValueError, match="load_tokenizer"):
+    with pytest.raises(ValueError, match="set multi_turn: last_round .* or chat_template: qwen3"):
         training_template(other)

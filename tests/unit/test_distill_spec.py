@@ -61,7 +61,10 @@ def test_gpu_nodes_run_one_engine_per_tensor_parallel_group(write_spec, tmp_path
     spec = load_spec(REPO / "jobspecs/qwen3-32b-distill.yaml")
     assert isinstance(spec.task, DistillTask)
     assert (spec.gpus_per_node, spec.task.tensor_parallel_size, spec.nproc_per_node) == (4, 2, 2)
-    assert spec.array is not None and spec.array.size == 2
+    # The guide's command runs on one node of 4 GPUs: no array, one node (not 2 × 4 GPUs).
+    assert spec.array is None and spec.resources.nodes == 1
+    sharded = load_spec(REPO / "jobspecs/qwen3-32b-distill.yaml", ["task.shards=2"])
+    assert sharded.array is not None and sharded.array.size == 2 and sharded.resources.nodes == 1
     assert spec.task.dataset == ["AI-ModelScope/alpaca-gpt4-data-en#5000", "AI-ModelScope/alpaca-gpt4-data-zh#5000"]
     assert spec.task.vllm_python is None  # the site venv of the profile brings vLLM
     assert spec.task.model == "Qwen/Qwen3-32B"

@@ -140,7 +140,7 @@ def test_accuracy_handles_conversational_completions() -> None:
 
 def test_accuracy_skips_unparseable_solution_with_none() -> None:
     # open-r1: None lets TRL skip the sample instead of rewarding or punishing it.
-    assert acc(r"\boxed{2}", "It is blue.") is None
+    assert acc(r"\boxed{2}", "It is blue because the sky scatters the short wavelengths of sunlight.") is None
 
 
 def test_accuracy_without_solution_column_names_it() -> None:
@@ -287,7 +287,8 @@ def test_cosine_length_source() -> None:
 def test_cosine_options_and_unparseable_solution() -> None:
     fn = RewardOptions(cosine_max_len=10, cosine_max_len_value_correct=0.0).bind("cosine")
     assert fn([RIGHT], solution=[TWO], completion_ids=[[0] * 10]) == [pytest.approx(0.0)]
-    assert cosine_reward([RIGHT], solution=["blue"], completion_ids=[[0]]) == [None]
+    prose = "The sky is blue because air scatters the short wavelengths of sunlight."
+    assert cosine_reward([RIGHT], solution=[prose], completion_ids=[[0]]) == [None]
 
 
 # --- repetition -------------------------------------------------------------------------------
