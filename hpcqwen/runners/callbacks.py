@@ -30,6 +30,8 @@ from hpcqwen.metrics import MetricsWriter
 from hpcqwen.paths import TaskPaths
 
 EVAL_FLAG = "_hpcqwen_eval"  # a column of evaluation rows: their tokens are not training tokens
+# Test hook, not a knob: seconds every save pauses before its marker (the preemption soak kills a rank there).
+TEST_SAVE_PAUSE_S = float(os.environ.get("HPCQWEN_TEST_SAVE_PAUSE_S", "0") or 0)
 
 
 class TokenCounter:
@@ -127,6 +129,8 @@ class CheckpointCallback(TrainerCallback):
         path = checkpoints.checkpoint_dir(self.root, state.global_step)
         if os.environ.get("LOCAL_RANK", "0") == "0" and path.is_dir():
             fs.fsync_tree(path)  # NFS/Lustre: a client flushes only its own writes, so every node does
+        if TEST_SAVE_PAUSE_S:
+            time.sleep(TEST_SAVE_PAUSE_S)  # test hook only: a window to kill a rank mid-save (bench soak)
         stopping.barrier()
         tokens = self.counters.tokens(state)  # a collective: every rank takes part
         if self.is_rank0 and path.is_dir():

@@ -55,8 +55,11 @@ def test_resubmit_renders_the_unfinished_tasks_with_the_throttle_and_no_stale_de
         assert "ArrayTaskThrottle=2" in shown and STALE not in shown
         assert {f"ArrayTaskId={t}" for t in (1, 3)} <= set(shown.split()) or "ArrayTaskId=1,3%2" in shown
         manifest = json.loads(RunPaths(run_dir).manifest.read_text())
-        assert manifest["resubmits"] == [{"job_id": job, "array_tasks": "1,3", "shards": [1, 3],
-                                          "script": "job-resubmit-1.sbatch"}]
+        entry = manifest["resubmits"][0]
+        assert len(manifest["resubmits"]) == 1 and manifest["job_ids"][-1] == job
+        assert {k: entry[k] for k in ("job_id", "array_tasks", "shards", "script", "backend")} == {
+            "job_id": job, "array_tasks": "1,3", "shards": [1, 3], "script": "job-resubmit-1.sbatch",
+            "backend": "slurm"}
     finally:
         subprocess.run(["scancel", job], capture_output=True, check=False)
 

@@ -186,3 +186,21 @@ def test_submitit_backend_preempted_requeues_and_resumes(slurm_cluster: str, wri
     assert [r.slurm_state for r in rows] == ["COMPLETED"], logs[-3000:]
     assert "steps: stop requested (SIGTERM)" in logs and "hpcqwen: stopped; requeued" in logs
     assert "restart_count=1" in logs and step_of(run_dir) == 40
+
+
+def test_submitit_backend_time_limit_usr2_saves_requeues_and_finishes(slurm_cluster: str, write_spec,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """submitit sends USR2 to every process of the step (no `B:`): the ranks save and stop, hpcqwen's job
+    function requeues (not submitit's handler, which would refuse a command as "not checkpointable")."""
+    spec = write_spec("""
+        name: subtl
+        resources: {time_limit_min: 2}
+        requeue: {signal_lead_s: 60, max_restarts: 3}
+        task: {kind: command, module: hpcqwen.examples.steps, args: [--steps, '130', --step-seconds, '0.5']}
+    """)
+    job, run_dir = submit(capsys, str(spec), "--backend", "submitit")
+    rows = runs.wait_for(runs.resolve_target(str(run_dir)), max_poll_s=3)
+    logs = "".join(p.read_text() for p in (run_dir / "submitit").glob("*_log.out"))
+    assert [r.slurm_state for r in rows] == ["COMPLETED"], logs[-3000:]
+    assert "steps: stop requested (SIGUSR2)" in logs and f"hpcqwen: stopped; requeued {job}" in logs
+    assert "Job not requeued" not in logs and "steps: finished 130 steps" in logs
