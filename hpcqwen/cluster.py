@@ -60,6 +60,15 @@ class ClusterProfile(BaseModel):
     cache_root: str | None = Field(
         None, description="Shared folder for tokenization/packing caches; default: <run_root>/.cache."
     )
+    cache_mode: str | None = Field(
+        None, pattern=r"^0?7[0145][0145]$",
+        description="Permissions of cache entries, e.g. '0750' (group may read) or '0700'; default: the umask's. "
+        "Never writable by group or others (entries are immutable); a cache_root hpcqwen creates is "
+        "sticky and, when the group may read, group-writable and setgid.",
+    )
+    cache_wait_min: float = Field(
+        120, gt=0, description="Longest wait for another job's build of the same cache entry before failing."
+    )
     template_dir: str | None = Field(None, description="A site folder with its own sbatch.sh.j2.")
     max_array_size: int = Field(1001, ge=1, description="Slurm's MaxArraySize (arrays are chunked under it).")
     backend: Literal["auto", "slurm", "submitit", "local"] = Field(

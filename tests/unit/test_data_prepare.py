@@ -73,3 +73,19 @@ def test_data_errors_surface_from_the_build_and_leave_no_entry(
     with pytest.raises(DataError, match="`model_name` is not set"):
         _prepare(tmp_path, tiny_tokenizer_dir, data_dir, model_name=None)
     assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+
+
+def test_a_split_for_evaluation_never_writes_to_the_cache_entry(
+    tmp_path: Path, tiny_tokenizer_dir: Path, data_dir: Path
+) -> None:
+    from helpers import immutable, tree_snapshot
+
+    from hpcqwen.data import split_eval
+
+    prepared = _prepare(tmp_path, tiny_tokenizer_dir, data_dir)
+    before = tree_snapshot(prepared.path)
+    with immutable(prepared.path):  # as another user's entry would be
+        train, evaluation = split_eval(prepared.dataset, 0.25, seed=42)
+        assert (len(train), len(evaluation)) == (60, 20)
+        assert sorted([*train["input_ids"], *evaluation["input_ids"]]) == sorted(prepared.dataset["input_ids"])
+    assert tree_snapshot(prepared.path) == before
