@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -44,7 +43,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpcqwen.digests import file_digest, file_digests
+from hpcqwen.cache_entry import (
+    COMPLETE_MARKER,
+    KEY_FILE,
+    LAYOUT_VERSION,
+    MISSING,
+    cache_key,
+    canonical,
+    entry_modes,
+    entry_problem,
+    marker_files,
+)
+from hpcqwen.digests import file_digest
 from hpcqwen.errors import HpcqwenError
 
 if TYPE_CHECKING:
@@ -52,10 +62,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 2  # bump when the entry layout (marker, key file) changes
-COMPLETE_MARKER = "COMPLETE"
-KEY_FILE = "key.json"
-MISSING = "missing"
 NO_LOCK_ENV = "HPCQWEN_TEST_CACHE_NO_LOCK"  # test-only: behave as if flock were node-local
 HEARTBEAT_S = 30.0
 STALE_TMP_S = 600.0  # a temp folder untouched this long belongs to a dead (or frozen) builder
@@ -90,15 +96,6 @@ class CacheSettings:
         """The settings of a cluster profile (`cache_mode`, `cache_wait_min`)."""
         mode = int(profile.cache_mode, 8) if profile.cache_mode else None
         return cls(mode=mode, wait_s=profile.cache_wait_min * 60)
-
-
-def cache_key(key_parts: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of `key_parts` (the text stored as the entry's key.json)."""
-    return hashlib.sha256(_canonical(key_parts).encode("utf-8")).hexdigest()
-
-
-def _canonical(key_parts: Mapping[str, Any]) -> str:
-    return json.dumps({"layout": LAYOUT_VERSION, **key_parts}, sort_keys=True, default=str)
 
 
 def cached(
@@ -160,92 +157,11 @@ def _build_once(
     return entry
 
 
-def entry_problem(entry: Path, key: str) -> str | None:
-    """None when `entry` is a complete, intact entry for `key`; else what is wrong with it.
-
-    Returns:
-        None, `MISSING`, or a short reason (no marker, a mismatching key, a changed file, ...).
-    """
-    try:
-        st = entry.lstat()
-    except FileNotFoundError:
-        return MISSING
-    except OSError as e:
-        return f"cannot be read ({e.strerror})"
-    if not stat.S_ISDIR(st.st_mode):
-        return "not a folder"
-    try:
-        return _verify(entry, key, st.st_uid)
-    except FileNotFoundError as e:
-        return f"{Path(e.filename or '?').name} is missing (a build crashed, is under way, or was removed)"
-    except (OSError, ValueError) as e:
-        return f"cannot be read ({getattr(e, 'strerror', None) or e})"
-
-
-def _verify(entry: Path, key: str, owner: int) -> str | None:
-    marker = json.loads((entry / COMPLETE_MARKER).read_text(encoding="utf-8"))
-    recorded = marker.get("files") if isinstance(marker, dict) else None
-    if not isinstance(recorded, dict) or marker.get("key") != key:
-        return "its COMPLETE marker is not this key's"
-    found = _listing(entry)
-    if set(found) != set(recorded):
-        return f"its files differ from those its marker lists ({sorted(set(found) ^ set(recorded))[:3]})"
-    for rel, st in [*found.items(), (COMPLETE_MARKER, (entry / COMPLETE_MARKER).lstat())]:
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            return f"{rel} is neither a file nor a folder"
-        if st.st_uid != owner or st.st_mode & 0o022:
-            return f"{rel} is writable by others than the entry's owner"
-        if stat.S_ISREG(st.st_mode) and rel in recorded and st.st_size != recorded[rel][0]:
-            return f"{rel} has {st.st_size} bytes, not {recorded[rel][0]}"
-    if hashlib.sha256((entry / KEY_FILE).read_bytes()).hexdigest() != key:
-        return "its key.json does not hash to its name"
-    if owner != os.geteuid():  # we did not write it: its bytes must match its marker
-        names = sorted(rel for rel, st in found.items() if stat.S_ISREG(st.st_mode))
-        for rel, digest in zip(names, file_digests(entry / rel for rel in names), strict=True):
-            if digest != recorded[rel][1]:
-                return f"{rel} does not hash to its recorded sha256"
-    return None
-
-
-def _listing(entry: Path) -> dict[str, os.stat_result]:
-    """lstat of the entry folder ('.'), its subfolders and files, except the marker (listed nowhere)."""
-    found = {".": entry.lstat()}
-    for dirpath, dirnames, filenames in os.walk(entry):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            rel = path.relative_to(entry).as_posix()
-            if rel != COMPLETE_MARKER:
-                found[rel] = path.lstat()
-    return found
-
-
 def _is_mine(path: Path) -> bool:
     try:
         return path.lstat().st_uid == os.geteuid()
     except OSError:
         return False
-
-
-# ---- permissions ---------------------------------------------------------------------------
-
-
-def entry_modes(mode: int | None) -> tuple[int, int]:
-    """(folder mode, file mode) of entries: `mode` or the umask's, never writable by group/others."""
-    base = mode if mode is not None else 0o777 & ~_umask()
-    folder = (base | 0o700) & 0o755
-    return folder, folder & 0o644
-
-
-def _umask() -> int:
-    try:  # Linux >= 4.7 reports it; setting it to read it back would race with other threads
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
 
 
 def _make_home(home: Path, mode: int | None, *, shared: bool) -> None:
@@ -426,7 +342,7 @@ def _heartbeat(folder: Path) -> Iterator[None]:
 
 def _seal(tmp: Path, key: str, key_parts: Mapping[str, Any], mode: int | None) -> None:
     """key.json, modes, fsync, then the marker listing every file's size and sha256, last."""
-    (tmp / KEY_FILE).write_text(_canonical(key_parts), encoding="utf-8")
+    (tmp / KEY_FILE).write_text(canonical(key_parts), encoding="utf-8")
     folder_mode, file_mode = entry_modes(mode)
     files: dict[str, list[Any]] = {".": [0, ""]}
     for dirpath, dirnames, filenames in os.walk(tmp):
@@ -457,16 +373,12 @@ def _publish(tmp: Path, entry: Path, key: str) -> None:
         if problem is not None:
             raise CacheError(f"could not publish cache entry {entry} ({e.strerror}): the folder there "
                              f"is {problem}", where=str(entry), hint="remove it, then run again") from e
-        same = _marker_files(tmp) == _marker_files(entry)
+        same = marker_files(tmp) == marker_files(entry)
         log.log(logging.INFO if same else logging.WARNING, "another builder published %s first (%s)", entry,
                 "identical bytes" if same else "different bytes: the build is not reproducible")
         shutil.rmtree(tmp, ignore_errors=True)
         return
     _fsync_path(entry.parent)
-
-
-def _marker_files(entry: Path) -> Any:
-    return json.loads((entry / COMPLETE_MARKER).read_text(encoding="utf-8"))["files"]
 
 
 # ---- durability (kept here until hpcqwen/fs.py takes them) ----------------------------------

@@ -14,7 +14,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from hpcqwen.data.tokenize import encode_rows
+from hpcqwen.data.tokenize import encode_rows, training_template
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ def encode_rows_parallel(
     if num_proc <= 1 or len(rows) < 2 * num_proc:
         return encode_rows(tokenizer, rows, **options)
     log.info("tokenizing %d rows in %d processes", len(rows), num_proc)
+    training_template(tokenizer)  # TRL derives it in seconds; once here, inherited by every worker
     global _WORK
     _WORK = (tokenizer, rows, options)
     # fork: workers share the parent's tokenizer and rows; they only tokenize (no CUDA, no threads).

@@ -229,3 +229,23 @@ def test_a_waiter_says_whom_it_waits_for_and_gives_up_after_the_timeout(
     assert lines[-1].endswith("(2 s)") or lines[-1].endswith("(1 s)")
     # the holder died (SIGKILL): the kernel freed its lock, the next call builds at once
     assert entry_problem(cached(KEY, _build_array, tmp_path, CacheSettings(wait_s=5)), key) is None
+
+
+@pytest.mark.parametrize(("written", "message"), [
+    ("0750", "write the mode quoted, e.g. cache_mode: '0750'"),  # YAML reads an unquoted 0750 as 488
+    ("'0750'", None),
+    ("'0775'", "must be an octal mode where the owner has rwx and group and others cannot write"),
+    ("'rwx'", "must be an octal mode"),
+])
+def test_cache_mode_is_a_quoted_octal_mode_without_group_write(write_spec, written: str, message: str | None) -> None:
+    from hpcqwen.errors import SpecError
+    from hpcqwen.spec import load_spec
+
+    spec = write_spec(f"name: x\ncluster: {{profile: local, cache_mode: {written}, cache_wait_min: 5}}\n"
+                      "task: {kind: command, module: hpcqwen.examples.steps}\n")
+    if message is None:
+        assert CacheSettings.from_profile(load_spec(spec).cluster) == CacheSettings(mode=0o750, wait_s=300)
+        return
+    with pytest.raises(SpecError) as err:
+        load_spec(spec)
+    assert [i.key for i in err.value.issues] == ["cluster.cache_mode"] and message in err.value.issues[0].message
