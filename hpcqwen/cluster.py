@@ -10,15 +10,31 @@ searched first). A spec names one with `cluster: <name>` or overrides fields of 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 PKG_DIR = Path(__file__).resolve().parent
 
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 SlurmName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.,-]+$")]
+
+
+def _cache_mode(value: object) -> object:
+    """An octal mode as text: owner rwx, no write for group/others (cache entries are immutable)."""
+    if value is None:
+        return value
+    if not isinstance(value, str):  # YAML 1.1 reads an unquoted 0750 as the number 488
+        raise ValueError("write the mode quoted, e.g. cache_mode: '0750'")
+    if not re.fullmatch(r"0?7[0145][0145]", value):
+        raise ValueError("must be an octal mode where the owner has rwx and group and others cannot write, "
+                         "e.g. '0750' (the group reads) or '0700' (private)")
+    return value
+
+
+CacheMode = Annotated[str | None, BeforeValidator(_cache_mode)]
 
 
 class Container(BaseModel):
@@ -59,6 +75,15 @@ class ClusterProfile(BaseModel):
     )
     cache_root: str | None = Field(
         None, description="Shared folder for tokenization/packing caches; default: <run_root>/.cache."
+    )
+    cache_mode: CacheMode = Field(
+        None,
+        description="Permissions of cache entries, e.g. '0750' (group may read) or '0700'; default: the umask's. "
+        "Never writable by group or others (entries are immutable); a cache_root hpcqwen creates is "
+        "sticky and, when the group may read, group-writable and setgid.",
+    )
+    cache_wait_min: float = Field(
+        120, gt=0, description="Longest wait for another job's build of the same cache entry before failing."
     )
     template_dir: str | None = Field(None, description="A site folder with its own sbatch.sh.j2.")
     max_array_size: int = Field(1001, ge=1, description="Slurm's MaxArraySize (arrays are chunked under it).")

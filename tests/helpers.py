@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 
 def wait_until(pred: Callable[[], object], timeout: float, what: str, every: float = 0.5) -> object:
@@ -15,3 +18,27 @@ def wait_until(pred: Callable[[], object], timeout: float, what: str, every: flo
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file and folder under `root`: (mode, size, sha256 of files); equal snapshots, unchanged tree."""
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): (p.lstat().st_mode, p.lstat().st_size,
+                                             hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "")
+            for p in [root, *root.rglob("*")]}
+
+
+@contextlib.contextmanager
+def immutable(root: Path) -> Iterator[None]:
+    """`chattr -R +i root` for the block: not even root may write, add or remove anything there."""
+    import pytest
+
+    out = subprocess.run(["chattr", "-R", "+i", str(root)], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.fail(f"chattr +i failed ({out.stderr.strip()}): this test needs a filesystem with immutable "
+                    "attributes (ext4, xfs, btrfs) under the test's tmp dir, and root")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(root)], check=True)

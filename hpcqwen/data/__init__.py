@@ -1,7 +1,9 @@
 """SFT data: read datasets, tokenize with the Qwen3 template, pack, and cache on the shared FS.
 
 `prepare_sft_dataset` is the one call a runner (or `hpcqwen prepare`) makes: it hashes the
-inputs, builds the cache entry once across all ranks and nodes, and memory-maps it.
+inputs (`cachekey`), builds the cache entry once across all ranks and nodes (in `num_proc`
+processes, `parallel`), and memory-maps it. The entry is never written to afterwards:
+`split_eval` keeps its index in memory.
 """
 
 from __future__ import annotations
@@ -9,27 +11,20 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from hpcqwen.caching import cached, dataset_key_parts
+from hpcqwen.caching import CacheSettings, cached
+from hpcqwen.data.cachekey import sft_key_parts
 from hpcqwen.data.formats import (
     DataError,
     DatasetRef,
     load_dataset_rows,
     parse_dataset_ref,
-    resolve_files,
 )
 from hpcqwen.data.packing import PackedCollator, PackStats, PaddingCollator, pack_examples
-from hpcqwen.data.tokenize import (
-    encode_conversation,
-    encode_rows,
-    load_tokenizer,
-    open_tokenizer,
-    render_prompt,
-    rendering_template,
-)
+from hpcqwen.data.parallel import encode_rows_parallel
+from hpcqwen.data.tokenize import encode_conversation, load_tokenizer, open_tokenizer, render_prompt
 
 __all__ = [
     "DataError",
@@ -45,6 +40,7 @@ __all__ = [
     "parse_dataset_ref",
     "prepare_sft_dataset",
     "render_prompt",
+    "split_eval",
 ]
 
 DATASET_DIR = "dataset"
@@ -58,7 +54,6 @@ class PreparedData:
     path: Path
     dataset: Any  # datasets.Dataset with input_ids, labels (+ position_ids, seq_lens if packed)
     stats: dict[str, Any]
-    template_note: str = ""  # which chat template rendered the rows (`open_tokenizer`)
 
     def summary(self) -> str:
         """One start-up log line: rows, what the truncation strategy did, tokens, (if packed) fill."""
@@ -98,6 +93,8 @@ def prepare_sft_dataset(
     model_name: str | Sequence[str] | None = None,
     model_author: str | Sequence[str] | None = None,
     system: str | None = None,
+    num_proc: int = 1,
+    cache: CacheSettings | None = None,
 ) -> PreparedData:
     """Tokenized (and packed) SFT data from the shared cache, built there first if missing.
 
@@ -112,11 +109,14 @@ def prepare_sft_dataset(
         enable_thinking: False trains the non-thinking rendering (reasoning stripped).
         multi_turn: `all_rounds` or `last_round` (`hpcqwen.data.tokenize`).
         truncation_strategy: `delete`, `left` or `right` for rows over `max_length`.
-        chat_template: `auto`, `qwen3` or `model` (`hpcqwen.data.templates`).
+        chat_template: `auto`, `qwen3` or `model` (`hpcqwen.data.templates`); with the tokenizer
+            files and TRL's templates (both in the key) it decides the template that renders the rows.
         seed: `#N` sampling seed.
         model_name: Fills `{{NAME}}` in self-cognition rows.
         model_author: Fills `{{AUTHOR}}` in self-cognition rows.
         system: Default system prompt.
+        num_proc: Processes that tokenize when the entry is built (the bytes do not depend on it).
+        cache: Entry permissions and the wait for another process's build (default: CacheSettings()).
 
     Returns:
         The memory-mapped dataset and its statistics.
@@ -124,11 +124,10 @@ def prepare_sft_dataset(
     Raises:
         DataError: For unreadable or malformed data.
         ValueError: For a malformed reference.
+        CacheError: For an unusable cache folder, or a wait for another build that timed out.
     """
     from datasets import load_from_disk  # type: ignore[import-untyped]
 
-    tokenizer, note = open_tokenizer(tokenizer_dir, chat_template)
-    files = [f for r in refs for f in resolve_files(parse_dataset_ref(r), base_dir)]
     options: dict[str, Any] = dict(
         max_length=max_length,
         loss_scale=loss_scale,
@@ -136,30 +135,21 @@ def prepare_sft_dataset(
         enable_thinking=enable_thinking,
         multi_turn=multi_turn,
         truncation_strategy=truncation_strategy,
+        chat_template=chat_template,
         seed=seed,
         model_name=model_name,
         model_author=model_author,
         system=system,
     )
-    key_options = {k: v for k, v in options.items() if k not in ("multi_turn", "truncation_strategy")}
-    parts = dataset_key_parts(
-        refs,
-        data_files=files,
-        tokenizer_dir=tokenizer_dir,
-        chat_template=rendering_template(tokenizer, multi_turn),  # the template that renders the examples
-        **key_options,
-    )
-    parts.update(multi_turn=multi_turn, truncation_strategy=truncation_strategy)
-    # A new tokenizers/transformers/TRL may tokenize or render differently: rebuild, don't guess.
-    parts["libraries"] = {name: version(name) for name in ("tokenizers", "transformers", "trl")}
+    parts = sft_key_parts(refs, base_dir=base_dir, tokenizer_dir=tokenizer_dir, options=options)
 
-    def build(folder: Path) -> None:
-        _build(folder, tokenizer, refs, base_dir, **options)
+    def build(folder: Path) -> None:  # the tokenizer is loaded only when there is something to build
+        _build(folder, load_tokenizer(tokenizer_dir, chat_template), refs, base_dir, num_proc=num_proc,
+               **{k: v for k, v in options.items() if k != "chat_template"})
 
-    entry = cached(parts, build, cache_root)
+    entry = cached(parts, build, cache_root, cache or CacheSettings())
     stats = json.loads((entry / STATS_FILE).read_text())
-    dataset = load_from_disk(str(entry / DATASET_DIR))
-    return PreparedData(path=entry, dataset=dataset, stats=stats, template_note=note)
+    return PreparedData(path=entry, dataset=load_from_disk(str(entry / DATASET_DIR)), stats=stats)
 
 
 def _build(
@@ -168,6 +158,7 @@ def _build(
     refs: Sequence[str],
     base_dir: str | Path,
     *,
+    num_proc: int,
     max_length: int,
     loss_scale: str,
     packing: bool,
@@ -181,9 +172,16 @@ def _build(
 
     rows = load_dataset_rows(refs, base_dir=base_dir, seed=seed, **row_options)
     try:
-        examples, enc = encode_rows(tokenizer, rows, max_length=max_length, loss_scale=loss_scale,
-                                    enable_thinking=enable_thinking, multi_turn=multi_turn,
-                                    truncation_strategy=truncation_strategy)
+        examples, enc = encode_rows_parallel(
+            tokenizer,
+            rows,
+            num_proc,
+            max_length=max_length,
+            loss_scale=loss_scale,
+            enable_thinking=enable_thinking,
+            multi_turn=multi_turn,
+            truncation_strategy=truncation_strategy,
+        )
     except ValueError as e:
         raise DataError(str(e), ", ".join(refs)) from e
     if not examples:
@@ -198,3 +196,24 @@ def _build(
     columns = {name: [e[name] for e in examples] for name in examples[0]}
     Dataset.from_dict(columns).save_to_disk(str(folder / DATASET_DIR))
     (folder / STATS_FILE).write_text(json.dumps(stats, indent=1))
+
+
+def split_eval(dataset: Any, ratio: float, seed: int) -> tuple[Any, Any]:
+    """Hold out `ratio` of a prepared dataset for evaluation, without writing to its cache entry.
+
+    `Dataset.train_test_split` would write its index files next to the entry's Arrow files (an
+    immutable, maybe another user's, folder), and its `keep_in_memory=True` fails on a dataset
+    loaded from disk (datasets 5.2); so the same split (a seeded permutation, the first
+    ceil(ratio * n) rows for evaluation) is selected here with the indices kept in memory.
+
+    Returns:
+        (train, eval) datasets.
+    """
+    import math
+
+    import numpy as np
+
+    permutation = np.random.default_rng(seed).permutation(len(dataset))
+    n_eval = math.ceil(ratio * len(dataset))
+    return (dataset.select(permutation[n_eval:], keep_in_memory=True),
+            dataset.select(permutation[:n_eval], keep_in_memory=True))

@@ -405,7 +405,8 @@ def load_dataset_rows(
     for i, text in enumerate(refs):
         ref = parse_dataset_ref(text)
         rows = _load_ref(ref, base_dir, system, names)
-        keep = sample_indices(len(rows), ref.count, seed=f"{seed}:{i}:{text}")
+        # Not the reference text: a copy of the data elsewhere must sample the same rows (cache key).
+        keep = sample_indices(len(rows), ref.count, seed=f"{seed}:{i}")
         out.extend(_copy(rows[j]) for j in keep)
     return out
 

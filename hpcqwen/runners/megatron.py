@@ -92,20 +92,20 @@ def resolve_model(ctx: RunContext, weights: bool = True) -> Path:
 
 def load_data(ctx: RunContext, model_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
     """Train and eval rows from the shared tokenization/packing cache (built once by one process)."""
-    from hpcqwen.data import prepare_sft_dataset
+    from hpcqwen.caching import CacheSettings
+    from hpcqwen.data import prepare_sft_dataset, split_eval
 
     t = ctx.task
     options = dict(tokenizer_dir=str(model_dir), base_dir="/", cache_root=ctx.spec.cluster.cache_root,
                    max_length=t.max_length, packing=t.packing, multi_turn=t.multi_turn,
-                   truncation_strategy=t.truncation_strategy, chat_template=t.chat_template, seed=t.seed)
+                   truncation_strategy=t.truncation_strategy, chat_template=t.chat_template, seed=t.seed,
+                   num_proc=t.dataset_num_proc, cache=CacheSettings.from_profile(ctx.spec.cluster))
     train = prepare_sft_dataset(t.dataset, **options)
-    log0(ctx, f"megatron: {train.template_note}")
     log0(ctx, train.summary())
     evaluation = prepare_sft_dataset(t.val_dataset, **options).dataset if t.val_dataset else None
     data = train.dataset
     if evaluation is None and t.split_dataset_ratio > 0:
-        split = data.train_test_split(test_size=t.split_dataset_ratio, seed=t.seed)
-        data, evaluation = split["train"], split["test"]
+        data, evaluation = split_eval(data, t.split_dataset_ratio, t.seed)
     return data, evaluation, train.stats
 
 
@@ -509,12 +509,14 @@ def describe(ctx: RunContext, state: State, how: str) -> None:
 
 def setup(ctx: RunContext, model_dir: Path, train_rows: Any, eval_rows: Any) -> State:
     """Process groups, model, optimizer and schedule; the training state before `restore`."""
-    from hpcqwen.data import load_tokenizer
+    from hpcqwen.data import open_tokenizer
     from hpcqwen.megatron.convert import unwrap
     from hpcqwen.megatron.data import iterations_for_epochs, round_up
     from hpcqwen.megatron.dims import dims_from_config, read_config
 
     t = ctx.task
+    tokenizer, template_note = open_tokenizer(str(model_dir), t.chat_template)
+    log0(ctx, f"megatron: {template_note}")
     cpu_group = init_parallel(ctx)
     dims = dims_from_config(read_config(model_dir))
     train_iters = t.train_iters or iterations_for_epochs(len(train_rows), t.max_epochs or 1, t.global_batch_size)
@@ -523,7 +525,7 @@ def setup(ctx: RunContext, model_dir: Path, train_rows: Any, eval_rows: Any) -> 
     multiple = (t.tensor_model_parallel_size if t.sequence_parallel else 1) * (2 * cp if cp > 1 else 1)
     model, optimizer, scheduler = build(ctx, dims, train_iters)
     state = State(model, optimizer, scheduler, dims, model_dir, train_rows, eval_rows, train_iters,
-                  round_up(t.max_length, multiple), load_tokenizer(str(model_dir)).pad_token_id or 0,
+                  round_up(t.max_length, multiple), tokenizer.pad_token_id or 0,
                   cpu_group=cpu_group)
     state.meta = {"dtype": "bfloat16", "padded_vocab_size": unwrap(model).vocab_size, "model_type": dims.model_type,
                   "load": t.load, "global_batch_size": t.global_batch_size,

@@ -54,21 +54,22 @@ def zero_config(preset: str) -> dict[str, Any]:
 
 def load_data(ctx: RunContext, tokenizer_dir: str) -> tuple[Any, Any, dict[str, Any]]:
     """Train and eval datasets from the shared cache (built once by one process)."""
-    from hpcqwen.data import prepare_sft_dataset
+    from hpcqwen.caching import CacheSettings
+    from hpcqwen.data import prepare_sft_dataset, split_eval
 
     t = ctx.task
     options = dict(tokenizer_dir=tokenizer_dir, base_dir="/", cache_root=ctx.spec.cluster.cache_root,
                    max_length=t.max_length, loss_scale=t.loss_scale, packing=t.packing,
                    enable_thinking=t.enable_thinking, multi_turn=t.multi_turn,
                    truncation_strategy=t.truncation_strategy, chat_template=t.chat_template, seed=t.seed,
-                   model_name=t.model_name, model_author=t.model_author, system=t.system)
+                   model_name=t.model_name, model_author=t.model_author, system=t.system,
+                   num_proc=t.dataset_num_proc, cache=CacheSettings.from_profile(ctx.spec.cluster))
     train = prepare_sft_dataset(t.dataset, **options)
     log0(ctx, train.summary())
     evaluation = prepare_sft_dataset(t.val_dataset, **options).dataset if t.val_dataset else None
     data = train.dataset
     if evaluation is None and t.split_dataset_ratio > 0:
-        split = data.train_test_split(test_size=t.split_dataset_ratio, seed=t.seed)
-        data, evaluation = split["train"], split["test"]
+        data, evaluation = split_eval(data, t.split_dataset_ratio, t.seed)
     return data, evaluation, train.stats
 
 

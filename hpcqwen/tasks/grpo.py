@@ -28,6 +28,7 @@ from hpcqwen.tasks._common import (
     is_hub_id,
     split_dataset_ref,
 )
+from hpcqwen.tasks.scan import SCAN_FILE_BYTES
 
 if TYPE_CHECKING:
     from hpcqwen.spec import JobSpec, Problem
@@ -234,6 +235,8 @@ def first_row_keys(path: Path) -> set[str] | None:
                 return set(next(csv.reader(f)))
             head = f.read(1 << 20).lstrip()
         if head.startswith("["):  # a JSON array: the whole file is one document
+            if path.stat().st_size > SCAN_FILE_BYTES:  # too big to parse on the login node: the runner checks
+                return None
             rows: Any = json.loads(path.read_text(encoding="utf-8"))
             row = rows[0]
         else:

@@ -101,7 +101,8 @@ class MegatronTask(BaseModel):
     log_interval: int = Field(5, ge=1, description="Write metrics every N iterations.")
     num_workers: int = Field(1, ge=0, description="Accepted, no effect: batches come from the memory-mapped "
                              "cache in the training process.")
-    dataset_num_proc: int = Field(1, ge=1, description="CPU cores of the `hpcqwen prepare` cache job.")
+    dataset_num_proc: int = Field(1, ge=1, description="Processes for tokenization (cache build); also the "
+                                  "CPU cores of the `hpcqwen prepare` job.")
     seed: int = Field(42, description="Seed for data order and initialisation.")
 
     def runner_module(self) -> str:

@@ -142,14 +142,9 @@ class SftTask(ModelKnobs):
         return []
 
 
-def _has_placeholders(refs: list[str], limit: int = 256 << 20) -> bool:
-    """Any `{{NAME}}`/`{{AUTHOR}}` in the local data files (files over `limit` bytes are skipped)."""
-    for ref in refs:
-        path = Path(split_dataset_ref(ref)[0])
-        files = [path] if path.is_file() else sorted(path.rglob("*")) if path.is_dir() else []
-        for f in files:
-            if f.is_file() and f.stat().st_size <= limit:
-                text = f.read_text(encoding="utf-8", errors="ignore")
-                if "{{NAME}}" in text or "{{AUTHOR}}" in text:
-                    return True
-    return False
+def _has_placeholders(refs: list[str]) -> bool:
+    """Any `{{NAME}}`/`{{AUTHOR}}` in the first bytes of the local data files (hpcqwen.tasks.scan caps)."""
+    from hpcqwen.data.formats import PLACEHOLDERS
+    from hpcqwen.tasks.scan import contains_any
+
+    return contains_any(refs, PLACEHOLDERS)

@@ -246,6 +246,24 @@ def test_prepare_builds_the_cache_once_and_training_reuses_it(write_spec, tiny_q
     assert (entries[0] / "COMPLETE").stat().st_mtime_ns == built_at  # ...without building it again
 
 
+def test_split_dataset_ratio_trains_on_an_immutable_cache_entry_without_writing_to_it(
+        write_spec, tiny_qwen3_dir: Path, run_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from helpers import immutable, tree_snapshot
+
+    spec = sft_spec(write_spec, tiny_qwen3_dir, "split", max_steps=4, split_dataset_ratio=0.25, eval_steps=2,
+                    save_steps=4)
+    assert main(["prepare", str(spec), "--backend", "local", "--wait"]) == 0
+    capsys.readouterr()
+    entries = [p for p in (run_root / ".cache").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(entries) == 1
+    assert not list(entries[0].rglob("cache-*.arrow"))  # the prepare job split for eval too: in memory
+    before = tree_snapshot(entries[0])
+    with immutable(entries[0]):  # read-only even for root, as another user's entry is for us
+        run_dir, _ = submit(spec, capsys)
+    assert tree_snapshot(entries[0]) == before
+    assert any("eval_loss" in m for m in read_metrics(run_dir / "metrics.jsonl"))
+
+
 def test_export_push_to_hub_never_writes_the_token(tmp_path: Path, tiny_qwen3_dir: Path,
                                                    capsys: pytest.CaptureFixture[str],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:

@@ -112,3 +112,19 @@ def test_no_example_left_names_the_strategy(tmp_path: Path, tiny_tokenizer_dir: 
         prepare_sft_dataset(["long.jsonl"], tokenizer_dir=tiny_tokenizer_dir, base_dir=tmp_path,
                             cache_root=tmp_path / "cache", max_length=32)
     assert "truncation_strategy: left or right" in err.value.hint
+
+
+def test_a_split_for_evaluation_never_writes_to_the_cache_entry(
+    tmp_path: Path, tiny_tokenizer_dir: Path, data_dir: Path
+) -> None:
+    from helpers import immutable, tree_snapshot
+
+    from hpcqwen.data import split_eval
+
+    prepared = _prepare(tmp_path, tiny_tokenizer_dir, data_dir)
+    before = tree_snapshot(prepared.path)
+    with immutable(prepared.path):  # as another user's entry would be
+        train, evaluation = split_eval(prepared.dataset, 0.25, seed=42)
+        assert (len(train), len(evaluation)) == (60, 20)
+        assert sorted([*train["input_ids"], *evaluation["input_ids"]]) == sorted(prepared.dataset["input_ids"])
+    assert tree_snapshot(prepared.path) == before

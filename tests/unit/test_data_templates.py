@@ -110,13 +110,15 @@ def test_model_mode_without_a_template_and_unknown_modes_are_refused() -> None:
         choose_chat_template(CUSTOM, "chatml")
 
 
-def test_prepared_data_carries_the_note_and_keys_the_cache_by_template(
+def test_the_chat_template_knob_keys_the_cache_and_renders_differently(
     tmp_path: Path, tiny_tokenizer_dir: Path, data_dir: Path
 ) -> None:
+    from hpcqwen.data import open_tokenizer
+
     folder = _model_with(tmp_path, tiny_tokenizer_dir, INSTRUCT_2507)
     opts: dict[str, Any] = dict(tokenizer_dir=folder, base_dir=data_dir, cache_root=tmp_path / "cache", max_length=128)
     own = prepare_sft_dataset(["sft-tiny.jsonl#8"], **opts)
     qwen3 = prepare_sft_dataset(["sft-tiny.jsonl#8"], chat_template="qwen3", **opts)
-    assert own.template_note.startswith("chat template: the model's own")
-    assert qwen3.template_note.startswith("chat template: hpcqwen's Qwen3 template")
+    assert open_tokenizer(folder)[1].startswith("chat template: the model's own")  # the runners log this line
+    assert open_tokenizer(folder, "qwen3")[1].startswith("chat template: hpcqwen's Qwen3 template")
     assert own.path != qwen3.path

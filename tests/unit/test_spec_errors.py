@@ -112,7 +112,7 @@ CASES = [
         "--set resources.nodes=abc: resources.nodes: must be a whole number (got 'abc'; expected an integer such as 2)",
     ]),
     ('cluster_override_unknown', BASE + 'cluster:\n  profile: local\n  partitionn: x\n', [], [
-        "{f}:7: cluster.partitionn: unknown key — did you mean 'partition'? valid keys: account, backend, cache_root, container, cpus_per_gpu, env, gpus_per_node, max_array_size, partition, profile, python, qos, run_root, setup, template_dir",
+        "{f}:7: cluster.partitionn: unknown key — did you mean 'partition'? valid keys: account, backend, cache_mode, cache_root, cache_wait_min, container, cpus_per_gpu, env, gpus_per_node, max_array_size, partition, profile, python, qos, run_root, setup, template_dir",
     ]),
     ('gpus_over_profile', BASE + 'cluster: h100-8x\nresources:\n  gpus_per_node: 16\n', [], [
         "{f}:7: resources.gpus_per_node: asks for 16 GPUs per node but a node of profile 'h100-8x' has 8 (got 16; expected <= 8)",
