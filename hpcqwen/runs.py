@@ -15,8 +15,8 @@ from pathlib import Path
 from hpcqwen import slurm
 from hpcqwen.backends import local_status
 from hpcqwen.errors import RunDirError
+from hpcqwen.fields import JOB_ID_RE
 from hpcqwen.paths import RunPaths, is_run_dir
-from hpcqwen.spec import JOB_ID_RE
 from hpcqwen.submit import read_manifest
 
 
@@ -41,7 +41,7 @@ def resolve_target(text: str, run: slurm.RunCmd = slurm.run_cmd) -> RunRef:
             raise RunDirError(f"{path} was never submitted (its manifest lists no job id)",
                               hint="submit the spec again with `hpcqwen submit`")
         return RunRef(path.resolve(), str(jobs[0]), info.get("backend", "slurm"), None, info.get("array_size"))
-    if JOB_ID_RE.match(text):
+    if JOB_ID_RE.fullmatch(text):
         job, _, task = text.partition("_")
         rows = slurm.query_jobs([job], run=run)[job]
         work = next((r.work_dir for r in rows if r.work_dir), "")

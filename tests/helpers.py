@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def wait_until(pred: Callable[[], object], timeout: float, what: str, every: float = 0.5) -> object:
@@ -15,3 +18,28 @@ def wait_until(pred: Callable[[], object], timeout: float, what: str, every: flo
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def shipped_hub_ids() -> set[tuple[str, str]]:
+    """(repo type, hub id) of every model and dataset the shipped specs name by hub id."""
+    import yaml
+
+    from hpcqwen.tasks._common import is_hub_id, split_dataset_ref
+
+    found = set()
+    for path in (REPO / "jobspecs").glob("*.yaml"):
+        task = yaml.safe_load(path.read_text()).get("task", {})
+        for key, kind in (("model", "model"), ("load", "model"), ("dataset", "dataset"), ("val_dataset", "dataset")):
+            refs = task.get(key) or []
+            for ref in [refs] if isinstance(refs, str) else refs:
+                name = split_dataset_ref(ref)[0] if kind == "dataset" else ref
+                if is_hub_id(name):
+                    found.add((kind, name))
+    return found
+
+
+def fake_hub_cache(root: Path) -> Path:
+    """A Hugging Face hub cache (for HF_HUB_CACHE) with an empty snapshot of every hub id of the shipped specs."""
+    for kind, repo in shipped_hub_ids():
+        (root / f"{kind}s--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)).mkdir(parents=True, exist_ok=True)
+    return root
