@@ -134,8 +134,8 @@ class JobSpec(_Section):
     @field_validator("depends_on", mode="before")
     @classmethod
     def _dependency_forms(cls, value: Any) -> Any:
-        if isinstance(value, (str, int)) and not isinstance(value, bool):
-            value = [value]
+        if isinstance(value, (str, int, dict)) and not isinstance(value, bool):
+            value = [value]  # one dependency without the list
         if not isinstance(value, list):
             return value  # pydantic reports "must be a list"
         out = []

@@ -172,8 +172,11 @@ def _short(value: Any) -> str:
 
 def _quote_hint(value: Any) -> str:
     """For a scalar YAML read as another type: how to keep it as text."""
-    if isinstance(value, (bool, int, float, dt.date)) or value is None:
-        return "quote it to keep it as text, e.g. '...'"
+    if isinstance(value, bool):
+        return f"YAML reads this as a boolean; write '{str(value).lower()}' (quoted) for the text"
+    if isinstance(value, (int, float, dt.date)):
+        shown = value.isoformat() if isinstance(value, dt.date) else _short(value)
+        return f"YAML reads this as a {type(value).__name__}; write '{shown}' (quoted) for the text"
     return ""
 
 

@@ -2,7 +2,8 @@
 `hpcqwen render` in a forked child. None may end in exit 70 (a bug), run over 2 s, write a file, print
 an error that names no file or runs to pages, or render a script with a line no spec may add.
 
-HPCQWEN_FUZZ_MUTANTS sets the count per spec (default 150); bench/spec_fuzz.py runs more and prints counts.
+HPCQWEN_FUZZ_MUTANTS sets the count per spec (default 100: 1,100 mutants); bench/spec_fuzz.py runs more
+and prints counts.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import spec_mutants as sm
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "jobspecs").glob("*.yaml"))
-MUTANTS = int(os.environ.get("HPCQWEN_FUZZ_MUTANTS", "150"))
+MUTANTS = int(os.environ.get("HPCQWEN_FUZZ_MUTANTS", "100"))
 SEED = 12
 # The #SBATCH options hpcqwen writes; a mutant that makes any other appear has injected it.
 SBATCH_OPTIONS = {"--job-name", "--nodes", "--ntasks-per-node", "--cpus-per-task", "--time", "--output",
