@@ -3,23 +3,34 @@
 A profile is a YAML file `<name>.yaml` in `cluster/profiles/` (shipped in the wheel), in
 `~/.config/hpcqwen/profiles/`, or in a folder of `HPCQWEN_PROFILE_PATH` (colon-separated,
 searched first). A spec names one with `cluster: <name>` or overrides fields of it with
-`cluster: {profile: <name>, run_root: ..., ...}`; `load_spec` merges them into a
-`ClusterProfile`, which is frozen into `spec.json` so the nodes never read profiles.
+`cluster: {profile: <name>, run_root: ..., ...}`; `resolve_profile` (called by `load_spec`) merges
+them into a `ClusterProfile`, which is frozen into `spec.json` so the nodes never read profiles.
+
+`setup` (raw shell lines) and `template_dir` (a Jinja template runs Python while rendering) are site
+settings: a profile file may set them, a job spec or `--set` may not. The run root reaches `#SBATCH`
+lines (`--output`, `--chdir`), so it is limited to characters those lines read literally.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+
+from hpcqwen import specfile, yamldoc
+from hpcqwen.errors import SpecIssue
+from hpcqwen.fields import MAX_ARRAY, MAX_CPUS, MAX_GPUS_PER_NODE, SPEC_CONFIG, check_sbatch_path
+from hpcqwen.specfile import SITE_ONLY, Loc, YamlDoc
 
 PKG_DIR = Path(__file__).resolve().parent
+PROFILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
-EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
-SlurmName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.,-]+$")]
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=255)]
+SlurmName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.,-]+$", max_length=255)]
 
 
 def _cache_mode(value: object) -> object:
@@ -40,7 +51,7 @@ CacheMode = Annotated[str | None, BeforeValidator(_cache_mode)]
 class Container(BaseModel):
     """Run the launcher inside a container on every node."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SPEC_CONFIG
     image: str = Field(description="Image reference (pyxis) or .sif path (apptainer).")
     runtime: Literal["pyxis", "apptainer"] = Field(
         "pyxis", description="pyxis: `srun --container-image`; apptainer: `apptainer exec --nv`."
@@ -51,17 +62,19 @@ class Container(BaseModel):
 class ClusterProfile(BaseModel):
     """Settings of one cluster. Paths accept `~` and `${VAR}` / `${VAR:-default}`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SPEC_CONFIG
     profile: str = Field(description="Profile name (the file `<profile>.yaml`).")
     partition: SlurmName | None = Field(None, description="Default Slurm partition (sbatch --partition).")
     account: SlurmName | None = Field(None, description="Default Slurm account (sbatch --account).")
     qos: SlurmName | None = Field(None, description="Default QOS (sbatch --qos).")
-    gpus_per_node: int = Field(0, ge=0, description="GPUs in one node; the default for resources.gpus_per_node.")
-    cpus_per_gpu: int = Field(8, ge=1, description="CPU cores given per GPU when resources.cpus_per_task is unset.")
+    gpus_per_node: int = Field(0, ge=0, le=MAX_GPUS_PER_NODE,
+                               description="GPUs in one node; the default for resources.gpus_per_node.")
+    cpus_per_gpu: int = Field(8, ge=1, le=MAX_CPUS,
+                              description="CPU cores given per GPU when resources.cpus_per_task is unset.")
     setup: list[str] = Field(
         default_factory=list,
         description="Shell lines run by the batch script before srun (module load, source a venv). "
-        "Written by the site, not by job specs: they are not quoted.",
+        "Site only: allowed in profile files, refused in job specs and --set (the lines are not quoted).",
     )
     python: str | None = Field(
         None, description="Python interpreter on the nodes; default: the interpreter that submits the job."
@@ -83,10 +96,13 @@ class ClusterProfile(BaseModel):
         "sticky and, when the group may read, group-writable and setgid.",
     )
     cache_wait_min: float = Field(
-        120, gt=0, description="Longest wait for another job's build of the same cache entry before failing."
+        120, gt=0, le=10080, allow_inf_nan=False,
+        description="Longest wait (minutes) for another job's build of the same cache entry before failing.",
     )
-    template_dir: str | None = Field(None, description="A site folder with its own sbatch.sh.j2.")
-    max_array_size: int = Field(1001, ge=1, description="Slurm's MaxArraySize (arrays are chunked under it).")
+    template_dir: str | None = Field(None, description="A site folder with its own sbatch.sh.j2. Site only: "
+                                     "allowed in profile files, refused in job specs and --set.")
+    max_array_size: int = Field(1001, ge=1, le=MAX_ARRAY,
+                                description="Slurm's MaxArraySize (arrays are chunked under it).")
     backend: Literal["auto", "slurm", "submitit", "local"] = Field(
         "auto", description="auto: slurm when a controller answers, else local."
     )
@@ -102,7 +118,9 @@ def profile_dirs() -> list[Path]:
 
 
 def find_profile(name: str) -> Path | None:
-    """The file of profile `name`, or None."""
+    """The file of profile `name` (a plain name, never a path), or None."""
+    if not PROFILE_NAME_RE.fullmatch(name):
+        return None
     for d in profile_dirs():
         path = d / f"{name}.yaml"
         if path.is_file():
@@ -114,3 +132,116 @@ def available_profiles() -> list[str]:
     """Names of every profile that `find_profile` can see."""
     names = {p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.yaml")}
     return sorted(names)
+
+
+# ---- merging a spec's `cluster:` with its profile -------------------------------------------------------------
+
+def resolve_profile(doc: YamlDoc, value: Any, issues: list[SpecIssue], base_dir: Path,
+                    overridden: dict[Loc, str]) -> dict[str, Any] | None:
+    """`cluster:` -> the profile's fields overlaid with the spec's, paths expanded; None on error.
+
+    Problems go to `issues`, each naming the spec (or the `--set` flag) or the profile file.
+    """
+    request = _profile_request(doc, value, issues, overridden)
+    if request is None:
+        return None
+    name, spec_fields = request
+    path = find_profile(name)
+    if path is None:
+        issues.append(_unknown_profile(doc, name))
+        return None
+    text, read_issues = yamldoc.read_text(path, "profile")
+    pdoc, parse_issues = specfile.parse_yaml(text, str(path)) if text is not None else (None, read_issues)
+    issues += parse_issues
+    if pdoc is None:
+        return None
+    issues += specfile.env_as_written(pdoc.data.get("env"), pdoc, ("env",))
+    issues += specfile.env_as_written(spec_fields.get("env"), doc, ("cluster", "env"), overridden)
+    try:
+        profile = ClusterProfile.model_validate({**pdoc.data, **spec_fields, "profile": name})
+    except ValidationError as e:
+        issues += _profile_issues(e, doc, pdoc, spec_fields, overridden)
+        return None
+    return _expand_paths(profile, doc, pdoc, spec_fields, issues, base_dir, overridden)
+
+
+def _profile_request(doc: YamlDoc, value: Any, issues: list[SpecIssue],
+                     overridden: dict[Loc, str]) -> tuple[str, dict[str, Any]] | None:
+    """(profile name, the spec's own cluster fields) after the shape, name and site-only rules."""
+    if isinstance(value, str):
+        value = {"profile": value}
+    if not isinstance(value, dict) or not isinstance(value.get("profile", "local"), str):
+        issues.append(_spec_issue(doc, ("cluster",), overridden, "must be a profile name or a mapping with `profile:`",
+                                  got=specfile._short(value), expected="e.g. cluster: local"))
+        return None
+    name = value.get("profile", "local")
+    if not PROFILE_NAME_RE.fullmatch(name):
+        issues.append(_spec_issue(doc, ("cluster",), overridden, "is not a profile name", got=specfile._short(name),
+                                  expected="letters, digits, '.', '_' or '-' (at most 64), naming <name>.yaml in a "
+                                  "profile folder", hint="profiles are found by name, never by path"))
+        return None
+    fields = {k: v for k, v in value.items() if k != "profile"}
+    for key in SITE_ONLY:
+        if key in fields:
+            del fields[key]
+            issues.append(_spec_issue(doc, ("cluster", key), overridden, "is a site setting: a cluster profile may "
+                                      "set it, a job spec may not", hint="ask your site to add it to a profile, "
+                                      "or write your own profile in a folder of HPCQWEN_PROFILE_PATH"))
+    return name, fields
+
+
+def _spec_issue(doc: YamlDoc, loc: Loc, overridden: dict[Loc, str], message: str, **kw: str) -> SpecIssue:
+    flag = specfile.overridden_by(loc, overridden)
+    if flag is not None:
+        return SpecIssue(f"--set {flag}", None, specfile.dotted_key(loc), message, **kw)
+    return SpecIssue(doc.file, doc.line_of(loc), specfile.dotted_key(loc), message, **kw)
+
+
+def _unknown_profile(doc: YamlDoc, name: str) -> SpecIssue:
+    names = available_profiles()
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else "add <name>.yaml to a folder in HPCQWEN_PROFILE_PATH"
+    return SpecIssue(doc.file, doc.line_of(("cluster",)), "cluster", "unknown cluster profile", got=repr(name),
+                     expected=f"one of {names}", hint=hint)
+
+
+def _profile_issues(e: ValidationError, doc: YamlDoc, pdoc: YamlDoc, spec_fields: dict[str, Any],
+                    overridden: dict[Loc, str]) -> list[SpecIssue]:
+    """The profile's validation errors, each in the file that set the key (the spec or the profile)."""
+    out = []
+    for issue in specfile.issues_from_validation(e, ClusterProfile, pdoc):
+        top = issue.key.split(".")[0].split("[")[0]
+        if top in spec_fields:  # the error is in the spec's override
+            where = _spec_issue(doc, ("cluster", top), overridden, "")
+            issue = SpecIssue(where.file, where.line, f"cluster.{issue.key}", issue.message, issue.got,
+                              issue.expected, issue.hint)
+        out.append(issue)
+    return out
+
+
+def _expand_paths(profile: ClusterProfile, doc: YamlDoc, pdoc: YamlDoc, spec_fields: dict[str, Any],
+                  issues: list[SpecIssue], base_dir: Path, overridden: dict[Loc, str]) -> dict[str, Any] | None:
+    """run_root, cache_root and template_dir made absolute (`~`, `${VAR}`); the run root #SBATCH-safe."""
+    updates: dict[str, Any] = {}
+    ok = True
+    for key in ("run_root", "cache_root", "template_dir"):
+        raw = getattr(profile, key)
+        if raw is None:
+            continue
+        hint = ""
+        try:
+            updates[key] = specfile.expand_path(raw, base_dir)
+            if key == "run_root":
+                hint = "choose a folder whose path has no spaces, quotes, #, % or \\"
+                check_sbatch_path(updates[key])
+        except ValueError as e:
+            ok = False
+            where = _spec_issue(doc, ("cluster", key), overridden, "") if key in spec_fields else \
+                SpecIssue(pdoc.file, pdoc.line_of((key,)), key, "")
+            issues.append(SpecIssue(where.file, where.line, f"cluster.{key}", str(e), got=specfile._short(raw),
+                                    hint=hint))
+    if not ok:
+        return None
+    if updates.get("cache_root") is None and "run_root" in updates:
+        updates["cache_root"] = str(Path(updates["run_root"]) / ".cache")
+    return profile.model_copy(update=updates).model_dump()

@@ -16,6 +16,13 @@ EXIT_SLURM = 2  # a Slurm command failed or the controller is unreachable
 EXIT_JOB_FAILED = 3  # `--wait`: the job ended FAILED / CANCELLED / TIMEOUT / ...
 EXIT_INTERNAL = 70  # a bug in hpcqwen
 EXIT_INTERRUPTED = 130  # Ctrl-C
+FIELD_CHARS = 300  # any one part of a message (a path, a value, a key) is cut here: errors stay readable
+MAX_ISSUES = 50  # problems listed per spec error; the rest are counted
+
+
+def clip(text: str, limit: int = FIELD_CHARS) -> str:
+    """`text` cut to `limit` characters (with "..." and the length when cut)."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text)} characters)"
 
 
 class HpcqwenError(Exception):
@@ -32,11 +39,11 @@ class HpcqwenError(Exception):
 
     def render(self) -> str:
         """The user-facing text: `error[ref]: what` / `where:` / `hint:`."""
-        lines = [f"error[{self.reference}]: {self.message}"]
+        lines = [f"error[{self.reference}]: {clip(self.message, 4 * FIELD_CHARS)}"]
         if self.where:
-            lines.append(f"  where: {self.where}")
+            lines.append(f"  where: {clip(self.where)}")
         if self.hint:
-            lines.append(f"  hint: {self.hint}")
+            lines.append(f"  hint: {clip(self.hint, 4 * FIELD_CHARS)}")
         return "\n".join(lines)
 
 
@@ -53,17 +60,20 @@ class SpecIssue:
     hint: str = ""
 
     def render(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
-        text = f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        """`file:line: key: message (got X; expected Y) — hint`, each part clipped to FIELD_CHARS."""
+        file, key, message = clip(self.file), clip(self.key), clip(self.message, 2 * FIELD_CHARS)
+        where = f"{file}:{self.line}" if self.line else file
+        text = f"{where}: {key}: {message}" if key else f"{where}: {message}"
         detail = "; ".join(
             part
-            for part in (f"got {self.got}" if self.got else "", f"expected {self.expected}" if self.expected else "")
+            for part in (f"got {clip(self.got)}" if self.got else "",
+                         f"expected {clip(self.expected, 2 * FIELD_CHARS)}" if self.expected else "")
             if part
         )
         if detail:
             text += f" ({detail})"
         if self.hint:
-            text += f" — {self.hint}"
+            text += f" — {clip(self.hint, 2 * FIELD_CHARS)}"
         return text
 
 
@@ -76,10 +86,14 @@ class SpecError(HpcqwenError):
         self.file = file
         self.issues = list(issues)
         n = len(self.issues)
-        super().__init__(f"{file}: {n} problem{'s' if n != 1 else ''} in the job spec")
+        super().__init__(f"{clip(file)}: {n} problem{'s' if n != 1 else ''} in the job spec")
 
     def render(self) -> str:
-        return "\n".join([f"error[{self.reference}]: {self.message}"] + [f"  {i.render()}" for i in self.issues])
+        """The header line, then one line per problem (the first MAX_ISSUES)."""
+        lines = [f"error[{self.reference}]: {self.message}"] + [f"  {i.render()}" for i in self.issues[:MAX_ISSUES]]
+        if len(self.issues) > MAX_ISSUES:
+            lines.append(f"  ... and {len(self.issues) - MAX_ISSUES} more")
+        return "\n".join(lines)
 
 
 class SlurmCommandError(HpcqwenError):
@@ -109,6 +123,12 @@ class RunDirError(HpcqwenError):
     """A run directory or job id that cannot be found or read."""
 
     reference = "run-dir"
+
+
+class UnsafeValue(HpcqwenError):
+    """A value that failed the renderer's last check before an `#SBATCH` line (nothing was written)."""
+
+    reference = "unsafe-value"
 
 
 class JobFailed(HpcqwenError):

@@ -2,11 +2,16 @@
 
 All decisions are made here in Python (`sbatch_context`); the Jinja template only writes them
 out. Jinja runs with StrictUndefined, and every value that a spec controls goes through
-`shlex.quote` (`|q`) or is restricted by the spec's patterns before it reaches `#SBATCH`.
+`shlex.quote` (`|q`) or is restricted by the spec's patterns before it reaches `#SBATCH`; as a
+last line of defence every `#SBATCH` option and dependency id is checked here again, and a value
+that fails is refused (`UnsafeValue`) rather than written. `render` writes a preview (no run dir
+exists yet); `submit` writes the script of a real run dir.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -17,11 +22,20 @@ import jinja2
 
 from hpcqwen import __version__
 from hpcqwen.cluster import PKG_DIR
+from hpcqwen.errors import UnsafeValue
+from hpcqwen.fields import JOB_ID_RE
 from hpcqwen.paths import RunPaths
 from hpcqwen.spec import JobSpec, SpecSource
 
 TEMPLATE = "sbatch.sh.j2"
 LAUNCH_MODULE = "hpcqwen"  # `python -m hpcqwen launch RUN_DIR`
+# What sbatch's #SBATCH parser reads literally: it splits at whitespace, strips quotes, drops `\`
+# and ends the line at `#`. `%` is a filename pattern; only --output (%x, %j, %A, %a) and --array
+# (%N, the throttle) may carry one, and only as hpcqwen wrote it.
+_FLAG_RE = re.compile(r"--[a-z][a-z-]*(=[^\s'\"#\\%\x00-\x1f\x7f]+)?")
+_PATTERN_FLAGS = {"--output": re.compile(r"[^\s'\"#\\%\x00-\x1f\x7f]*/%x-(%j|%A_%a)\.out"),
+                  "--array": re.compile(r"[0-9-]+(%[0-9]+)?")}
+DEPENDENCY_TYPES = ("afterok", "afterany", "afternotok", "after")
 
 
 def template_dirs(spec: JobSpec) -> list[Path]:
@@ -45,7 +59,16 @@ def cpus_per_task(spec: JobSpec) -> int:
 
 
 def dependency_flag(job_ids: dict[str, list[str]]) -> str | None:
-    """{'afterok': ['1', '2']} -> 'afterok:1:2'."""
+    """{'afterok': ['1', '2']} -> 'afterok:1:2'.
+
+    Raises:
+        UnsafeValue: a type that is not a Slurm dependency type, or an id that is not a job id.
+    """
+    for kind, ids in job_ids.items():
+        bad = [i for i in ids if not JOB_ID_RE.fullmatch(i)]
+        if kind not in DEPENDENCY_TYPES or bad:
+            raise UnsafeValue(f"refusing to write the dependency {kind}:{(bad or [''])[0][:40]!r} into the script",
+                              hint="a dependency is afterok/afterany/afternotok/after and job ids such as 123 or 123_4")
     parts = [f"{kind}:{':'.join(ids)}" for kind, ids in job_ids.items() if ids]
     return ",".join(parts) or None
 
@@ -79,7 +102,7 @@ def sbatch_flags(spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[st
     if spec.gpus_per_node:
         flags.append(f"--gpus-per-node={spec.gpus_per_node}")
     if r.mem_gb is not None:
-        flags.append(f"--mem={int(r.mem_gb * 1024)}M")
+        flags.append(f"--mem={math.ceil(r.mem_gb * 1024)}M")  # never 0: --mem=0 means the whole node
     for key in ("partition", "account", "qos"):
         value = getattr(r, key) or getattr(c, key)
         if value:
@@ -98,7 +121,22 @@ def sbatch_flags(spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[st
     dep = dependency_flag(dependencies)
     if dep:
         flags.append(f"--dependency={dep}")
+    for flag in flags:
+        check_flag(flag)
     return flags
+
+
+def check_flag(flag: str) -> None:
+    """Refuse an `#SBATCH` option that sbatch would not read as written (see _FLAG_RE).
+
+    Raises:
+        UnsafeValue: naming the option.
+    """
+    name, _, value = flag.partition("=")
+    pattern = _PATTERN_FLAGS.get(name)
+    if (pattern.fullmatch(value) if pattern and "%" in value else _FLAG_RE.fullmatch(flag)) is None:
+        raise UnsafeValue(f"refusing to write `#SBATCH {flag[:80]!r}`: sbatch would not read it as written",
+                          hint="a spec value with spaces, quotes, #, % or \\ got past validation; report it")
 
 
 def launcher_argv(spec: JobSpec, run_dir: Path) -> list[str]:
@@ -135,14 +173,18 @@ def task_lines(spec: JobSpec) -> list[str]:
 
 def sbatch_context(spec: JobSpec, paths: RunPaths, source: SpecSource,
                    dependencies: dict[str, list[str]] | None = None,
-                   array_tasks: Sequence[int] | None = None) -> dict[str, Any]:
-    """Everything the template writes, decided here (pure)."""
+                   array_tasks: Sequence[int] | None = None, *, preview: bool = False) -> dict[str, Any]:
+    """Everything the template writes, decided here (pure); `array_tasks`: a resubmission of some tasks;
+    `preview`: for `hpcqwen render` (no run dir)."""
     is_array = spec.array is not None
     run_dir_q = shlex.quote(str(paths.root))
     return {
         "version": __version__,
         "source_path": source.path,
         "source_sha256": source.sha256,
+        "preview": preview,
+        "submit_command": shlex.join(["hpcqwen", "submit", source.path,
+                                      *(a for o in source.overrides for a in ("--set", o))]),
         "sbatch_path": str(paths.sbatch),
         "task_lines": task_lines(spec),
         "sbatch_flags": sbatch_flags(spec, paths, dependencies or {}, array_tasks),
@@ -174,8 +216,9 @@ def _environment(spec: JobSpec) -> jinja2.Environment:
 
 
 def render_sbatch(spec: JobSpec, paths: RunPaths, source: SpecSource,
-                  dependencies: dict[str, list[str]] | None = None,
-                  array_tasks: Sequence[int] | None = None) -> str:
-    """The batch script for `spec` running in `paths` (`array_tasks`: a resubmission of some tasks)."""
-    context = sbatch_context(spec, paths, source, dependencies, array_tasks)
+                  dependencies: dict[str, list[str]] | None = None, array_tasks: Sequence[int] | None = None,
+                  *, preview: bool = False) -> str:
+    """The batch script for `spec` running in `paths` (`array_tasks`: a resubmission of some tasks;
+    `preview`: the header says no run dir exists yet)."""
+    context = sbatch_context(spec, paths, source, dependencies, array_tasks, preview=preview)
     return _environment(spec).get_template(TEMPLATE).render(**context)

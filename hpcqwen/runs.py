@@ -16,9 +16,9 @@ from pathlib import Path
 from hpcqwen import slurm
 from hpcqwen.backends import local_status
 from hpcqwen.errors import JobFailed, RunDirError
+from hpcqwen.fields import JOB_ID_RE
 from hpcqwen.paths import RunPaths, is_run_dir
 from hpcqwen.progress import refine_state
-from hpcqwen.spec import JOB_ID_RE
 from hpcqwen.submit import read_manifest
 
 
@@ -56,7 +56,7 @@ def resolve_target(text: str, run: slurm.RunCmd = slurm.run_cmd) -> RunRef:
                               "local profile's run root names it)", hint="give the run dir that `hpcqwen submit` "
                               "printed")
         return resolve_target(str(run_dir), run)
-    if JOB_ID_RE.match(text):
+    if JOB_ID_RE.fullmatch(text):
         job, _, task = text.partition("_")
         rows = slurm.query_jobs([job], run=run)[job]
         work = next((r.work_dir for r in rows if r.work_dir), "")

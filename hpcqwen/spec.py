@@ -10,27 +10,37 @@ with `read_frozen_spec` and never re-resolves defaults.
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from hpcqwen import cluster as cluster_mod
-from hpcqwen import specfile
+from hpcqwen import specfile, yamldoc
 from hpcqwen.cluster import ClusterProfile, EnvName, SlurmName
 from hpcqwen.errors import SpecError, SpecIssue
+from hpcqwen.fields import (
+    JOB_ID_RE,
+    MAX_ARRAY,
+    MAX_CPUS,
+    MAX_GPUS_PER_NODE,
+    MAX_MEM_GB,
+    MAX_NODES,
+    MAX_PROCS_PER_NODE,
+    MAX_RESTARTS,
+    MAX_TIME_MIN,
+    SPEC_CONFIG,
+    check_path_shape,
+)
 from hpcqwen.specfile import Loc, YamlDoc
 from hpcqwen.tasks import TASK_KINDS, TaskSpec
 
 # Names that look like credentials must come from the submitting shell (Slurm exports it to
 # the job), never from a spec: spec.yaml, spec.json and job.sbatch are written to disk.
 SECRET_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL)", re.I)
-JOB_ID_RE = re.compile(r"^\d+(_\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -45,27 +55,32 @@ class Problem:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SPEC_CONFIG
 
 
 class Resources(_Section):
     """What to ask Slurm for. Fields named after sbatch's long options."""
 
-    nodes: int = Field(1, ge=1, description="Nodes (sbatch --nodes).")
-    gpus_per_node: int | None = Field(None, ge=0, description="GPUs per node; default: the profile's.")
+    nodes: int = Field(1, ge=1, le=MAX_NODES, description="Nodes (sbatch --nodes).")
+    gpus_per_node: int | None = Field(None, ge=0, le=MAX_GPUS_PER_NODE,
+                                      description="GPUs per node; default: the profile's.")
     nproc_per_node: int | None = Field(
-        None, ge=1, description="Processes per node; default: the GPUs per node, or 1 for CPU jobs."
+        None, ge=1, le=MAX_PROCS_PER_NODE, description="Processes per node; default: the GPUs per node, or 1 for "
+        "CPU jobs."
     )
     cpus_per_task: int | None = Field(
-        None, ge=1, description="CPU cores for each node's launcher; default: profile cpus_per_gpu × GPUs, or 1."
+        None, ge=1, le=MAX_CPUS,
+        description="CPU cores for each node's launcher; default: profile cpus_per_gpu × GPUs, or 1."
     )
-    mem_gb: float | None = Field(None, gt=0, description="Memory per node in GB (sbatch --mem).")
-    time_limit_min: int = Field(60, ge=1, description="Wall-time limit in minutes (sbatch --time).")
+    mem_gb: float | None = Field(None, ge=0.001, le=MAX_MEM_GB,
+                                 description="Memory per node in GB (sbatch --mem, rounded up to whole MB).")
+    time_limit_min: int = Field(60, ge=1, le=MAX_TIME_MIN, description="Wall-time limit in minutes (sbatch --time).")
     partition: SlurmName | None = Field(None, description="Overrides the profile's partition.")
     account: SlurmName | None = Field(None, description="Overrides the profile's account.")
     qos: SlurmName | None = Field(None, description="Overrides the profile's QOS.")
     constraint: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.,:|&\[\]*()-]+$", description="Node features (sbatch --constraint)."
+        None, pattern=r"^[A-Za-z0-9_.,:|&\[\]*()-]+$", max_length=1024, description="Node features (sbatch "
+        "--constraint)."
     )
     exclusive: bool = Field(False, description="Whole nodes (sbatch --exclusive).")
 
@@ -73,8 +88,8 @@ class Resources(_Section):
 class ArraySpec(_Section):
     """A Slurm job array: `size` tasks (sharding), or one task per entry of `tasks` (a sweep)."""
 
-    size: int | None = Field(None, ge=1, description="Number of array tasks (0..size-1).")
-    throttle: int | None = Field(None, ge=1, description="At most this many tasks run at once (%N).")
+    size: int | None = Field(None, ge=1, le=MAX_ARRAY, description="Number of array tasks (0..size-1).")
+    throttle: int | None = Field(None, ge=1, le=MAX_ARRAY, description="At most this many tasks run at once (%N).")
     tasks: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Per-task overrides of `task` keys (dotted), e.g. [{learning_rate: 1e-4}, {learning_rate: 1e-5}].",
@@ -100,7 +115,8 @@ class Requeue(_Section):
         True, description="Requeue a run that stopped to save (time-limit USR2, preemption, scancel --signal=TERM, "
         "scontrol requeue) while restarts remain (sbatch --requeue; Slurm also requeues it after a node failure)."
     )
-    max_restarts: int = Field(3, ge=0, description="Give up after this many restarts (SLURM_RESTART_COUNT).")
+    max_restarts: int = Field(3, ge=0, le=MAX_RESTARTS,
+                              description="Give up after this many restarts (SLURM_RESTART_COUNT).")
     signal_lead_s: int = Field(
         120, ge=10, le=65535, description="Seconds before the time limit that USR2 reaches the batch script; must "
         "cover one training step plus one checkpoint save (checked on submit against the last run of the spec)."
@@ -123,21 +139,16 @@ class JobSpec(_Section):
     requeue: Requeue = Field(default_factory=Requeue)
     task: TaskSpec = Field(description="What runs: a mapping with `kind:` and its knobs.")
 
-    @field_validator("env", mode="before")
-    @classmethod
-    def _env_strings(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: v if isinstance(v, str) else json.dumps(v) for k, v in value.items()}
-        return value
-
     @field_validator("depends_on", mode="before")
     @classmethod
     def _dependency_forms(cls, value: Any) -> Any:
+        if isinstance(value, (str, int, dict)) and not isinstance(value, bool):
+            value = [value]  # one dependency without the list
         if not isinstance(value, list):
-            value = [value]
+            return value  # pydantic reports "must be a list"
         out = []
         for item in value:
-            if isinstance(item, int):
+            if isinstance(item, int) and not isinstance(item, bool):
                 item = {"job": str(item)}
             elif isinstance(item, str):
                 kind, sep, job = item.partition(":")
@@ -195,15 +206,12 @@ class SpecSource:
 
 
 def read_source(path: str | Path, overrides: tuple[str, ...] = ()) -> SpecSource:
-    """Read a spec file; a missing file is a SpecError naming it."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(str(path), [SpecIssue(str(path), None, "", "file not found",
-                                              hint="check the path (specs live in jobspecs/)")]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(str(path), [SpecIssue(str(path), None, "", f"cannot read the file: {e}")]) from None
+    """Read a spec file (UTF-8, at most yamldoc.MAX_BYTES); a missing or unreadable file is a SpecError naming it."""
+    text, issues = yamldoc.read_text(Path(path))
+    if text is None:
+        if issues[0].message == "file not found":
+            issues = [SpecIssue(str(path), None, "", "file not found", hint="check the path (specs live in jobspecs/)")]
+        raise SpecError(str(path), issues)
     digest = hashlib.sha256((text + "\0" + "\0".join(overrides)).encode()).hexdigest()
     return SpecSource(str(path), text, digest, overrides)
 
@@ -223,7 +231,7 @@ def parse_spec(source: SpecSource) -> JobSpec:
     overridden = _apply_overrides(doc, source.overrides, issues)
     base_dir = Path(file).resolve().parent
     data = copy.deepcopy(doc.data)
-    profile = _merge_profile(doc, data.get("cluster", "local"), issues, base_dir)
+    profile = cluster_mod.resolve_profile(doc, data.get("cluster", "local"), issues, base_dir, overridden)
     # A placeholder keeps the other sections checkable when the profile itself is wrong.
     data["cluster"] = profile if profile is not None else {"profile": "?"}
     # A task kind may fill sections from its own knobs (distill: `shards` -> `array.size`).
@@ -232,6 +240,7 @@ def parse_spec(source: SpecSource) -> JobSpec:
     if derive is not None:
         derive(data)
     _check_env(doc, data.get("env"), issues)
+    issues += specfile.env_as_written(data.get("env"), doc, ("env",), overridden)
     spec = None
     try:
         spec = JobSpec.model_validate(data, context={"base_dir": base_dir})
@@ -264,63 +273,6 @@ def _apply_overrides(doc: YamlDoc, overrides: tuple[str, ...], issues: list[Spec
     return overridden
 
 
-def _merge_profile(doc: YamlDoc, value: Any, issues: list[SpecIssue], base_dir: Path) -> Any:
-    """Resolve `cluster:` to the profile's fields overlaid with the spec's; None on error."""
-    line = doc.line_of(("cluster",))
-    if isinstance(value, str):
-        value = {"profile": value}
-    if not isinstance(value, dict) or not isinstance(value.get("profile", "local"), str):
-        issues.append(SpecIssue(doc.file, line, "cluster", "must be a profile name or a mapping with `profile:`",
-                                got=specfile._short(value), expected="e.g. cluster: local"))
-        return None
-    name = value.get("profile", "local")
-    path = cluster_mod.find_profile(name)
-    if path is None:
-        names = cluster_mod.available_profiles()
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else "add <name>.yaml to a folder in HPCQWEN_PROFILE_PATH"
-        issues.append(SpecIssue(doc.file, line, "cluster", "unknown cluster profile", got=repr(name),
-                                expected=f"one of {names}", hint=hint))
-        return None
-    pdoc, pissues = specfile.parse_yaml(path.read_text(encoding="utf-8"), str(path))
-    issues += pissues
-    if pdoc is None:
-        return None
-    merged = {**pdoc.data, **value, "profile": name}
-    try:
-        profile = ClusterProfile.model_validate(merged)
-    except ValidationError as e:
-        spec_keys = {k for k in value if k != "profile"}
-        for issue in specfile.issues_from_validation(e, ClusterProfile, pdoc):
-            key = issue.key
-            if key.split(".")[0] in spec_keys:  # the error is in the spec's override
-                issue = SpecIssue(doc.file, doc.line_of(("cluster", key.split(".")[0])), f"cluster.{key}",
-                                  issue.message, issue.got, issue.expected, issue.hint)
-            issues.append(issue)
-        return None
-    return _expand_profile_paths(profile, doc, issues, base_dir)
-
-
-def _expand_profile_paths(profile: ClusterProfile, doc: YamlDoc, issues: list[SpecIssue], base_dir: Path) -> Any:
-    updates: dict[str, Any] = {}
-    for key in ("run_root", "cache_root", "template_dir"):
-        raw = getattr(profile, key)
-        if raw is None:
-            continue
-        try:
-            updates[key] = specfile.expand_path(raw, base_dir)
-        except ValueError as e:
-            issues.append(SpecIssue(doc.file, doc.line_of(("cluster",)), f"cluster.{key}", str(e), got=repr(raw)))
-            continue
-        if re.search(r"[\s'\"]", updates[key]):  # sbatch's #SBATCH parser has no quoting
-            issues.append(SpecIssue(doc.file, doc.line_of(("cluster",)), f"cluster.{key}",
-                                    "must not contain spaces or quotes", got=repr(updates[key]),
-                                    hint="choose a folder without spaces"))
-    if updates.get("cache_root") is None and "run_root" in updates:
-        updates["cache_root"] = str(Path(updates["run_root"]) / ".cache")
-    return profile.model_copy(update=updates).model_dump()
-
-
 def _check_env(doc: YamlDoc, env: Any, issues: list[SpecIssue]) -> None:
     if not isinstance(env, dict):
         return
@@ -350,11 +302,8 @@ def _cross_checks(spec: JobSpec, doc: YamlDoc, overridden: dict[Loc, str]) -> li
                                     f"{spec.cluster.max_array_size}", got=str(a.count),
                                     expected=f"<= {spec.cluster.max_array_size}",
                                     hint="use fewer, larger tasks (shards)"))
-    for i, dep in enumerate(spec.depends_on):
-        if not JOB_ID_RE.match(dep.job) and not ("/" in dep.job or dep.job.startswith(".")):
-            problems.append(Problem(f"depends_on[{i}].job", "is neither a job id nor a run dir path", got=repr(dep.job),
-                                    expected="123, 123_4, afterok:123 or a path to a run dir"))
-    problems += spec.task.check(spec)
+    problems += _dependency_checks(spec)
+    problems += _task_checks(spec)
     for i in range(len(a.tasks) if a is not None else 0):
         try:
             task = spec.task_for(i)
@@ -363,6 +312,33 @@ def _cross_checks(spec: JobSpec, doc: YamlDoc, overridden: dict[Loc, str]) -> li
         problems += [Problem(f"array.tasks[{i}]." + p.key.removeprefix("task."), p.message, p.got, p.expected,
                              p.hint) for p in task.check(spec)]
     return [_problem_issue(p, doc, overridden) for p in problems]
+
+
+def _dependency_checks(spec: JobSpec) -> list[Problem]:
+    """Each dependency is a Slurm job id (digits, optional _index) or a path to a run dir."""
+    problems = []
+    for i, dep in enumerate(spec.depends_on):
+        if JOB_ID_RE.fullmatch(dep.job):
+            continue
+        why = "is neither a job id nor a run dir path"
+        if "/" in dep.job or dep.job.startswith("."):
+            try:
+                check_path_shape(dep.job)
+                continue
+            except ValueError as e:
+                why = str(e)
+        problems.append(Problem(f"depends_on[{i}].job", why, got=specfile._short(dep.job),
+                                expected="123, 123_4, afterok:123 or a path to a run dir"))
+    return problems
+
+
+def _task_checks(spec: JobSpec) -> list[Problem]:
+    """The task's own checks (they read model folders and data files on this machine)."""
+    try:
+        return spec.task.check(spec)
+    except OSError as e:  # e.g. a path the filesystem refuses; the check could not finish
+        return [Problem("task", f"could not check the task's files: {e.strerror or e}",
+                        got=specfile._short(e.filename or ""), hint="check the paths in task:")]
 
 
 def _array_checks(spec: JobSpec, a: ArraySpec) -> list[Problem]:

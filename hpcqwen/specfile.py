@@ -1,90 +1,34 @@
-"""Reading YAML job specs with line numbers, and turning every problem into a `SpecIssue`.
+"""Job-spec text around the models: `--set` overrides, `${ENV}` in path fields, and error translation.
 
-`spec.py` owns the models; this module owns the text: tabs, YAML syntax, duplicate keys,
-the `path -> line` map, `--set` overrides, `${ENV}` expansion in path fields, and the
-translation of pydantic's errors into `file:line: key: what (got X; expected Y) — hint`.
+`spec.py` owns the models and `yamldoc.py` the YAML text (bounds, characters, duplicate keys, the
+`path -> line` map); this module owns `--set KEY=VALUE` (its value read by the same bounded loader),
+`${ENV}` expansion in path fields (paths bounded as the kernel bounds them), and the translation of
+pydantic's errors into `file:line: key: what (got X; expected Y) — hint`, every value shortened.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import os
 import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
-from hpcqwen.errors import SpecIssue
+from hpcqwen import yamldoc
+from hpcqwen.errors import MAX_ISSUES, SpecIssue
+from hpcqwen.fields import check_path_shape
+from hpcqwen.yamldoc import Loc, YamlDoc, parse_yaml
 
-Loc = tuple[str | int, ...]
-
-
-@dataclass
-class YamlDoc:
-    """A parsed YAML mapping plus the line of every key (1-based), keyed by its path."""
-
-    file: str
-    data: dict[str, Any]
-    lines: dict[Loc, int] = field(default_factory=dict)
-
-    def line_of(self, loc: Loc) -> int | None:
-        """Line of `loc`, or of its closest ancestor that appears in the file."""
-        for n in range(len(loc), -1, -1):
-            if loc[:n] in self.lines:
-                return self.lines[loc[:n]]
-        return None
-
-
-def parse_yaml(text: str, file: str) -> tuple[YamlDoc | None, list[SpecIssue]]:
-    """Parse `text` into a mapping, collecting tab, syntax and duplicate-key problems."""
-    issues = [
-        SpecIssue(file, n, "", "tab character in indentation", hint="YAML indents with spaces; replace the tab")
-        for n, line in enumerate(text.splitlines(), 1)
-        if "\t" in line[: len(line) - len(line.lstrip())]
-    ]
-    if issues:
-        return None, issues
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 (SafeLoader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else None
-        what = " ".join(x for x in (e.context, e.problem) if x)
-        return None, [SpecIssue(file, line, "", f"YAML syntax error: {what}", hint="check indentation and quoting")]
-    if root is None or not isinstance(data, dict):
-        got = "an empty file" if root is None else type(data).__name__
-        return None, [SpecIssue(file, 1, "", "a job spec must be a YAML mapping", got=got,
-                                expected="keys such as name:, resources:, task:")]
-    doc = YamlDoc(file, data)
-    _walk(root, (), doc, issues)
-    return doc, issues
-
-
-def _walk(node: yaml.Node, loc: Loc, doc: YamlDoc, issues: list[SpecIssue]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key = str(key_node.value)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                dotted = dotted_key((*loc, key))
-                issues.append(SpecIssue(doc.file, line, dotted, "duplicate key",
-                                        hint=f"it is already set on line {seen[key]}; keep one"))
-                continue
-            seen[key] = line
-            doc.lines[loc + (key,)] = line
-            _walk(value_node, loc + (key,), doc, issues)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            doc.lines[loc + (i,)] = item.start_mark.line + 1
-            _walk(item, loc + (i,), doc, issues)
+__all__ = ["Loc", "YamlDoc", "apply_override", "dotted_key", "expand_path", "issue_from_error",
+           "issues_from_validation", "parse_override", "parse_yaml"]
+# Set in site profiles only: a Jinja template runs Python while rendering, and setup lines are raw shell.
+SITE_ONLY = ("setup", "template_dir")
 
 
 def dotted_key(loc: Sequence[str | int]) -> str:
@@ -98,15 +42,31 @@ def dotted_key(loc: Sequence[str | int]) -> str:
 # ---- --set overrides ------------------------------------------------------------------
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'resources.nodes=2' -> (['resources', 'nodes'], 2); the value is read as YAML."""
+    """'resources.nodes=2' -> (['resources', 'nodes'], 2).
+
+    The value is read as YAML by the spec loader (same bounds); text that is not valid YAML stays
+    text. An environment value (`env.X=...`, `cluster.env.X=...`) is always the text as written.
+
+    Raises:
+        ValueError: not KEY=VALUE, or a site-only key (cluster.setup, cluster.template_dir).
+    """
     key, sep, raw = text.partition("=")
-    if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
-        raise ValueError(f"--set expects KEY=VALUE with a dotted key, e.g. resources.nodes=2 (got {text!r})")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise ValueError(f"--set expects KEY=VALUE with a dotted key, e.g. resources.nodes=2 (got {_short(text)})")
+    keys = key.split(".")
+    if keys[0] == "cluster" and len(keys) > 1 and keys[1] in SITE_ONLY:
+        raise ValueError(f"cluster.{keys[1]} is a site setting: it belongs in a cluster profile, not in --set "
+                         "(see HPCQWEN_PROFILE_PATH)")
+    if _is_env_value(keys):
+        return keys, raw
+    if not raw.strip():
+        return keys, ""
+    doc, issues = yamldoc.parse_value(raw, "--set")
+    return keys, raw if doc is None or issues else doc.data
+
+
+def _is_env_value(keys: list[str]) -> bool:
+    return (len(keys) == 2 and keys[0] == "env") or (len(keys) == 3 and keys[:2] == ["cluster", "env"])
 
 
 def apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:
@@ -124,6 +84,38 @@ def apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def overridden_by(loc: Loc, overridden: Mapping[Loc, str] | None) -> str | None:
+    """The `--set` text that set `loc` (or a section above it), if any."""
+    for path, flag in (overridden or {}).items():
+        if tuple(loc[: len(path)]) == path:
+            return flag
+    return None
+
+
+def env_as_written(env: Any, doc: YamlDoc, prefix: Loc, overridden: Mapping[Loc, str] | None = None) -> list[SpecIssue]:
+    """Keep environment values as the YAML text wrote them (`010` stays "010", `on` stays "on"), in place.
+
+    YAML would turn plain scalars into numbers, booleans or null, and `json.dumps` of those is not
+    what was written. A value with no text (`NCCL_DEBUG:`) is refused; lists and mappings are left
+    for the model to refuse.
+    """
+    if not isinstance(env, dict):
+        return []
+    issues = []
+    for key, value in list(env.items()):
+        loc = (*prefix, key)
+        if isinstance(value, str) or overridden_by(loc, overridden):
+            continue
+        text = doc.plain.get(loc)
+        if value is None:
+            del env[key]  # reported here, not again by the model
+            issues.append(SpecIssue(doc.file, doc.line_of(loc), dotted_key(loc), "has no value", expected="text",
+                                    hint=f"write {str(key)[:40]}: \"\" for an empty value, or remove the key"))
+        elif text is not None and isinstance(value, (bool, int, float, dt.date)):
+            env[key] = text
+    return issues
+
+
 # ---- ${ENV} expansion (documented for path fields only) -------------------------------
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -133,7 +125,8 @@ def expand_path(value: str, base_dir: Path | None, environ: Mapping[str, str] | 
     """Expand `${VAR}`, `${VAR:-default}` and `~`, then make the path absolute against `base_dir`.
 
     Raises:
-        ValueError: a referenced variable is unset and has no default.
+        ValueError: a referenced variable is unset and has no default, or the path is longer than
+            the kernel allows (fields.check_path_shape).
     """
     env = os.environ if environ is None else environ
 
@@ -145,24 +138,46 @@ def expand_path(value: str, base_dir: Path | None, environ: Mapping[str, str] | 
             return default
         raise ValueError(f"environment variable {name} is not set (write ${{{name}:-default}} to give a default)")
 
+    check_path_shape(value)
     expanded = os.path.expanduser(_ENV_RE.sub(sub, value))
     path = Path(expanded)
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
-    return str(Path(os.path.normpath(path)))
+    result = str(Path(os.path.normpath(path)))
+    check_path_shape(result)
+    return result
 
 
 # ---- pydantic errors -> SpecIssue -------------------------------------------------------
 
 def _short(value: Any) -> str:
+    """A value as an error message shows it: at most 60 characters, types YAML's way."""
     if isinstance(value, dict):
         return "a mapping"
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple, set)):
         return "a list"
     if value is None:
         return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int) and value.bit_length() > 192:
+        return f"a {value.bit_length()}-bit integer"
+    if isinstance(value, (bytes, bytearray)):
+        return f"binary data ({len(value)} bytes)"
+    if isinstance(value, (dt.date, dt.datetime)):
+        return f"the date {value.isoformat()}"
     text = repr(value) if isinstance(value, str) else str(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _quote_hint(value: Any) -> str:
+    """For a scalar YAML read as another type: how to keep it as text."""
+    if isinstance(value, bool):
+        return f"YAML reads this as a boolean; write '{str(value).lower()}' (quoted) for the text"
+    if isinstance(value, (int, float, dt.date)):
+        shown = value.isoformat() if isinstance(value, dt.date) else _short(value)
+        return f"YAML reads this as a {type(value).__name__}; write '{shown}' (quoted) for the text"
+    return ""
 
 
 def model_at(model: type[BaseModel], loc: Loc) -> type[BaseModel] | None:
@@ -227,10 +242,12 @@ def issue_from_error(err: Mapping[str, Any], loc: Loc, file: str, line: int | No
         return SpecIssue(file, line, key, "must be a whole number", got=got, expected="an integer such as 2")
     if kind in ("float_parsing", "float_type"):
         return SpecIssue(file, line, key, "must be a number", got=got, expected="a number such as 1e-4")
+    if kind == "finite_number":
+        return SpecIssue(file, line, key, "must be a finite number", got=got, expected="a number such as 1e-4")
     if kind in ("bool_parsing", "bool_type"):
         return SpecIssue(file, line, key, "must be true or false", got=got, expected="true or false")
     if kind in ("string_type",):
-        return SpecIssue(file, line, key, "must be a string", got=got, expected="text")
+        return SpecIssue(file, line, key, "must be a string", got=got, expected="text", hint=_quote_hint(value))
     if kind in ("list_type", "tuple_type"):
         return SpecIssue(file, line, key, "must be a list", got=got, expected="a YAML list")
     if kind in ("dict_type", "model_type", "model_attributes_type"):
@@ -244,6 +261,10 @@ def issue_from_error(err: Mapping[str, Any], loc: Loc, file: str, line: int | No
         return SpecIssue(file, line, key, "not an allowed value", got=got, expected=f"one of {ctx.get('expected')}")
     if kind in ("enum",):
         return SpecIssue(file, line, key, "not an allowed value", got=got, expected=f"one of {ctx.get('expected')}")
+    if kind == "string_too_long":
+        limit = ctx.get("max_length")
+        length = f"{len(value)} characters" if isinstance(value, str) else got
+        return SpecIssue(file, line, key, "is too long", got=length, expected=f"at most {limit} characters")
     if kind == "string_pattern_mismatch":
         return SpecIssue(file, line, key, "has characters that are not allowed", got=got,
                          expected=f"text matching {ctx.get('pattern')}")
@@ -273,7 +294,8 @@ def issues_from_validation(exc: ValidationError, model: type[BaseModel], doc: Ya
         overridden: paths set by `--set` (and the flag's text), reported as such.
     """
     issues = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:MAX_ISSUES]:
         raw: Loc = tuple(err["loc"])
         owner = model_at(model, raw[:-1]) if err["type"] == "extra_forbidden" else None
         full = prefix + _strip_tags(model, raw)
@@ -282,6 +304,9 @@ def issues_from_validation(exc: ValidationError, model: type[BaseModel], doc: Ya
             if full[: len(path)] == path:
                 file, line = f"--set {flag}", None
         issues.append(issue_from_error(err, full, file, line, owner))
+    if len(errors) > MAX_ISSUES:
+        issues.append(SpecIssue(doc.file, None, "", f"{len(errors) - MAX_ISSUES} more problems like these",
+                                hint="fix the ones above first"))
     return issues
 
 

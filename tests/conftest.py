@@ -43,6 +43,17 @@ def write_spec(tmp_path: Path) -> Callable[[str, str], Path]:
     return write
 
 
+@pytest.fixture
+def hub_ids_cached(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A Hugging Face hub cache (HF_HUB_CACHE) holding an empty snapshot of every hub id of the shipped
+    specs, so they validate with HF_HUB_OFFLINE=1 as on a cluster whose cache was filled beforehand."""
+    from helpers import fake_hub_cache
+
+    cache = fake_hub_cache(tmp_path_factory.mktemp("hf-hub-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> str:
     """The local Slurm cluster (cluster/local/up). Fails, never skips, when it does not answer."""

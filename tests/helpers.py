@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def wait_until(pred: Callable[[], object], timeout: float, what: str, every: float = 0.5) -> object:
     """pred()'s first truthy value, polled every `every` s; AssertionError naming `what` after `timeout` s."""
@@ -42,3 +44,27 @@ def immutable(root: Path) -> Iterator[None]:
         yield
     finally:
         subprocess.run(["chattr", "-R", "-i", str(root)], check=True)
+
+def shipped_hub_ids() -> set[tuple[str, str]]:
+    """(repo type, hub id) of every model and dataset the shipped specs name by hub id."""
+    import yaml
+
+    from hpcqwen.tasks._common import is_hub_id, split_dataset_ref
+
+    found = set()
+    for path in (REPO / "jobspecs").glob("*.yaml"):
+        task = yaml.safe_load(path.read_text()).get("task", {})
+        for key, kind in (("model", "model"), ("load", "model"), ("dataset", "dataset"), ("val_dataset", "dataset")):
+            refs = task.get(key) or []
+            for ref in [refs] if isinstance(refs, str) else refs:
+                name = split_dataset_ref(ref)[0] if kind == "dataset" else ref
+                if is_hub_id(name):
+                    found.add((kind, name))
+    return found
+
+
+def fake_hub_cache(root: Path) -> Path:
+    """A Hugging Face hub cache (for HF_HUB_CACHE) with an empty snapshot of every hub id of the shipped specs."""
+    for kind, repo in shipped_hub_ids():
+        (root / f"{kind}s--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)).mkdir(parents=True, exist_ok=True)
+    return root

@@ -8,7 +8,7 @@ import sys
 import traceback
 
 from hpcqwen import __version__
-from hpcqwen.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, HpcqwenError
+from hpcqwen.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, HpcqwenError, clip
 
 # subcommand -> module in hpcqwen.cli (each has add_arguments(parser) and run(args) -> int)
 SUBCOMMANDS = {
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         else:
             exc = sys.exc_info()[1]
-            print(f"error[internal]: {type(exc).__name__}: {exc}\n  hint: this is a bug in hpcqwen; rerun with "
-                  "--debug and report the traceback", file=sys.stderr)
+            print(f"error[internal]: {type(exc).__name__}: {clip(str(exc))}\n  hint: this is a bug in hpcqwen; "
+                  "rerun with --debug and report the traceback", file=sys.stderr)
         return EXIT_INTERNAL
 
 

@@ -18,9 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate and render; the run dir shown is where `submit` would put it."""
+    """Validate and render a preview; the run dir shown is where `submit` would put it (nothing is created)."""
     source = read_source(args.spec, tuple(args.overrides))
     spec = parse_spec(source)
     paths = RunPaths(new_run_dir(spec.cluster.run_root, spec.name, source.sha256))
-    sys.stdout.write(render_sbatch(spec, paths, source, resolve_dependencies(spec)))
+    sys.stdout.write(render_sbatch(spec, paths, source, resolve_dependencies(spec, source.path), preview=True))
     return 0

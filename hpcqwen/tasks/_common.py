@@ -1,19 +1,25 @@
 """Knobs shared by the training and inference tasks: model folders and dataset references.
 
-Paths are resolved on the login node (relative to the spec file, `~` and `${VAR}` expanded) and
-frozen into spec.json; a hub id (`Org/Name`) is kept as written, for nodes that are online.
+A reference is a local path or a hub id. It is local when it looks like a file (a dataset with a
+data-file extension such as `.jsonl`; anything starting with `/ . ~ $`), is not shaped like a hub
+id (`Org/Name`), or exists on this machine; local paths are resolved on the login node (relative
+to the spec file, `~` and `${VAR}` expanded), frozen into spec.json, and must exist (`check_*`,
+on render and submit). A hub id is kept as written; when the hub is off (HF_HUB_OFFLINE) it must
+already be in the local Hugging Face cache, since the nodes could not download it.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WrapValidator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationInfo, WrapValidator
 
 from hpcqwen import specfile
 from hpcqwen.data.formats import subset_error
+from hpcqwen.fields import MAX_LORA, SPEC_CONFIG
 
 if TYPE_CHECKING:
     from hpcqwen.spec import Problem
@@ -36,20 +42,30 @@ MULTI_TURN_HELP = (
     "earlier reasoning that the template drops at inference. last_round (ms-swift's loss_scale last_round): the "
     "chat template's own rendering token for token (earlier reasoning dropped), loss only on the answers after the "
     "last user query; works with any chat template.")
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# The hub's repo id: one '/', each part 1-96 of letters, digits, '-', '_', '.' (no '--' or '..').
+HUB_ID_RE = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}\Z", re.ASCII)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".arrow", ".gz", ".zst")
+# The variables that turn the hub off for what loads each kind of repo (huggingface_hub, transformers, datasets).
+OFFLINE_VARS = {"model": ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"),
+                "dataset": ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
 
 
-def _looks_local(text: str) -> bool:
-    return text.startswith(("/", ".", "~", "$")) or not HUB_ID_RE.match(text)
+def _looks_local(text: str, suffixes: tuple[str, ...] = ()) -> bool:
+    return (text.startswith(("/", ".", "~", "$")) or text.lower().endswith(suffixes)
+            or not HUB_ID_RE.match(text))
+
+
+def _resolve_ref(value: str, base_dir: Path | None, suffixes: tuple[str, ...]) -> str:
+    if not _looks_local(value, suffixes):
+        local = Path(specfile.expand_path(value, base_dir))
+        return str(local) if local.exists() else value
+    return specfile.expand_path(value, base_dir)
 
 
 def resolve_model_ref(value: str, base_dir: Path | None) -> str:
     """A local model folder as an absolute path, or a hub id kept as written."""
-    if not _looks_local(value):
-        local = Path(specfile.expand_path(value, base_dir))
-        return str(local) if local.exists() else value
-    return specfile.expand_path(value, base_dir)
+    return _resolve_ref(value, base_dir, ())
 
 
 def split_dataset_ref(ref: str) -> tuple[str, str, str | None]:
@@ -67,7 +83,7 @@ def split_dataset_ref(ref: str) -> tuple[str, str, str | None]:
 def resolve_dataset_ref(ref: str, base_dir: Path | None) -> str:
     """`path[:subset][#N]` with the path made absolute; hub ids and the suffixes kept."""
     path, subset, count = split_dataset_ref(ref)
-    resolved = resolve_model_ref(path, base_dir)
+    resolved = _resolve_ref(path, base_dir, DATA_SUFFIXES)
     return resolved + (f":{subset}" if subset else "") + (f"#{count}" if count is not None else "")
 
 
@@ -98,12 +114,49 @@ def is_hub_id(path: str) -> bool:
     return not path.startswith("/") and bool(HUB_ID_RE.match(path))
 
 
+def hub_offline(repo_type: Literal["model", "dataset"]) -> str | None:
+    """The variable that turns the Hugging Face hub off for this kind of repo here (Slurm exports it to the
+    nodes), if one is set."""
+    on = ("1", "true", "yes", "on")
+    return next((v for v in OFFLINE_VARS[repo_type] if os.environ.get(v, "").lower() in on), None)
+
+
+def in_hf_cache(repo_id: str, repo_type: Literal["model", "dataset"]) -> bool:
+    """Whether the local Hugging Face cache holds a snapshot of the repo (the hub cache, or for
+    datasets also the `datasets` library's cache)."""
+    home = Path(os.environ.get("HF_HOME") or "~/.cache/huggingface").expanduser()
+    hub = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or home / "hub").expanduser()
+    snapshots = hub / f"{repo_type}s--{repo_id.replace('/', '--')}" / "snapshots"
+    if snapshots.is_dir() and any(snapshots.iterdir()):
+        return True
+    if repo_type == "dataset":
+        cache = Path(os.environ.get("HF_DATASETS_CACHE") or home / "datasets").expanduser()
+        name = repo_id.replace("/", "___")
+        return (cache / name).is_dir() or (cache / name.lower()).is_dir()
+    return False
+
+
+def check_hub_ref(key: str, repo_id: str, repo_type: Literal["model", "dataset"]) -> list[Problem]:
+    """A hub id works offline only when the local cache already holds it."""
+    from hpcqwen.spec import Problem
+
+    off = hub_offline(repo_type)
+    if off is None or in_hf_cache(repo_id, repo_type):
+        return []
+    flag = " --repo-type dataset" if repo_type == "dataset" else ""
+    return [Problem(key, f"is a hub id that is not in the local Hugging Face cache, and {off}=1 turns the hub off: "
+                    "the nodes cannot download it", got=repo_id,
+                    expected="a local path (starting with ./ or /, or existing), or a hub id in the cache",
+                    hint=f"download it first (huggingface-cli download{flag} {repo_id}, with HF_HOME on the shared "
+                    "filesystem), or unset " + off)]
+
+
 def check_model_dir(key: str, model: str, *, need_tokenizer: bool = True) -> list[Problem]:
-    """A local model folder exists, has config.json and (when asked) a tokenizer."""
+    """A local model folder exists, has config.json and (when asked) a tokenizer; a hub id is usable."""
     from hpcqwen.spec import Problem
 
     if is_hub_id(model):
-        return []
+        return check_hub_ref(key, model, "model")
     path = Path(model)
     if not path.is_dir():
         return [Problem(key, "model folder not found", got=model, expected="a local Hugging Face model folder",
@@ -125,25 +178,53 @@ def check_datasets(key: str, refs: list[str]) -> list[Problem]:
     problems = []
     for i, ref in enumerate(refs):
         path, _, count = split_dataset_ref(ref)
-        if count is not None and (not count.strip().isdigit() or int(count) == 0):
+        if count is not None and not is_sample_count(count):
             problems.append(Problem(f"{key}[{i}]", "the sample count after '#' must be a positive integer",
                                     got=repr(ref), expected="name#N, e.g. data.jsonl#500"))
-        elif not is_hub_id(path) and not Path(path).exists():
-            problems.append(Problem(f"{key}[{i}]", "dataset not found", got=path,
-                                    expected="a local .jsonl/.json/.csv/.parquet file or folder, or a hub id"))
-        elif (subset := subset_error(ref)) is not None:
+        elif (subset := subset_error(ref)) is not None:  # a subset the dataset does not have (hub id or copy)
             problems.append(Problem(f"{key}[{i}]", subset[0], got=repr(ref), hint=subset[1]))
+        elif is_hub_id(path):
+            problems += check_hub_ref(f"{key}[{i}]", path, "dataset")
+        elif not Path(path).exists():
+            problems.append(Problem(f"{key}[{i}]", "dataset not found", got=path,
+                                    expected="a local .jsonl/.json/.csv/.parquet file or folder, or a hub id",
+                                    hint="a path with a data-file extension is a local file: check its spelling"))
     return problems
+
+
+MAX_CHECK_ENTRIES = 10_000  # a dataset folder is walked at most this far by the login-node checks
+
+
+def dataset_files(path: Path, limit: int = MAX_CHECK_ENTRIES) -> list[Path] | None:
+    """The files a local dataset reference holds (the file itself, or a folder's files, sorted), or None
+    when the folder has more than `limit` entries: a check on the login node must not walk a whole home
+    folder named by mistake (the node's loader reports such data instead). Symlinked folders are not followed."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        return []
+    files, seen = [], 0
+    for root, dirs, names in os.walk(path):
+        seen += len(dirs) + len(names)
+        if seen > limit:
+            return None
+        files += [Path(root) / n for n in names]
+    return sorted(files)
+
+
+def is_sample_count(text: str) -> bool:
+    """`N` of `name#N`: a positive whole number of at most 9 digits."""
+    return re.fullmatch(r"[0-9]{1,9}", text.strip()) is not None and int(text) > 0
 
 
 class ModelKnobs(BaseModel):
     """The model and LoRA knobs that the transformers-based training tasks (sft, grpo) share."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SPEC_CONFIG
     model: ModelRef = Field(description="Local Hugging Face model folder (or hub id when the nodes are online).")
     train_type: Literal["lora", "full"] = Field("lora", description="LoRA adapters or all parameters.")
-    lora_rank: int = Field(8, ge=1, description="LoRA rank r.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    lora_rank: int = Field(8, ge=1, le=MAX_LORA, description="LoRA rank r.")
+    lora_alpha: int = Field(32, ge=1, le=MAX_LORA, description="LoRA alpha.")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
     target_modules: Literal["all-linear"] | list[str] = Field("all-linear", description="LoRA target modules.")
     torch_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype.")

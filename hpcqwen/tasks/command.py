@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from hpcqwen.fields import SPEC_CONFIG
 
 if TYPE_CHECKING:
     from hpcqwen.spec import JobSpec, Problem
@@ -13,7 +15,7 @@ if TYPE_CHECKING:
 class CommandTask(BaseModel):
     """Run `python -m <module> <args>` on every process; `HPCQWEN_RUN_DIR` points at the run dir."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SPEC_CONFIG
     kind: Literal["command"] = "command"
     module: str = Field(
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$",

@@ -13,18 +13,21 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from hpcqwen import specfile
+from hpcqwen.fields import MAX_BATCH, MAX_PARALLEL, MAX_SEED, MAX_TEMPERATURE, MAX_TOKENS, SPEC_CONFIG
 from hpcqwen.tasks._common import (
     CHAT_TEMPLATE_HELP,
     ChatTemplateMode,
     DatasetRefs,
     ModelRef,
     check_datasets,
+    check_hub_ref,
     check_model_dir,
+    dataset_files,
     is_hub_id,
     split_dataset_ref,
 )
@@ -51,7 +54,7 @@ def default_vllm_python() -> str | None:
 class DistillTask(BaseModel):
     """Sharded, resumable batch inference that writes an SFT dataset (`swift infer --result_path`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SPEC_CONFIG
     kind: Literal["distill"] = "distill"
     model: ModelRef = Field(description="Teacher model folder (or hub id when the nodes are online).")
     adapters: ModelRef | None = Field(None, description="LoRA adapter folder applied to the model (an SFT checkpoint).")
@@ -63,29 +66,35 @@ class DistillTask(BaseModel):
     dataset: DatasetRefs = Field(description="Prompts: 'path[:subset][#N]', one or a list; a final assistant "
                                  "turn (a reference answer) is dropped.")
     system: str | None = Field(None, description="Default system prompt for rows without one.")
-    seed: int = Field(42, description="Seed for `#N` sampling and for generation (prompt i uses seed + i).")
-    temperature: float = Field(0.6, ge=0, description="Sampling temperature; 0 is greedy.")
+    seed: int = Field(42, ge=0, le=MAX_SEED,
+                      description="Seed for `#N` sampling and for generation (prompt i uses seed + i).")
+    temperature: float = Field(0.6, ge=0, le=MAX_TEMPERATURE, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int = Field(20, ge=0, description="Top-k sampling; 0 turns it off.")
-    max_new_tokens: int = Field(2048, ge=1, description="Most tokens generated per answer.")
-    num_return_sequences: int = Field(1, ge=1, description="Answers per prompt (one SFT row each).")
+    top_k: int = Field(20, ge=0, le=MAX_TOKENS, description="Top-k sampling; 0 turns it off.")
+    max_new_tokens: int = Field(2048, ge=1, le=MAX_TOKENS, description="Most tokens generated per answer.")
+    num_return_sequences: int = Field(1, ge=1, le=MAX_BATCH, description="Answers per prompt (one SFT row each).")
     enable_thinking: bool | None = Field(None, description="False renders the prompt with an empty "
                                          "<think></think> block (Qwen3's non-thinking mode).")
     response_prefix: str | None = Field(None, description="Text the answer continues from; "
                                         "'<think>\\n\\n</think>\\n\\n' equals enable_thinking: false.")
-    max_model_len: int = Field(8192, ge=16, description="Longest prompt + answer in tokens; longer prompts are "
+    max_model_len: int = Field(8192, ge=16, le=MAX_TOKENS,
+                               description="Longest prompt + answer in tokens; longer prompts are "
                                "skipped (and counted).")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (vLLM tensor parallelism).")
+    tensor_parallel_size: int = Field(1, ge=1, le=MAX_PARALLEL,
+                                      description="GPUs per engine (vLLM tensor parallelism).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype; auto: the model's own.")
     chat_template: ChatTemplateMode = Field("auto", description=CHAT_TEMPLATE_HELP)
-    max_batch_size: int = Field(16, ge=1, description="transformers backend: prompts per generate() call.")
-    write_batch_size: int = Field(1000, ge=1, description="Prompts generated, then appended to the shard file, "
+    max_batch_size: int = Field(16, ge=1, le=MAX_BATCH,
+                                description="transformers backend: prompts per generate() call.")
+    write_batch_size: int = Field(1000, ge=1, le=MAX_BATCH,
+                                  description="Prompts generated, then appended to the shard file, "
                                   "per batch (the most work a crash loses).")
     result_path: str = Field("distill_dataset.jsonl", description="Merged dataset (messages format); a relative "
                              "path is inside the run dir.")
-    shards: int = Field(1, ge=1, description="Split the prompts into this many shards, one Slurm array task each.")
+    shards: int = Field(1, ge=1, le=MAX_BATCH,
+                        description="Split the prompts into this many shards, one Slurm array task each.")
 
     @field_validator("result_path")
     @classmethod
@@ -116,15 +125,18 @@ class DistillTask(BaseModel):
         if task.get("infer_backend") != "hf" and task.get("vllm_python") is None \
                 and cluster.get("python") is None and cluster.get("container") is None:
             task["vllm_python"] = default_vllm_python()
+        # Only absent sections or mappings are filled: `resources: []` or `array: null` stay as written
+        # and are reported, never replaced by derived defaults.
         shards = task.get("shards", 1)
-        array = data.get("array") or {}
-        if isinstance(shards, int) and shards > 1 and isinstance(array, dict) and "size" not in array:
-            data["array"] = {**array, "size": min(shards, int(cluster.get("max_array_size") or 1001))}
-        resources = data.get("resources") or {}
+        array = data.get("array", {})
+        if _is_int(shards) and shards > 1 and isinstance(array, dict) and "size" not in array:
+            limit = cluster.get("max_array_size")
+            data["array"] = {**array, "size": min(shards, limit if _is_int(limit) else 1001)}
+        resources = data.get("resources", {})
         if not isinstance(resources, dict) or "nproc_per_node" in resources:
             return
         gpus, tp = resources.get("gpus_per_node", cluster.get("gpus_per_node", 0)), task.get("tensor_parallel_size", 1)
-        if isinstance(gpus, int) and isinstance(tp, int) and gpus > 0 and tp > 0 and gpus % tp == 0:
+        if _is_int(gpus) and _is_int(tp) and gpus > 0 and tp > 0 and gpus % tp == 0:
             data["resources"] = {**resources, "nproc_per_node": gpus // tp}
 
     def runner_module(self) -> str:
@@ -149,8 +161,9 @@ class DistillTask(BaseModel):
         from hpcqwen.spec import Problem
 
         p = check_model_dir("task.model", self.model)
-        if self.adapters is not None and not is_hub_id(self.adapters) \
-                and not (Path(self.adapters) / "adapter_config.json").is_file():
+        if self.adapters is not None and is_hub_id(self.adapters):
+            p += check_hub_ref("task.adapters", self.adapters, "model")
+        elif self.adapters is not None and not (Path(self.adapters) / "adapter_config.json").is_file():
             p.append(Problem("task.adapters", "has no adapter_config.json", got=self.adapters,
                              expected="a LoRA checkpoint folder (checkpoints/checkpoint-N of an SFT run)"))
         data_problems = check_datasets("task.dataset", self.dataset)
@@ -243,15 +256,20 @@ class DistillTask(BaseModel):
         return p
 
 
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def prompt_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The conversation to continue: a final assistant turn (the dataset's reference answer) is dropped."""
     return messages[:-1] if messages and messages[-1].get("role") == "assistant" else messages
 
 
 def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+    files = dataset_files(path)
+    if files is None:  # too many files to look at here: as good as too large
+        return CHECK_ROWS_LIMIT + 1
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 def _has_vllm(python: str | None) -> bool:

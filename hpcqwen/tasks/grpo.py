@@ -14,10 +14,23 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BeforeValidator, ConfigDict, Field, WrapValidator
+from pydantic import BeforeValidator, Field, WrapValidator
 
 from hpcqwen import specfile
 from hpcqwen.data.formats import CONSUMED_COLUMNS
+from hpcqwen.fields import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_FACTOR,
+    MAX_LR,
+    MAX_PARALLEL,
+    MAX_PROCS_PER_NODE,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_TEMPERATURE,
+    MAX_TOKENS,
+    SPEC_CONFIG,
+)
 from hpcqwen.tasks._common import (
     DatasetRefs,
     ModelKnobs,
@@ -25,6 +38,7 @@ from hpcqwen.tasks._common import (
     _with_context,
     check_datasets,
     check_model_dir,
+    dataset_files,
     is_hub_id,
     split_dataset_ref,
 )
@@ -46,62 +60,74 @@ def resolve_reward_ref(ref: str, base_dir: Path | None) -> str:
 
 RewardRefs = Annotated[list[str], BeforeValidator(_listify), WrapValidator(_with_context(resolve_reward_ref))]
 """Reward function names: built-ins, or plugins resolved against the spec's folder."""
+RewardWeight = Annotated[float, Field(ge=-MAX_FACTOR, le=MAX_FACTOR)]
 
 
 class GrpoTask(ModelKnobs):
     """GRPO, as `swift rlhf --rlhf_type grpo` in the Qwen3 guide (the run dir is the output dir)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SPEC_CONFIG
     kind: Literal["grpo"] = "grpo"
     dataset: DatasetRefs = Field(description="Prompts: 'path[:subset][#N]' (messages without the final assistant "
                                  "turn; other columns such as `solution` go to the rewards as keyword lists).")
     reward_funcs: RewardRefs = Field(description="accuracy, format, cosine, repetition, or plugins "
                                      "'path/file.py:function' / 'package.module:function'.")
-    reward_weights: list[float] | None = Field(None, description="One weight per reward function (default: all 1).")
-    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the group size G).")
-    num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the prompts (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Total optimizer steps; overrides num_train_epochs.")
-    per_device_train_batch_size: int = Field(1, ge=1, description="Completions per process per micro batch.")
-    per_device_eval_batch_size: int = Field(1, ge=1, description="Eval batch per process (no eval set: unused).")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro batches per optimizer step.")
-    learning_rate: float | None = Field(None, gt=0, description="Peak LR; default 1e-4 for LoRA, 1e-5 for full.")
+    reward_weights: list[RewardWeight] | None = Field(None, description="One weight per reward function "
+                                                      "(default: all 1).")
+    num_generations: int = Field(8, ge=2, le=MAX_BATCH,
+                                 description="Completions sampled per prompt (the group size G).")
+    num_train_epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS,
+                                    description="Epochs over the prompts (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                  description="Total optimizer steps; overrides num_train_epochs.")
+    per_device_train_batch_size: int = Field(1, ge=1, le=MAX_BATCH,
+                                             description="Completions per process per micro batch.")
+    per_device_eval_batch_size: int = Field(1, ge=1, le=MAX_BATCH,
+                                            description="Eval batch per process (no eval set: unused).")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH, description="Micro batches per optimizer step.")
+    learning_rate: float | None = Field(None, gt=0, le=MAX_LR,
+                                        description="Peak LR; default 1e-4 for LoRA, 1e-5 for full.")
     lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up fraction of the steps.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    beta: float = Field(0.04, ge=0, description="KL coefficient against the reference model (0: no reference).")
-    temperature: float = Field(0.9, gt=0, description="Sampling temperature.")
+    weight_decay: float = Field(0.1, ge=0, le=MAX_FACTOR, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, le=MAX_FACTOR, description="Gradient clipping norm.")
+    beta: float = Field(0.04, ge=0, le=MAX_FACTOR,
+                        description="KL coefficient against the reference model (0: no reference).")
+    temperature: float = Field(0.9, gt=0, le=MAX_TEMPERATURE, description="Sampling temperature.")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int = Field(50, ge=0, description="Top-k sampling (0: off).")
-    max_length: int | None = Field(None, ge=16, description="Drop prompts longer than this many tokens.")
-    max_completion_length: int = Field(512, ge=1, description="Tokens generated per completion at most.")
+    top_k: int = Field(50, ge=0, le=MAX_TOKENS, description="Top-k sampling (0: off).")
+    max_length: int | None = Field(None, ge=16, le=MAX_TOKENS, description="Drop prompts longer than this many tokens.")
+    max_completion_length: int = Field(512, ge=1, le=MAX_TOKENS, description="Tokens generated per completion at most.")
     overlong_filter: bool = Field(False, description="Truncated completions get no loss (DAPO).")
     log_completions: bool = Field(False, description="Write sampled completions to completions.jsonl.")
-    num_iterations: int = Field(1, ge=1, description="Policy updates per generation batch (mu).")
-    epsilon: float = Field(0.2, gt=0, description="PPO clip range.")
+    num_iterations: int = Field(1, ge=1, le=MAX_EPOCHS, description="Policy updates per generation batch (mu).")
+    epsilon: float = Field(0.2, gt=0, le=MAX_FACTOR, description="PPO clip range.")
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = Field(
         "grpo", description="How token losses are averaged (TRL loss_type).")
     use_vllm: bool = Field(False, description="Generate with vLLM (GPU only); else transformers generate.")
     vllm_mode: Literal["colocate", "server"] = Field("colocate", description="vLLM in each process, or a server.")
     vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU memory share of colocated vLLM.")
-    vllm_max_model_len: int | None = Field(None, ge=16, description="vLLM context (prompt + completion tokens).")
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size (colocate).")
-    sleep_level: Literal[0, 1, 2] = Field(0, description="Put colocated vLLM to sleep during training (>0).")
+    vllm_max_model_len: int | None = Field(None, ge=16, le=MAX_TOKENS,
+                                           description="vLLM context (prompt + completion tokens).")
+    tensor_parallel_size: int = Field(1, ge=1, le=MAX_PARALLEL, description="vLLM tensor parallel size (colocate).")
+    sleep_level: int = Field(0, ge=0, le=2, description="Put colocated vLLM to sleep during training (>0).")
     offload_model: bool = Field(False, description="Accepted, no effect: TRL 1.16 has no offload around rollouts.")
     offload_optimizer: bool = Field(False, description="Accepted, no effect: see offload_model.")
     gc_collect_after_offload: bool = Field(False, description="Accepted, no effect: see offload_model.")
-    num_infer_workers: int | None = Field(None, ge=1, description="vLLM engines per node; TRL colocate runs "
+    num_infer_workers: int | None = Field(None, ge=1, le=MAX_PROCS_PER_NODE,
+                                          description="vLLM engines per node; TRL colocate runs "
                                           "one per tensor-parallel group, so it must be nproc/tensor_parallel_size.")
     vllm_server_host: str | None = Field(None, description="vllm_mode server: host of `trl vllm-serve`.")
     vllm_server_port: int = Field(8000, ge=1, le=65535, description="vllm_mode server: its port.")
     deepspeed: str | None = Field(None, description="zero2, zero3, zero3_offload, or a DeepSpeed JSON file.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory.")
     enable_thinking: bool | None = Field(None, description="Render prompts with (True) or without (False) thinking.")
-    save_steps: int = Field(500, ge=1, description="Save a complete checkpoint every N steps.")
-    save_total_limit: int | None = Field(None, ge=1, description="Keep at most N checkpoints (never the newest).")
-    logging_steps: int = Field(5, ge=1, description="Write metrics every N steps.")
-    dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
-    seed: int = Field(42, description="Seed for sampling, init and data order.")
+    save_steps: int = Field(500, ge=1, le=MAX_STEPS, description="Save a complete checkpoint every N steps.")
+    save_total_limit: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                         description="Keep at most N checkpoints (never the newest).")
+    logging_steps: int = Field(5, ge=1, le=MAX_STEPS, description="Write metrics every N steps.")
+    dataloader_num_workers: int = Field(0, ge=0, le=MAX_PROCS_PER_NODE, description="DataLoader worker processes.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for sampling, init and data order.")
 
     def runner_module(self) -> str:
         """The GRPO runner."""
@@ -214,8 +240,10 @@ def dataset_columns(refs: list[str]) -> set[str] | None:
         path = Path(split_dataset_ref(ref)[0])
         if is_hub_id(str(path)) or not path.exists():
             return None
-        files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()
-                                                      and f.suffix in (".jsonl", ".json", ".csv", ".parquet"))
+        listed = dataset_files(path)
+        if listed is None:
+            return None
+        files = [f for f in listed if f == path or f.suffix in (".jsonl", ".json", ".csv", ".parquet")]
         keys = first_row_keys(files[0]) if files else None
         if keys is None:
             return None

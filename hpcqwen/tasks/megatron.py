@@ -11,9 +11,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WrapValidator
+from pydantic import BaseModel, Field, ValidationInfo, WrapValidator
 
 from hpcqwen import specfile
+from hpcqwen.fields import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_FACTOR,
+    MAX_LR,
+    MAX_PARALLEL,
+    MAX_PROCS_PER_NODE,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_TOKENS,
+    SPEC_CONFIG,
+)
 from hpcqwen.tasks._common import (
     CHAT_TEMPLATE_HELP,
     MULTI_TURN_HELP,
@@ -25,6 +37,7 @@ from hpcqwen.tasks._common import (
     MultiTurnMode,
     TruncationStrategy,
     check_datasets,
+    check_hub_ref,
     is_hub_id,
 )
 
@@ -47,39 +60,48 @@ Folder = Annotated[str | None, WrapValidator(_folder)]
 class MegatronTask(BaseModel):
     """Supervised fine-tuning on megatron-core, as `megatron sft` in the Qwen3 guide."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SPEC_CONFIG
     kind: Literal["megatron"] = "megatron"
     load: ModelRef = Field(description="Hugging Face model folder (or hub id when the nodes are online), or a "
                            "megatron checkpoint written by hpcqwen (an iter_<n> folder or its checkpoints/ folder).")
     dataset: DatasetRefs = Field(description="Training data: 'path[:subset][#N]', one or a list.")
     val_dataset: DatasetRefs = Field(default_factory=list, description="Evaluation data, same syntax.")
     split_dataset_ratio: float = Field(0.0, ge=0, lt=1, description="Hold out this fraction for eval.")
-    tensor_model_parallel_size: int = Field(1, ge=1, description="TP: GPUs that split each weight matrix.")
-    pipeline_model_parallel_size: int = Field(1, ge=1, description="PP: GPUs that split the layers into stages.")
-    expert_model_parallel_size: int = Field(1, ge=1, description="EP: GPUs that split the experts of a MoE layer.")
-    context_parallel_size: int = Field(1, ge=1, description="CP: GPUs that split each sequence (needs TE).")
+    tensor_model_parallel_size: int = Field(1, ge=1, le=MAX_PARALLEL,
+                                            description="TP: GPUs that split each weight matrix.")
+    pipeline_model_parallel_size: int = Field(1, ge=1, le=MAX_PARALLEL,
+                                              description="PP: GPUs that split the layers into stages.")
+    expert_model_parallel_size: int = Field(1, ge=1, le=MAX_PARALLEL,
+                                            description="EP: GPUs that split the experts of a MoE layer.")
+    context_parallel_size: int = Field(1, ge=1, le=MAX_PARALLEL,
+                                       description="CP: GPUs that split each sequence (needs TE).")
     sequence_parallel: bool = Field(False, description="Split norms/dropout activations over the TP ranks.")
     moe_grouped_gemm: bool = Field(False, description="All local experts in grouped GEMMs (TE's TEGroupedMLP, "
                                    "else torch.nn.functional.grouped_mm) instead of one GEMM per expert.")
     moe_shared_expert_overlap: bool = Field(False, description="Accepted, no effect: Qwen3-MoE has no shared expert.")
-    moe_aux_loss_coeff: float = Field(0.0, ge=0, description="Weight of the MoE load-balancing loss.")
-    micro_batch_size: int = Field(1, ge=1, description="Rows (packs with packing) per GPU per micro-batch.")
-    global_batch_size: int = Field(16, ge=1, description="Rows per optimizer step over all data-parallel ranks.")
+    moe_aux_loss_coeff: float = Field(0.0, ge=0, le=MAX_FACTOR, description="Weight of the MoE load-balancing loss.")
+    micro_batch_size: int = Field(1, ge=1, le=MAX_BATCH,
+                                  description="Rows (packs with packing) per GPU per micro-batch.")
+    global_batch_size: int = Field(16, ge=1, le=MAX_BATCH,
+                                   description="Rows per optimizer step over all data-parallel ranks.")
     packing: bool = Field(False, description="Pack examples padding-free into rows of max_length (THD).")
     recompute_granularity: Literal["full", "selective"] | None = Field(None, description="Activation recompute.")
     recompute_method: Literal["uniform", "block"] | None = Field(None, description="Which layers to recompute "
                                                                  "(recompute_granularity full).")
-    recompute_num_layers: int | None = Field(None, ge=1, description="Layers per recompute group (full).")
-    train_iters: int | None = Field(None, ge=1, description="Optimizer steps; or set max_epochs.")
-    max_epochs: int | None = Field(None, ge=1, description="Epochs over the training rows when train_iters is unset.")
-    eval_iters: int = Field(100, ge=0, description="Micro-batch rounds per evaluation.")
-    eval_interval: int | None = Field(None, ge=1, description="Evaluate every N iterations (default: save_interval).")
-    save_interval: int = Field(500, ge=1, description="Save a complete checkpoint every N iterations.")
+    recompute_num_layers: int | None = Field(None, ge=1, le=MAX_PARALLEL,
+                                             description="Layers per recompute group (full).")
+    train_iters: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps; or set max_epochs.")
+    max_epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS,
+                                   description="Epochs over the training rows when train_iters is unset.")
+    eval_iters: int = Field(100, ge=0, le=MAX_STEPS, description="Micro-batch rounds per evaluation.")
+    eval_interval: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                      description="Evaluate every N iterations (default: save_interval).")
+    save_interval: int = Field(500, ge=1, le=MAX_STEPS, description="Save a complete checkpoint every N iterations.")
     save: Folder = Field(None, description="Checkpoint folder (shared FS); default <task dir>/checkpoints. Array "
                              "tasks save into <save>/tasks/<index>. A later submission with the same folder "
                              "resumes from its newest complete checkpoint; two live runs cannot share it.")
-    save_total_limit: int | None = Field(None, ge=1, description="Keep at most this many complete iter_* folders "
-                                         "(the newest is never deleted); default: keep all.")
+    save_total_limit: int | None = Field(None, ge=1, le=MAX_STEPS, description="Keep at most this many complete "
+                                         "iter_* folders (the newest is never deleted); default: keep all.")
     finetune: bool = Field(False, description="From an mcore `load`: weights only, iteration and optimizer reset.")
     no_save_optim: bool = Field(False, description="Leave the optimizer state out of checkpoints (no resume).")
     no_save_rng: bool = Field(False, description="Leave the RNG states out of checkpoints.")
@@ -87,23 +109,25 @@ class MegatronTask(BaseModel):
     use_flash_attn: bool = Field(False, description="Flash attention: TE's, else torch SDPA / varlen flash.")
     transformer_impl: Literal["auto", "transformer_engine", "local"] = Field(
         "auto", description="TransformerEngine modules (auto: when installed on the nodes) or megatron's local ones.")
-    lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
-    min_lr: float = Field(0.0, ge=0, description="Learning rate at the end of the decay.")
-    lr_warmup_iters: int = Field(0, ge=0, description="Linear warm-up iterations.")
+    lr: float = Field(1e-5, gt=0, le=MAX_LR, description="Peak learning rate.")
+    min_lr: float = Field(0.0, ge=0, le=MAX_LR, description="Learning rate at the end of the decay.")
+    lr_warmup_iters: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warm-up iterations.")
     lr_decay_style: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
-    clip_grad: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    max_length: int = Field(2048, ge=16, description="Longest example in tokens (see truncation_strategy); the pack "
-                            "size with packing.")
+    weight_decay: float = Field(0.1, ge=0, le=MAX_FACTOR, description="AdamW weight decay.")
+    clip_grad: float = Field(1.0, gt=0, le=MAX_FACTOR, description="Gradient clipping norm.")
+    max_length: int = Field(2048, ge=16, le=MAX_TOKENS, description="Longest example in tokens (see "
+                            "truncation_strategy); the pack size with packing.")
     truncation_strategy: TruncationStrategy = Field("delete", description=TRUNCATION_HELP)
     multi_turn: MultiTurnMode = Field("all_rounds", description=MULTI_TURN_HELP)
     chat_template: ChatTemplateMode = Field("auto", description=CHAT_TEMPLATE_HELP)
-    log_interval: int = Field(5, ge=1, description="Write metrics every N iterations.")
-    num_workers: int = Field(1, ge=0, description="Accepted, no effect: batches come from the memory-mapped "
+    log_interval: int = Field(5, ge=1, le=MAX_STEPS, description="Write metrics every N iterations.")
+    num_workers: int = Field(1, ge=0, le=MAX_PROCS_PER_NODE,
+                             description="Accepted, no effect: batches come from the memory-mapped "
                              "cache in the training process.")
-    dataset_num_proc: int = Field(1, ge=1, description="Processes for tokenization (cache build); also the "
-                                  "CPU cores of the `hpcqwen prepare` job.")
-    seed: int = Field(42, description="Seed for data order and initialisation.")
+    dataset_num_proc: int = Field(1, ge=1, le=MAX_PROCS_PER_NODE,
+                                  description="Processes for tokenization (cache build); also the CPU cores of "
+                                  "the `hpcqwen prepare` job.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for data order and initialisation.")
 
     def runner_module(self) -> str:
         """The Megatron runner."""
@@ -222,7 +246,7 @@ class MegatronTask(BaseModel):
         from hpcqwen.spec import Problem
 
         if is_hub_id(self.load):
-            return None, []
+            return None, check_hub_ref("task.load", self.load, "model")
         folder = model_folder(Path(self.load))
         if folder is None:
             return None, [Problem("task.load", "is neither a Hugging Face model folder nor an hpcqwen megatron "

@@ -5,8 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
+from hpcqwen.fields import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_FACTOR,
+    MAX_LR,
+    MAX_PROCS_PER_NODE,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_TOKENS,
+    SPEC_CONFIG,
+)
 from hpcqwen.tasks._common import (
     MULTI_TURN_HELP,
     TRUNCATION_HELP,
@@ -31,25 +42,29 @@ ZERO_PRESETS = ("zero2", "zero3", "zero3_offload")
 class SftTask(ModelKnobs):
     """Supervised fine-tuning, as `swift sft` in the Qwen3 guide (the run dir is the output dir)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SPEC_CONFIG
     kind: Literal["sft"] = "sft"
-    num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Total optimizer steps; overrides num_train_epochs.")
-    per_device_train_batch_size: int = Field(1, ge=1, description="Micro batch per process.")
-    per_device_eval_batch_size: int = Field(1, ge=1, description="Eval batch per process.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro batches per optimizer step.")
-    learning_rate: float | None = Field(None, gt=0, description="Peak LR; default 1e-4 for LoRA, 1e-5 for full.")
+    num_train_epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS, description="Epochs (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                  description="Total optimizer steps; overrides num_train_epochs.")
+    per_device_train_batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="Micro batch per process.")
+    per_device_eval_batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="Eval batch per process.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH, description="Micro batches per optimizer step.")
+    learning_rate: float | None = Field(None, gt=0, le=MAX_LR,
+                                        description="Peak LR; default 1e-4 for LoRA, 1e-5 for full.")
     lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up fraction of the steps.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: save_steps).")
-    save_steps: int = Field(500, ge=1, description="Save a complete checkpoint every N steps.")
-    save_total_limit: int | None = Field(None, ge=1, description="Keep at most N checkpoints (never the newest).")
+    weight_decay: float = Field(0.1, ge=0, le=MAX_FACTOR, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, le=MAX_FACTOR, description="Gradient clipping norm.")
+    eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                   description="Evaluate every N steps (default: save_steps).")
+    save_steps: int = Field(500, ge=1, le=MAX_STEPS, description="Save a complete checkpoint every N steps.")
+    save_total_limit: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                         description="Keep at most N checkpoints (never the newest).")
     save_only_model: bool = Field(False, description="Skip optimizer/scheduler/RNG state in checkpoints.")
-    logging_steps: int = Field(5, ge=1, description="Write metrics every N steps.")
-    max_length: int = Field(2048, ge=16, description="Longest example in tokens (see truncation_strategy); the pack "
-                            "size with packing.")
+    logging_steps: int = Field(5, ge=1, le=MAX_STEPS, description="Write metrics every N steps.")
+    max_length: int = Field(2048, ge=16, le=MAX_TOKENS, description="Longest example in tokens (see "
+                            "truncation_strategy); the pack size with packing.")
     truncation_strategy: TruncationStrategy = Field("delete", description=TRUNCATION_HELP)
     packing: bool = Field(False, description="Pack examples padding-free into rows of max_length.")
     attn_impl: Literal["sdpa", "flash_attn", "eager"] = Field(
@@ -59,9 +74,10 @@ class SftTask(ModelKnobs):
     deepspeed: str | None = Field(None, description="zero2, zero3, zero3_offload, or a DeepSpeed JSON file.")
     use_liger_kernel: bool = Field(False, description="Liger's fused kernels (GPU only).")
     gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory.")
-    dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
-    dataset_num_proc: int = Field(1, ge=1, description="Processes for tokenization (cache build).")
-    seed: int = Field(42, description="Seed for sampling, init and data order.")
+    dataloader_num_workers: int = Field(0, ge=0, le=MAX_PROCS_PER_NODE, description="DataLoader worker processes.")
+    dataset_num_proc: int = Field(1, ge=1, le=MAX_PROCS_PER_NODE,
+                                  description="Processes for tokenization (cache build).")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for sampling, init and data order.")
     dataset: DatasetRefs = Field(description="Training data: 'path[:subset][#N]', one or a list.")
     val_dataset: DatasetRefs = Field(default_factory=list, description="Evaluation data, same syntax.")
     split_dataset_ratio: float = Field(0.0, ge=0, lt=1, description="Hold out this fraction for eval.")

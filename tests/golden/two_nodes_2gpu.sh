@@ -25,15 +25,12 @@ TASK_DIR="$HPCQWEN_RUN_DIR"
 mkdir -p "$TASK_DIR" && rm -f "$TASK_DIR/STOP" "$TASK_DIR/OUTCOME" "$TASK_DIR/FINAL" "$TASK_DIR/PROGRESS"
 # The ranks save and exit 75 on a stop request: USR2 120 s before the time limit (to this
 # shell only: it touches STOP), TERM on preemption or scancel (to every process of the step as well).
-trapped=0
 trap 'trapped=1; touch "$TASK_DIR/STOP"; echo "hpcqwen: USR2: time limit in 120 s: saving" >&2' USR2
 trap 'trapped=1; touch "$TASK_DIR/STOP"; echo "hpcqwen: TERM: saving" >&2' TERM
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=2 /opt/venv/bin/python -m hpcqwen launch /shared/runs/two/20260101T000000Z-abcdef &
 launcher=$!
-rc=
-while :; do  # a trapped signal cuts `wait` short (rc 128+n): wait again for the launcher's own status
-  trapped=0; wait "$launcher"; r=$?
-  [ "$r" = 127 ] && [ -n "$rc" ] && break  # already reaped by the previous wait
+rc=; while :; do  # a trapped signal cuts `wait` short (rc 128+n): wait again for the launcher's own status
+  trapped=0; wait "$launcher"; r=$?; [ "$r" = 127 ] && [ -n "$rc" ] && break  # reaped by the previous wait
   rc=$r; [ "$trapped" = 1 ] || break
 done
 { read -r outcome _ < "$TASK_DIR/OUTCOME"; } 2>/dev/null || outcome=failed

@@ -12,6 +12,9 @@ from hpcqwen.errors import SpecError
 from hpcqwen.spec import load_spec, parse_spec, read_source
 from hpcqwen.tasks.megatron import MegatronTask
 
+# The shipped specs name hub ids: offline (HF_HUB_OFFLINE=1) they validate only when the cache holds them.
+pytestmark = pytest.mark.usefixtures("hub_ids_cached")
+
 REPO = Path(__file__).resolve().parents[2]
 
 # The guide's `megatron sft` flags (qwen3-best-practices.md, "Megatron-SWIFT") -> the task field and value.
@@ -40,8 +43,12 @@ QWEN3_8B = {"model_type": "qwen3", "hidden_size": 4096, "num_hidden_layers": 36,
 
 
 @pytest.fixture(scope="module")
-def guide() -> MegatronTask:
-    spec = load_spec(REPO / "jobspecs/megatron-moe.yaml")
+def guide(tmp_path_factory: pytest.TempPathFactory) -> MegatronTask:
+    from helpers import fake_hub_cache
+
+    with pytest.MonkeyPatch.context() as mp:  # module scope: the function fixture hub_ids_cached comes later
+        mp.setenv("HF_HUB_CACHE", str(fake_hub_cache(tmp_path_factory.mktemp("hf-hub-cache"))))
+        spec = load_spec(REPO / "jobspecs/megatron-moe.yaml")
     assert isinstance(spec.task, MegatronTask)
     return spec.task
 

@@ -14,7 +14,7 @@ import pytest
 
 from hpcqwen.paths import RunPaths
 from hpcqwen.render import format_time, render_sbatch
-from hpcqwen.spec import SpecSource, load_spec
+from hpcqwen.spec import SpecSource, load_spec, parse_spec, read_source
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 PINNED = "cluster: {profile: local, python: /opt/venv/bin/python, run_root: /shared/runs}\n"
@@ -65,6 +65,35 @@ def test_golden_script(tmp_path: Path, variant: str) -> None:
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 
+def test_golden_preview_of_render(tmp_path: Path) -> None:
+    """`hpcqwen render` is a dry run: its header says so instead of naming a job.sbatch that does not exist."""
+    text = VARIANTS["one_node"]
+    (tmp_path / "one.yaml").write_text(text)
+    spec = load_spec(tmp_path / "one.yaml")
+    source = SpecSource("jobspecs/one_node.yaml", text, "0" * 64, ("task.args=[a b]",))
+    script = render_sbatch(spec, RunPaths(Path("/shared/runs/one/20260101T000000Z-abcdef")), source, preview=True)
+    golden = GOLDEN / "one_node_preview.sh"
+    if os.environ.get("HPCQWEN_UPDATE_GOLDEN"):
+        golden.write_text(script)
+    assert script == golden.read_text(), f"regenerate with HPCQWEN_UPDATE_GOLDEN=1 if intended ({golden})"
+    assert "Run with" not in script and "hpcqwen submit jobspecs/one_node.yaml --set 'task.args=[a b]'" in script
+
+
+def test_render_previews_and_submit_names_the_real_script(write_spec, run_root: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from hpcqwen.cli import main
+    from hpcqwen.submit import prepare_run_dir
+
+    path = write_spec("name: prev\ntask: {kind: command, module: m}\n")
+    assert main(["render", str(path)]) == 0
+    header = capsys.readouterr().out.splitlines()[:4]
+    assert header[2].startswith("# Preview from `hpcqwen render`: nothing was written and no run dir exists.")
+    assert not list(run_root.iterdir())
+    source = read_source(path)
+    paths = prepare_run_dir(parse_spec(source), source, "slurm", {})
+    assert paths.sbatch.read_text().splitlines()[2] == f"# Run with: sbatch {paths.sbatch}" and paths.sbatch.is_file()
+
+
 def test_template_stays_small() -> None:
     template = Path(__file__).resolve().parents[2] / "templates" / "sbatch.sh.j2"
     assert len(template.read_text().splitlines()) <= 60
@@ -90,6 +119,7 @@ GUIDE_GRPO = {
 }
 
 
+@pytest.mark.usefixtures("hub_ids_cached")  # offline, the hub ids must be in the cache
 def test_grpo_spec_renders_the_guides_8_gpu_command(capsys: pytest.CaptureFixture[str]) -> None:
     from hpcqwen.cli import main
 

@@ -113,6 +113,7 @@ def test_megatron_eval_without_anything_to_evaluate_warns(write_spec, tiny_qwen3
     assert spec_warnings(load_spec(write_spec(base + "  eval_interval: 10\n  split_dataset_ratio: 0.1\n"))) == []
 
 
+@pytest.mark.usefixtures("hub_ids_cached")  # offline, the hub ids must be in the cache
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "jobspecs").glob("*.yaml")))
 def test_no_shipped_spec_configures_evaluation_without_data(name: str, tiny_qwen3_dir: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:

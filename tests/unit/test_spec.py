@@ -21,6 +21,7 @@ def test_there_are_shipped_specs() -> None:
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+@pytest.mark.usefixtures("hub_ids_cached")  # offline, the hub ids must be in the cache
 def test_every_shipped_spec_loads_and_renders(path: Path, tiny_qwen3_dir: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HPCQWEN_TINY_MODEL", str(tiny_qwen3_dir))  # the tiny specs' model

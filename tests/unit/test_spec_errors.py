@@ -39,7 +39,7 @@ CASES = [
         "{f}:5: cluster: unknown cluster profile (got 'locall'; expected one of ['h100-8x', 'local']) — did you mean 'local'?",
     ]),
     ('yaml_syntax', 'name: t\nresources: [1, 2\n', [], [
-        "{f}:3: YAML syntax error: while parsing a flow sequence expected ',' or ']', but got '<stream end>' — check indentation and quoting",
+        "{f}:3: YAML syntax error: while parsing a flow sequence did not find expected ',' or ']' — check indentation and quoting",
     ]),
     ('duplicate_key', BASE + 'name: u\n', [], [
         '{f}:5: name: duplicate key — it is already set on line 1; keep one',
@@ -94,7 +94,7 @@ CASES = [
         "{f}:6: resources.partition: has characters that are not allowed (got 'gpu debug'; expected text matching ^[A-Za-z0-9_.,-]+$)",
     ]),
     ('zero_mem', BASE + 'resources:\n  mem_gb: 0\n', [], [
-        '{f}:6: resources.mem_gb: must be > 0.0 (got 0; expected > 0.0)',
+        '{f}:6: resources.mem_gb: must be >= 0.001 (got 0; expected >= 0.001)',
     ]),
     ('missing_name', 'task:\n  kind: command\n  module: m\n', [], [
         '{f}: name: required key is missing — add `name:` to the spec',
@@ -118,7 +118,7 @@ CASES = [
         "{f}:7: resources.gpus_per_node: asks for 16 GPUs per node but a node of profile 'h100-8x' has 8 (got 16; expected <= 8)",
     ]),
     ('unset_env_var', BASE + 'cluster:\n  profile: local\n  run_root: ${HPCQWEN_SURELY_UNSET}/runs\n', [], [
-        "{f}:5: cluster.run_root: environment variable HPCQWEN_SURELY_UNSET is not set (write ${HPCQWEN_SURELY_UNSET:-default} to give a default) (got '${HPCQWEN_SURELY_UNSET}/runs')",
+        "{f}:7: cluster.run_root: environment variable HPCQWEN_SURELY_UNSET is not set (write ${HPCQWEN_SURELY_UNSET:-default} to give a default) (got '${HPCQWEN_SURELY_UNSET}/runs')",
     ]),
     ('zero_throttle', BASE + 'array:\n  size: 2\n  throttle: 0\n', [], [
         '{f}:7: array.throttle: must be >= 1 (got 0; expected >= 1)',
