@@ -229,9 +229,10 @@ class EventRecord:
 
 def apply(event: str, w: Workload, job: str, run_dir: Path) -> None:
     """Inject one event into the running job."""
-    if event == "preempt":
-        sh("sbatch", "--parsable", "-p", "high", f"-N{max(w.nodes, 2)}", "--exclusive", "-J", "soak-preemptor",
-           "-o", "/dev/null", "--wrap", "sleep 2")
+    if event == "preempt":  # a high job that needs exactly the nodes the low job holds
+        nodes = nodes_of(job)
+        sh("sbatch", "--parsable", "-p", "high", f"-N{len(nodes)}", f"--nodelist={','.join(nodes)}", "--exclusive",
+           "-J", "soak-preemptor", "-o", "/dev/null", "--wrap", "sleep 2")
     elif event == "term":
         sh("scancel", "--signal=TERM", job)
     elif event == "usr2":

@@ -50,6 +50,17 @@ def state(job: str) -> str:
     return rows[0].slurm_state if rows else ""
 
 
+def preempt(job: str, command: str) -> subprocess.CompletedProcess[str]:
+    """A job in partition `high` that needs exactly the nodes `job` holds (so it must preempt it)."""
+    nodes = subprocess.run(["squeue", "--noheader", "-o", "%N", f"--jobs={job}"], capture_output=True, text=True,
+                           check=True).stdout.split()[0]
+    count = len(subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                               check=True).stdout.split())
+    return subprocess.run(["sbatch", "--parsable", "-p", "high", f"-N{count}", f"--nodelist={nodes}", "--exclusive",
+                           "-J", "preemptor", "-o", "/dev/null", "--wrap", command], capture_output=True, text=True,
+                          check=True)
+
+
 def log_of(run_dir: Path) -> str:
     return "".join(p.read_text() for p in sorted((run_dir / "logs").glob("*.out")))
 
@@ -77,8 +88,7 @@ def test_partition_preemption_saves_within_grace_requeues_and_finishes(
     job, run_dir = submit(capsys, str(spec))
     wait_until(lambda: any(m.get("step", 0) >= 5 and "loss" in m for m in read_metrics(run_dir / "metrics.jsonl")),
                300, "5 training steps")
-    high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-N2", "--exclusive", "-J", "preemptor",
-                           "-o", "/dev/null", "--wrap", "sleep 5"], capture_output=True, text=True, check=True)
+    high = preempt(job, "sleep 5")
     preempted_at = time.time()
     rows = runs.wait_for(runs.resolve_target(str(run_dir)), max_poll_s=3)
     log = log_of(run_dir)
@@ -179,8 +189,7 @@ def test_submitit_backend_preempted_requeues_and_resumes(slurm_cluster: str, wri
     spec = steps_spec(write_spec, "subpre", 40, 0.5, partition="low")
     job, run_dir = submit(capsys, str(spec), "--backend", "submitit")
     wait_until(lambda: step_of(run_dir) >= 3, 120, "3 steps")
-    subprocess.run(["sbatch", "--parsable", "-p", "high", "-N2", "--exclusive", "-J", "preemptor", "-o", "/dev/null",
-                    "--wrap", "sleep 3"], capture_output=True, text=True, check=True)
+    preempt(job, "sleep 3")
     rows = runs.wait_for(runs.resolve_target(str(run_dir)), max_poll_s=3)
     logs = "".join(p.read_text() for p in (run_dir / "submitit").glob("*_log.out"))
     assert [r.slurm_state for r in rows] == ["COMPLETED"], logs[-3000:]
