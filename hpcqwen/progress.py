@@ -139,13 +139,16 @@ def _progress_of(path: Path) -> Progress | None:
 
 
 def _max_restarts(p: Path) -> int:
-    n = 0
+    """Restarts of one task: its starts after the first (a `hpcqwen resume` is a new job whose
+    SLURM_RESTART_COUNT starts at 0 again, so the count of starts is what continues)."""
+    n, starts = 0, 0
     for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             n = max(n, int(json.loads(line).get("restart_count") or 0))
         except (ValueError, TypeError, AttributeError):
             continue
-    return n
+        starts += 1
+    return max(n, starts - 1)
 
 
 def restarts_of(run_dir: Path, array_size: int | None = None) -> dict[int | None, int]:

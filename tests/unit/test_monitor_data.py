@@ -265,3 +265,14 @@ def test_squeue_tail_fields_user_nodelist_dependency() -> None:
     assert (row.name, row.user, row.nodelist, row.dependency) == ("a|b|c", "alice", "", "afterok:8(unfulfilled)")
     (old,) = parse_squeue("9|9|N/A|RUNNING|None|0:10|1:00:00|1|N/A|/r|name")  # the 11-field format still parses
     assert (old.name, old.user, old.dependency) == ("name", "", "")
+
+
+def test_restarts_continue_across_a_resume(tmp_path: Path) -> None:
+    """`hpcqwen resume` is a new job whose SLURM_RESTART_COUNT starts at 0: the starts still count."""
+    from hpcqwen.progress import restarts_of
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "launches.jsonl").write_text('{"job_id": "7", "restart_count": 0}\n{"job_id": "7", "restart_count": 1}\n'
+                                        '{"job_id": "9", "restart_count": 0}\n')
+    assert restarts_of(run) == {None: 2}
