@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 PEAK = 989e12  # H100/H200 dense bf16 datasheet
 
-# case -> (size, baseline args, hpcqwen task knobs, data: (min_len, max_len) tokens per document)
+# case -> (size, baseline args (the harness as the anchor note ran it), hpcqwen task knobs,
+#          data: (min_len, max_len) tokens per document)
 CASES: dict[str, tuple[str, list[str], dict[str, object], tuple[int, int]]] = {
     "lora8b": ("8b", ["--mode", "lora", "--bs", "1", "--ga", "16", "--packing"],
                {"train_type": "lora", "lora_rank": 8, "lora_alpha": 32, "lora_dropout": 0.0, "learning_rate": 2e-4,
@@ -43,6 +44,12 @@ CASES: dict[str, tuple[str, list[str], dict[str, object], tuple[int, int]]] = {
     "zero3-1.7b": ("1.7b", [], {"train_type": "full", "learning_rate": 1e-5, "packing": True, "attn_impl": "flash_attn",
                                 "use_liger_kernel": True, "gradient_checkpointing": True, "deepspeed": "zero3",
                                 "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}, (256, 2048)),
+}
+# The baseline tuned like hpcqwen's run: the same micro-batch, accumulation, recompute, packing and fused
+# kernels (Liger), so a ratio against it measures the stack, not the settings (issue 18).
+TUNED: dict[str, list[str]] = {
+    "lora8b": ["--mode", "lora", "--packing", "--liger", "--bs", "8", "--ga", "2", "--gc", "1"],
+    "full1.7b": ["--mode", "full", "--bs", "16", "--ga", "1", "--fixed-len", "2048", "--liger", "--gc", "0"],
 }
 SHAPES_CPU = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "head_dim": 32}
@@ -96,7 +103,7 @@ def run_hpcqwen(case: str, work: Path, args: argparse.Namespace) -> dict[str, ob
     steps = args.warmup + args.timed
     docs_per_row = 1.6 if knobs["packing"] else 1.0
     n_docs = int(per_step * steps * docs_per_row * 1.3) + 16
-    sizes = write_data(work / f"data-{case}.jsonl", model, n_docs, lens)
+    sizes = write_data(work / f"data-{case}.jsonl", model, n_docs, (32, 200) if args.cpu_smoke else lens)
     task = {"kind": "sft", "model": str(model), "dataset": [str(work / f"data-{case}.jsonl")],
             "torch_dtype": "float32" if args.cpu_smoke else "bfloat16", "max_length": 2048, "max_steps": steps,
             "logging_steps": 1, "save_steps": 100000, "warmup_ratio": 0.0, **knobs}
@@ -145,11 +152,13 @@ def summarize(name: str, shape: dict[str, int], tok_s: float, sq_over_t: float, 
     return out
 
 
-def run_baseline(case: str, work: Path, args: argparse.Namespace) -> dict[str, object]:
-    """The anchor harness, unchanged, for the same shape."""
+def run_baseline(case: str, work: Path, args: argparse.Namespace, tuned: bool = False) -> dict[str, object]:
+    """The anchor harness for the same shape: as the anchor note ran it, or `tuned` like hpcqwen's run."""
     size, extra, _, _ = CASES[case]
+    extra = TUNED[case] if tuned else extra
+    name = f"trl-{case}{'-tuned' if tuned else ''}"
     out = work / "baseline.jsonl"
-    cmd = [sys.executable, str(REPO / "bench" / "anchor" / "sft_bench.py"), "--name", f"trl-{case}",
+    cmd = [sys.executable, str(REPO / "bench" / "anchor" / "sft_bench.py"), "--name", name,
            "--size", "tiny" if args.cpu_smoke else size, "--out", str(out), "--warmup", str(args.warmup),
            "--timed", str(args.timed), "--matmul-peak", str(args.matmul_peak), *extra]
     if args.cpu_smoke:
@@ -159,7 +168,7 @@ def run_baseline(case: str, work: Path, args: argparse.Namespace) -> dict[str, o
             cmd[cmd.index("--fixed-len") + 1] = "256"
     subprocess.run(cmd, check=False)
     rows = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
-    row = next((r for r in reversed(rows) if r["name"] == f"trl-{case}"), {"ok": False})
+    row = next((r for r in reversed(rows) if r["name"] == name), {"ok": False})
     keep = ("name", "ok", "tokens_per_s", "model_tflops_6N", "mfu_6N_vs_989", "mfu_useful_vs_989",
             "mfu_6N_vs_measured", "peak_alloc_GiB", "median_step_s", "error")
     return {k: row.get(k) for k in keep if k in row}
@@ -182,15 +191,26 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     for case in args.case:
-        base = None if args.no_baseline or not CASES[case][1] else run_baseline(case, work, args)
+        plain = None if args.no_baseline or not CASES[case][1] else run_baseline(case, work, args)
+        tuned = None if args.no_baseline or case not in TUNED else run_baseline(case, work, args, tuned=True)
         ours = run_hpcqwen(case, work, args)
-        if base and base.get("ok") and ours.get("ok"):
-            ratio = float(ours["tokens_per_s"]) / float(base["tokens_per_s"])  # type: ignore[arg-type]
-            print(f"COMPARE {case}: hpcqwen {ours['tokens_per_s']} tok/s (MFU {ours['mfu_6N_vs_989']:.1%}, peak "
-                  f"{ours['peak_alloc_GiB']} GiB) vs TRL {base['tokens_per_s']} tok/s (MFU "
-                  f"{base['mfu_6N_vs_989']:.1%}, peak {base.get('peak_alloc_GiB')} GiB): {ratio:.2f}x", flush=True)
-        else:
-            print(f"COMPARE {case}: hpcqwen {ours} baseline {base}", flush=True)
+        print(compare_line(case, ours, plain, tuned), flush=True)
+
+
+def compare_line(case: str, ours: dict[str, object], plain: dict[str, object] | None,
+                 tuned: dict[str, object] | None) -> str:
+    """`COMPARE case: hpcqwen X tok/s ... vs TRL as in the note Y (ratio) vs TRL tuned alike Z (ratio)`."""
+    if not ours.get("ok"):
+        return f"COMPARE {case}: hpcqwen failed: {ours.get('error')}"
+    def side(label: str, row: dict[str, object] | None) -> str:
+        if not row or not row.get("ok"):
+            return f" vs {label}: not run"
+        ratio = float(ours["tokens_per_s"]) / float(row["tokens_per_s"])  # type: ignore[arg-type]
+        return (f" vs {label} {row['tokens_per_s']} tok/s (MFU {float(row['mfu_6N_vs_989']):.1%}, peak "  # type: ignore[arg-type]
+                f"{row.get('peak_alloc_GiB')} GiB): {ratio:.2f}x")
+    return (f"COMPARE {case}: hpcqwen {ours['tokens_per_s']} tok/s (MFU {float(ours['mfu_6N_vs_989']):.1%}, peak "  # type: ignore[arg-type]
+            f"{ours['peak_alloc_GiB']} GiB)" + side("TRL as in the anchor note", plain)
+            + side("TRL tuned alike", tuned))
 
 
 if __name__ == "__main__":

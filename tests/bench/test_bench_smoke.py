@@ -1,0 +1,22 @@
+"""The benchmarks' CPU smoke modes, so they cannot rot: each runs end to end on tiny shapes and prints
+its comparison line (the figures are meaningless on a CPU; bench/RESULTS.md has the GPU ones)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.cpu_train, pytest.mark.slow]
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def test_sft_throughput_prints_both_ratios(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(BENCH / "sft_throughput.py"), "--case", "lora8b", "--cpu-smoke",
+                           "--warmup", "1", "--timed", "2", "--work", str(tmp_path)], capture_output=True, text=True,
+                          timeout=900, cwd=tmp_path)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("COMPARE lora8b: hpcqwen ")), "")
+    assert " vs TRL as in the anchor note " in line and " vs TRL tuned alike " in line, proc.stdout[-3000:]
+    assert line.count("x") >= 2 and "not run" not in line
