@@ -141,7 +141,7 @@ def init_parallel(ctx: RunContext) -> Any:
     return dist.new_group(backend="gloo")
 
 
-def build_options(ctx: RunContext) -> Any:
+def build_options(ctx: RunContext, dims: Any) -> Any:
     """The guide's knobs translated into megatron model options, in one visible block."""
     import torch
 
@@ -160,7 +160,8 @@ def build_options(ctx: RunContext) -> Any:
         flash_attention=t.use_flash_attn,
         grouped_experts=t.moe_grouped_gemm,
         dispatcher="alltoall" if device() == "cuda" else "allgather",  # alltoall builds a torch.cuda.Stream
-        moe_aux_loss_coeff=t.moe_aux_loss_coeff,
+        # the model's own router_aux_loss_coef unless the spec sets one (HF and ms-swift do the same)
+        moe_aux_loss_coeff=dims.router_aux_loss_coef if t.moe_aux_loss_coeff is None else t.moe_aux_loss_coeff,
         recompute_granularity=t.recompute_granularity,
         recompute_method=t.recompute_method,
         recompute_num_layers=t.recompute_num_layers,
@@ -195,7 +196,7 @@ def build(ctx: RunContext, dims: Any, train_iters: int) -> tuple[Any, Any, Any]:
     from hpcqwen.megatron.model import build_model
 
     t = ctx.task
-    gpt = build_model(dims, build_options(ctx))
+    gpt = build_model(dims, build_options(ctx, dims))
     config = gpt.config
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
                                                check_for_nan_in_grad=True)

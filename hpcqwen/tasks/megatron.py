@@ -79,7 +79,9 @@ class MegatronTask(BaseModel):
     moe_grouped_gemm: bool = Field(False, description="All local experts in grouped GEMMs (TE's TEGroupedMLP, "
                                    "else torch.nn.functional.grouped_mm) instead of one GEMM per expert.")
     moe_shared_expert_overlap: bool = Field(False, description="Accepted, no effect: Qwen3-MoE has no shared expert.")
-    moe_aux_loss_coeff: float = Field(0.0, ge=0, le=MAX_FACTOR, description="Weight of the MoE load-balancing loss.")
+    moe_aux_loss_coeff: float | None = Field(
+        None, ge=0, le=MAX_FACTOR, description="Weight of the MoE load-balancing loss; default: the model config's "
+        "router_aux_loss_coef (Qwen3-MoE: 0.001), as transformers and ms-swift use it; 0 turns it off.")
     micro_batch_size: int = Field(1, ge=1, le=MAX_BATCH,
                                   description="Rows (packs with packing) per GPU per micro-batch.")
     global_batch_size: int = Field(16, ge=1, le=MAX_BATCH,

@@ -75,11 +75,28 @@ def test_guide_becomes_megatron_options(guide: MegatronTask) -> None:
 
     spec = load_spec(REPO / "jobspecs/megatron-moe.yaml")
     ctx = RunContext(spec, guide, None, None, 0, 0, 16)  # type: ignore[arg-type]
-    o = build_options(ctx)
+    from hpcqwen.megatron.dims import dims_from_config
+
+    o = build_options(ctx, dims_from_config(QWEN3_30B_A3B))
     assert (o.tensor_parallel, o.pipeline_parallel, o.expert_parallel, o.context_parallel) == (2, 1, 8, 1)
     assert o.sequence_parallel and o.grouped_experts and o.flash_attention and o.cross_entropy_loss_fusion
     assert (o.recompute_granularity, o.recompute_method, o.recompute_num_layers) == ("full", "uniform", 1)
     assert o.moe_aux_loss_coeff == 0.01 and str(o.dtype) == "torch.bfloat16"
+
+
+def test_moe_aux_loss_defaults_to_the_models_router_coefficient(guide: MegatronTask) -> None:
+    """Without `moe_aux_loss_coeff` MoE SFT used to train with no load-balancing loss at all."""
+    from hpcqwen.megatron.dims import dims_from_config
+    from hpcqwen.runners._shared import RunContext
+    from hpcqwen.runners.megatron import build_options
+
+    spec = load_spec(REPO / "jobspecs/megatron-moe.yaml")
+    unset = guide.model_copy(update={"moe_aux_loss_coeff": None})
+    ctx = RunContext(spec, unset, None, None, 0, 0, 16)  # type: ignore[arg-type]
+    dims = dims_from_config({**QWEN3_30B_A3B, "router_aux_loss_coef": 0.001})
+    assert build_options(ctx, dims).moe_aux_loss_coeff == 0.001
+    off = RunContext(spec, guide.model_copy(update={"moe_aux_loss_coeff": 0.0}), None, None, 0, 0, 16)  # type: ignore[arg-type]
+    assert build_options(off, dims).moe_aux_loss_coeff == 0.0
 
 
 def test_dims_of_both_config_spellings() -> None:
