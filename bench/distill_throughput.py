@@ -25,10 +25,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SIZES = {  # random Qwen3 shapes (hpcqwen.testing); head_dim >= 32 for vLLM's CPU attention
+sys.path.insert(0, str(REPO))  # hpcqwen from this checkout when it is not installed (a carried copy)
+SIZES: dict[str, dict[str, object]] = {  # random Qwen3 shapes (hpcqwen.testing); head_dim >= 32 for vLLM's CPU
     "tiny": dict(),
     "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=4, head_dim=64),
+    # the real Qwen3 shapes and vocabulary (GPU: built in bf16 on the device)
+    "0.6b": {"qwen3": "0.6b", "vocab_size": 151936},
+    "1.7b": {"qwen3": "1.7b", "vocab_size": 151936},
 }
 
 
@@ -49,8 +53,8 @@ def worker(args: argparse.Namespace) -> None:
            for m in fixed_prompts(args.prompts)]
     sampling = SamplingConfig(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=args.max_new_tokens)
     t0 = time.perf_counter()
-    gen = make_generator(args.worker, args.model, tok, dtype=args.dtype, max_model_len=1024,
-                         max_batch_size=args.max_batch_size)
+    gen = make_generator(args.worker, args.model, tok, dtype=args.dtype, max_model_len=args.max_model_len,
+                         max_batch_size=args.max_batch_size, seed=42)  # the distill runner's engine (seed 42)
     init_s = time.perf_counter() - t0
     gen.generate(ids[:2], sampling, [0, 1])  # warm-up
     runs = []
@@ -66,11 +70,16 @@ def worker(args: argparse.Namespace) -> None:
 def run_engine(engine: str, python: str, args: argparse.Namespace, model: Path) -> dict[str, float]:
     argv = [python, __file__, "--worker", engine, "--model", str(model), "--prompts", str(args.prompts),
             "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype,
-            "--max-batch-size", str(args.max_batch_size), "--repeat", str(args.repeat)]
+            "--max-batch-size", str(args.max_batch_size), "--repeat", str(args.repeat),
+            "--max-model-len", str(args.max_model_len)]
     # vLLM on CPU binds its OpenMP threads and by default keeps one core for its front-end process; give it
     # every core, as torch gets in the transformers process, so both engines compute on the same cores.
     defaults = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
                 "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    if args.cache_root:  # vLLM's compile caches where the distill runner keeps them (cluster.cache_root)
+        from hpcqwen.inference import compile_cache_env
+
+        defaults |= compile_cache_env(args.cache_root)
     proc = subprocess.run(argv, capture_output=True, text=True, env={**defaults, **os.environ}, cwd=REPO)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -89,6 +98,9 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=16, help="transformers: prompts per generate() call")
     p.add_argument("--dtype", default="float32", help="both engines (vLLM would pick bfloat16 on CPU)")
     p.add_argument("--repeat", type=int, default=3, help="timed generate() calls per engine; the median counts")
+    p.add_argument("--max-model-len", type=int, default=1024, help="vLLM's max_model_len")
+    p.add_argument("--cache-root", default=None, help="vLLM compile caches (a cluster's cache_root)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--worker", choices=["hf", "vllm"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -115,13 +127,22 @@ def main() -> None:
               f"{rates[r['engine']][1]:>10.0f}")
     print(f"vllm / transformers: prompts/s {rates['vllm'][0] / rates['hf'][0]:.1f}x, "
           f"tokens/s {rates['vllm'][1] / rates['hf'][1]:.1f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"size": args.size, "params": params, "results": results}, indent=1) + "\n")
 
 
 def build_model(folder: Path, size: str) -> Path:
-    from hpcqwen.testing import build_tiny_qwen3, build_tokenizer
+    import torch
+
+    from hpcqwen.testing import QWEN3_SHAPES, build_tiny_qwen3, build_tokenizer
 
     tok = build_tokenizer(folder / "tokenizer")
-    return build_tiny_qwen3(folder / f"qwen3-{size}", tok, **SIZES[size])
+    shape = dict(SIZES[size])
+    if "qwen3" in shape:
+        shape = {**QWEN3_SHAPES[str(shape.pop("qwen3"))], **shape}
+        if torch.cuda.is_available():
+            shape |= {"dtype": "bfloat16", "device": "cuda"}
+    return build_tiny_qwen3(folder / f"qwen3-{size}", tok, **shape)
 
 
 def model_params(model: Path) -> int:

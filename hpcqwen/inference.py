@@ -79,6 +79,21 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return [i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id and i >= 0]
 
 
+def compile_cache_env(cache_root: str) -> dict[str, str]:
+    """Where vLLM, torch.compile, Triton and FlashInfer keep what they compile, under the cluster's shared cache
+    root: an engine's first start compiles, autotunes and JIT-builds kernels (150 s for a 0.6B model on an H200,
+    notes/vllm-gpu.md); later jobs with the same model and engine settings load it instead."""
+    root = Path(cache_root)
+    return {"VLLM_CACHE_ROOT": str(root / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+            "TRITON_CACHE_DIR": str(root / "triton"), "FLASHINFER_WORKSPACE_BASE": str(root / "flashinfer")}
+
+
+def set_compile_cache_env(cache_root: str) -> None:
+    """`compile_cache_env` into os.environ, leaving variables the job already sets alone."""
+    for key, value in compile_cache_env(cache_root).items():
+        os.environ.setdefault(key, value)
+
+
 def vllm_importable() -> bool:
     """vLLM is installed for this interpreter (found without importing it: that takes seconds)."""
     return importlib.util.find_spec("vllm") is not None

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -33,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcqwen import __version__, fs, lease, supervisor
+from hpcqwen import __version__, fs, lease, rollout, supervisor
 from hpcqwen.paths import RunPaths, TaskPaths
 from hpcqwen.spec import JobSpec, read_frozen_spec
 
@@ -122,6 +123,7 @@ def launch_env(environ: Mapping[str, str], spec: JobSpec, run_dir: str) -> Launc
     """Pure: the node's layout and the environment every rank of this node shares."""
     in_slurm = "SLURM_JOB_ID" in environ
     nnodes = int(environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or 1) if in_slurm else 1
+    nnodes = max(nnodes - spec.rollout_nodes, 1)  # the last nodes serve rollouts (GRPO task.rollout): no ranks
     node_rank = int(environ.get("SLURM_NODEID", "0")) if in_slurm else 0
     nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or ""
     master_addr = expand_nodelist(nodelist)[0] if in_slurm and nodelist and nnodes > 1 else "127.0.0.1"
@@ -214,6 +216,12 @@ def record_launch(task: TaskPaths, le: LaunchEnv, host: str, port: int) -> None:
     fs.append_line(task.launches, json.dumps(line), durable=True)
 
 
+def _lost_server(sup: supervisor.Supervisor, why: str) -> None:
+    print(f"hpcqwen launch: {why}; killing the ranks (the job fails: a rank waiting on the server would hang)",
+          file=sys.stderr, flush=True)
+    sup.kill_all(signal.SIGKILL)
+
+
 def main(run_dir: str) -> int:
     """Start this node's ranks, supervise them, report the outcome; returns the launcher's exit code."""
     paths = RunPaths(Path(run_dir).resolve())
@@ -224,6 +232,11 @@ def main(run_dir: str) -> int:
     task_paths = TaskPaths(Path(le.env["HPCQWEN_TASK_DIR"]))
     task_paths.dir.mkdir(parents=True, exist_ok=True)
     host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    role = rollout.node_role(spec, le.node_rank, le.nnodes, "SLURM_JOB_ID" in os.environ)
+    if role == "serve":  # a rollout node (GRPO task.rollout): no ranks, no lease, no OUTCOME
+        return rollout.serve_node(spec, task, task_paths.dir, paths.root, le.job_id, le.restart_count, host)
+    link = None if role is None else rollout.TrainerLink(spec, task, task_paths.dir, paths.root, le.job_id,
+                                                         le.restart_count, cohost=role == "cohost")
     sup = supervisor.Supervisor(task_paths.stop)
     sup.install_handlers()  # from here a TERM is a stop request, also during the rendezvous
     held = None
@@ -235,12 +248,17 @@ def main(run_dir: str) -> int:
         print(summary_line(le, hashlib.sha256(raw).hexdigest(), os.environ, argv, port), flush=True)
         if le.node_rank == 0:
             record_launch(task_paths, le, host, port)
-        envs = [{**os.environ, **worker_env(le, r, port)} for r in range(le.nproc_per_node)]
+        extra = link.connect(os.environ, le.nproc_per_node) if link else {}  # waits until the server is healthy
+        envs = [{**os.environ, **worker_env(le, r, port), **extra} for r in range(le.nproc_per_node)]
         sup.start(argv, envs)
+        if link is not None:
+            link.start_watch(lambda why: _lost_server(sup, why))
         if held is not None:
             held.start_refreshing()
         result = sup.wait()
     finally:
+        if link is not None:
+            link.close()
         if held is not None:
             held.release()
     if le.node_rank == 0:

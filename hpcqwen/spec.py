@@ -170,8 +170,14 @@ class JobSpec(_Section):
 
     @property
     def world_size(self) -> int:
-        """Total processes across all nodes."""
-        return self.resources.nodes * self.nproc_per_node
+        """Training processes across all nodes (a GRPO task's rollout nodes run none)."""
+        return (self.resources.nodes - self.rollout_nodes) * self.nproc_per_node
+
+    @property
+    def rollout_nodes(self) -> int:
+        """Nodes that serve vLLM rollouts (GRPO `task.rollout.nodes`; the last ones of the allocation)."""
+        rollout = getattr(self.task, "rollout", None)
+        return int(rollout.nodes) if rollout is not None else 0
 
     def task_for(self, array_index: int | None) -> TaskSpec:
         """The task of one array index, with that index's overrides applied (validated at load)."""

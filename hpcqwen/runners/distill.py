@@ -73,7 +73,9 @@ def place_engine(ctx: RunContext) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices[r * tp:(r + 1) * tp])
     for name in TORCHRUN_VARS:
         os.environ.pop(name, None)
-    os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(ctx.spec.cluster.cache_root or ctx.paths.root) / "vllm"))
+    from hpcqwen.inference import set_compile_cache_env
+
+    set_compile_cache_env(str(Path(ctx.spec.cluster.cache_root or ctx.paths.root)))
 
 
 def plan(ctx: RunContext) -> Plan:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from hpcqwen import checkpoints
 from hpcqwen.errors import HpcqwenError
+from hpcqwen.inference import set_compile_cache_env
 from hpcqwen.runners._shared import (
     RunContext,
     callback,
@@ -36,7 +38,7 @@ COMPLETIONS = "completions.jsonl"  # in the task dir, next to metrics.jsonl
 # TRL 1.16 GRPOTrainer log keys passed through to metrics.jsonl (prefixes): reward, reward_std,
 # rewards/<name>/mean|std, completions/mean_length|clipped_ratio|..., kl, entropy, clip_ratio/...
 GRPO_LOG_KEYS = ("reward", "completions/", "kl", "entropy", "clip_ratio", "frac_reward_zero_std", "num_tokens",
-                 "step_time")
+                 "step_time", "rollout/")
 
 
 # ---- data ---------------------------------------------------------------------------------
@@ -106,8 +108,14 @@ def load_prompts(ctx: RunContext, tokenizer: Any) -> tuple[Any, int]:
 
 # ---- the guide's knobs -> TRL --------------------------------------------------------------
 
-def grpo_kwargs(task: Any, output_dir: str, use_gpu: bool) -> dict[str, Any]:
+def grpo_kwargs(task: Any, output_dir: str, use_gpu: bool, server: tuple[str, int, int] | None = None,
+                longest_prompt: int = 0) -> dict[str, Any]:
     """GRPOConfig's arguments from the task, in one visible block (pure: unit-tested flag by flag).
+
+    `server` is (host, port, NCCL group port) of the job's own rollout server (task.rollout; the launcher
+    passes it); `longest_prompt` sizes the static KV cache, so that every step reuses one cache shape and the
+    compiled decoding step is compiled once (transformers grows a static cache, and recompiles, whenever a
+    longer prompt comes).
 
     Guide flags without a TRL field: `offload_model`, `offload_optimizer` and
     `gc_collect_after_offload` have no effect (TRL 1.16 does not offload the policy or its
@@ -136,6 +144,11 @@ def grpo_kwargs(task: Any, output_dir: str, use_gpu: bool) -> dict[str, Any]:
         mask_truncated_completions=t.overlong_filter,  # ms-swift overlong_filter: no loss on truncated ones
         log_completions=False,  # hpcqwen writes completions.jsonl (GrpoLogCallback); TRL's prints rich tables
         chat_template_kwargs=None if t.enable_thinking is None else {"enable_thinking": t.enable_thinking},
+        # transformers generation (use_vllm false): the whole generation batch of a step is one generate() call
+        # (TRL: per_device_train_batch_size × steps_per_generation, which defaults to gradient_accumulation_steps)
+        cache_implementation=t.cache_implementation,
+        generation_kwargs={"max_cache_len": longest_prompt + t.max_completion_length}
+        if t.cache_implementation == "static" and longest_prompt else None,
         # vLLM (GPU clusters only; refused at load on CPU)
         use_vllm=t.use_vllm,
         vllm_mode=t.vllm_mode,
@@ -143,8 +156,9 @@ def grpo_kwargs(task: Any, output_dir: str, use_gpu: bool) -> dict[str, Any]:
         vllm_max_model_length=t.vllm_max_model_len,
         vllm_tensor_parallel_size=t.tensor_parallel_size,
         vllm_enable_sleep_mode=t.sleep_level > 0,  # TRL always sleeps at level 2 (weights re-synced anyway)
-        vllm_server_host=t.vllm_server_host or "0.0.0.0",
-        vllm_server_port=t.vllm_server_port,
+        vllm_server_host=server[0] if server else t.vllm_server_host or "0.0.0.0",
+        vllm_server_port=server[1] if server else t.vllm_server_port,
+        vllm_group_port=server[2] if server else 51216,  # TRL's default
         # hpcqwen's plumbing
         remove_unused_columns=False,  # the reward columns
         ddp_backend=None if use_gpu else "gloo",
@@ -153,12 +167,43 @@ def grpo_kwargs(task: Any, output_dir: str, use_gpu: bool) -> dict[str, Any]:
     )
 
 
-def grpo_config(ctx: RunContext, use_gpu: bool) -> Any:
+def grpo_config(ctx: RunContext, use_gpu: bool, server: tuple[str, int, int] | None, longest_prompt: int) -> Any:
     """The GRPOConfig, built before the model: with ZeRO-3, transformers' DeepSpeed config must be
     live when the model is created so that from_pretrained partitions the weights."""
     from trl import GRPOConfig  # type: ignore[attr-defined]
 
-    return GRPOConfig(**grpo_kwargs(ctx.task, str(ctx.task_paths.checkpoints), use_gpu))
+    return GRPOConfig(**grpo_kwargs(ctx.task, str(ctx.task_paths.checkpoints), use_gpu, server, longest_prompt))
+
+
+def longest_prompt(ctx: RunContext, tokenizer: Any, train: Any) -> int:
+    """Tokens of the longest rendered prompt (sizes the static KV cache; 0 when it is not static)."""
+    if ctx.task.cache_implementation != "static":
+        return 0
+    return max(prompt_length(tokenizer, row["prompt"], ctx.task.enable_thinking) for row in train)
+
+
+def rollout_server(ctx: RunContext, use_gpu: bool) -> tuple[str, int, int] | None:
+    """The job's own rollout server (task.rollout), which the launcher health-checked, named in the log.
+
+    Raises:
+        HpcqwenError: no server was passed, or the node has no GPU (TRL's weight sync into it needs NCCL).
+    """
+    from hpcqwen.rollout import rollout_env, served_model
+
+    if ctx.task.rollout is None:
+        return None
+    server = rollout_env()
+    if server is None:
+        raise HpcqwenError("task.rollout is set but the launcher passed no server (HPCQWEN_VLLM_SERVER_HOST/PORT)",
+                           hint="start the job through `hpcqwen submit`, which starts the server")
+    url = f"http://{server[0]}:{server[1]}"
+    model = served_model(url)
+    log0(ctx, f"grpo: rollout server {url} serves {model}; NCCL weight-sync group port {server[2]}")
+    if not use_gpu:
+        raise HpcqwenError(f"the rollout server at {url} answers (it serves {model}), but TRL 1.16 syncs the "
+                           "policy's weights into it over NCCL, which needs CUDA: a rollout server trains on GPU "
+                           "nodes only", where="task.rollout", hint="run on GPU nodes, or drop rollout and use_vllm")
+    return server
 
 
 def load_model(ctx: RunContext) -> Any:
@@ -193,6 +238,64 @@ def load_rewards(task: Any) -> list[Any]:
 
 # ---- callbacks and trainer -----------------------------------------------------------------
 
+class RolloutClock:
+    """Seconds per optimizer step spent generating, syncing weights into vLLM and waking or putting it to sleep.
+
+    TRL 1.16 times these blocks only for wandb/mlflow/trackio, so `attach` wraps the bound methods of this
+    trainer's own objects (no TRL class is changed); a call inside a timed call counts once, in the outer one
+    (sync_weights wakes the weights up itself). The rest of a step's `step_time` is training.
+    """
+
+    KEYS = ("rollout/generate_s", "rollout/weight_sync_s", "rollout/sleep_wake_s")
+
+    def __init__(self) -> None:
+        self.totals = dict.fromkeys(self.KEYS, 0.0)
+        self.depth = 0
+        self.last_step = 0
+
+    def wrap(self, obj: Any, name: str, key: str) -> None:
+        """Time `obj.name(...)` into `key` (the GPU work it queued included)."""
+        import torch
+
+        inner = getattr(obj, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if self.depth:
+                return inner(*args, **kwargs)
+            self.depth, started = 1, time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.totals[key] += time.perf_counter() - started
+                self.depth = 0
+
+        setattr(obj, name, timed)
+
+    def attach(self, trainer: Any, is_rank0: bool) -> None:
+        """Wrap the generation path this trainer uses (vLLM colocate or server, or transformers)."""
+        generate, sync, sleep_wake = self.KEYS
+        vg = getattr(trainer, "vllm_generation", None) if trainer.args.use_vllm else None
+        if vg is None:
+            self.wrap(trainer.model, "generate", generate)
+            return
+        self.wrap(vg, "sync_weights", sync)
+        if vg.mode == "colocate":
+            self.wrap(vg.llm, "generate", generate)
+            self.wrap(vg.llm, "sleep", sleep_wake)
+            self.wrap(vg.llm, "wake_up", sleep_wake)
+        elif is_rank0:  # only the main process talks to the server
+            self.wrap(vg.vllm_client, "generate", generate)
+
+    def take(self, step: int) -> dict[str, float]:
+        """Per-step means since the last call, then start over."""
+        steps = max(step - self.last_step, 1)
+        out = {k: round(v / steps, 4) for k, v in self.totals.items() if v}
+        self.totals, self.last_step = dict.fromkeys(self.KEYS, 0.0), step
+        return out
+
+
 def _plain(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -225,11 +328,13 @@ def grpo_log_callback(completions: Path | None, is_rank0: bool) -> Any:
 
     class GrpoLogCallback(TrainerCallback):
         trainer: Any = None  # set by build_trainer: the completions live in GRPOTrainer._logs (TRL 1.16)
+        clock = RolloutClock()
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                    **kwargs: Any) -> Any:
             if logs is not None and "reward" in logs:
                 logs["reward_mean"] = logs["reward"]
+                logs.update(self.clock.take(state.global_step))
             buffers = getattr(self.trainer, "_logs", None)
             if completions is not None and is_rank0 and buffers and buffers["prompt"]:
                 write_completions(completions, state.global_step, buffers)
@@ -250,9 +355,15 @@ def build_trainer(ctx: RunContext, args: Any, model: Any, tokenizer: Any, train:
     callbacks = [StopCallback(ctx.task_paths, ctx.is_rank0),
                  CheckpointCallback(ctx.task_paths.checkpoints, t.save_total_limit, ctx.is_rank0, counters),
                  log_cb, MetricsCallback(ctx.task_paths.metrics, ctx.is_rank0, counters, extra_keys=GRPO_LOG_KEYS)]
+    started = time.perf_counter()
     trainer = GRPOTrainer(model=model, reward_funcs=load_rewards(t), args=args, train_dataset=train,
                           processing_class=tokenizer, callbacks=callbacks, peft_config=lora_config(t))
+    log0(ctx, f"grpo: trainer built in {time.perf_counter() - started:.1f} s"
+              + (f" (vLLM {t.vllm_mode} engine included)" if t.use_vllm and t.vllm_mode == "colocate" else ""))
+    if t.compile_generation:
+        trainer.generation_config.disable_compile = False  # TRL 1.16 always sets it; the task asked to compile
     log_cb.trainer = trainer
+    log_cb.clock.attach(trainer, ctx.is_rank0)
     return trainer
 
 
@@ -281,6 +392,7 @@ def setup_process(ctx: RunContext) -> bool:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(ctx.spec.cluster.cache_root or ctx.paths.root)
                                                       / "torch_extensions"))
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(ctx.task_paths.dir / "tensorboard"))
+    set_compile_cache_env(str(Path(ctx.spec.cluster.cache_root or ctx.paths.root)))  # vLLM, torch.compile
     use_gpu = torch.cuda.is_available()
     if use_gpu:
         torch.cuda.set_device(ctx.local_rank)
@@ -305,7 +417,7 @@ def main(run_dir: str) -> int:
     tokenizer, template_note = open_tokenizer(ctx.task.model, ctx.task.chat_template)
     log0(ctx, f"grpo: {template_note}")
     train, dropped = load_prompts(ctx, tokenizer)
-    args = grpo_config(ctx, use_gpu)
+    args = grpo_config(ctx, use_gpu, rollout_server(ctx, use_gpu), longest_prompt(ctx, tokenizer, train))
     set_seed(ctx.task.seed)
     trainer = build_trainer(ctx, args, load_model(ctx), tokenizer, train)
     describe(ctx, trainer, len(train), dropped)

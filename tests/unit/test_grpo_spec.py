@@ -112,6 +112,19 @@ def test_cpu_translation_and_thinking_switch(tmp_path: Path) -> None:
     assert lora.r == 4 and lora.lora_alpha == 32 and lora.target_modules == "all-linear"
 
 
+def test_rollout_server_and_static_cache_translation() -> None:
+    """The launcher's server (host, port, NCCL group port) wins over the spec's; a static cache is sized once."""
+    task = GrpoTask(model="m", dataset=["d.jsonl"], reward_funcs=["format"], use_vllm=True, vllm_mode="server",
+                    rollout={"nodes": 1}, max_completion_length=512)
+    kw = grpo_kwargs(task, "/out", use_gpu=True, server=("n2", 41000, 42000))
+    assert (kw["vllm_server_host"], kw["vllm_server_port"], kw["vllm_group_port"]) == ("n2", 41000, 42000)
+    fast = GrpoTask(model="m", dataset=["d.jsonl"], reward_funcs=["format"], cache_implementation="static",
+                    compile_generation=True, max_completion_length=512)
+    kw = grpo_kwargs(fast, "/out", use_gpu=True, longest_prompt=100)
+    assert kw["cache_implementation"] == "static" and kw["generation_kwargs"] == {"max_cache_len": 612}
+    assert grpo_kwargs(task, "/out", use_gpu=True)["generation_kwargs"] is None
+
+
 def test_vllm_server_translation() -> None:
     task = GrpoTask(model="m", dataset=["d.jsonl"], reward_funcs=["format"], use_vllm=True, vllm_mode="server",
                     vllm_server_host="10.0.0.5", vllm_server_port=8001, sleep_level=0, tensor_parallel_size=2)
@@ -249,6 +262,36 @@ CASES = [
      "  use_vllm: true\n  max_length: 1024\n  max_completion_length: 1024\n  vllm_max_model_len: 1536\n", [], [
          "{f}:14: task.vllm_max_model_len: is shorter than max_length (1024) + max_completion_length (1024) = 2048 "
          "tokens (got 1536; expected >= 2048)",
+     ]),
+    ("rollout_needs_server_mode", {"cluster": "cluster: h100-8x\n", "nproc": 8}, "  rollout: {nodes: 1}\n",
+     ["resources.nodes=2"], [
+         "{f}:11: task.rollout: generates through vLLM servers, so it needs use_vllm: true and vllm_mode: server "
+         "(got use_vllm false, vllm_mode colocate) — set use_vllm: true and vllm_mode: server, or drop rollout",
+     ]),
+    ("rollout_leaves_no_trainer", {"cluster": "cluster: h100-8x\n", "nproc": 8},
+     "  use_vllm: true\n  vllm_mode: server\n  vllm_server_host: h\n  rollout: {nodes: 1, tensor_parallel_size: 16}\n",
+     [], [
+         "{f}:13: task.vllm_server_host: is chosen by hpcqwen when task.rollout starts the server (got h) — drop "
+         "vllm_server_host (or drop rollout to use your own server)",
+         "{f}:14: task.rollout.nodes: leaves no node to train: resources.nodes (1) counts the rollout nodes too "
+         "(got 1; expected < 1) — set resources.nodes to 2 or more",
+         "{f}:14: task.rollout.tensor_parallel_size: × data_parallel_size = 16 GPUs, more than a node has (8); one "
+         "server runs per rollout node (got 16; expected <= 8)",
+     ]),
+    ("rollout_on_cpu", {}, "  use_vllm: true\n  vllm_mode: server\n  rollout: {nodes: 1}\n", ["resources.nodes=2"], [
+        "{f}:10: task.use_vllm: vLLM generation needs GPUs but resources.gpus_per_node is 0 (TRL's weight sync into "
+        "a vLLM server runs over NCCL, which needs CUDA) (got true; expected false on CPU) — set use_vllm: false; "
+        "completions are then generated with transformers",
+    ]),
+    ("compile_without_static", {}, "  compile_generation: true\n", [], [
+        "{f}:10: task.compile_generation: compiles transformers' decoding step, which needs cache_implementation "
+        "static (and use_vllm false: vLLM compiles its own) (got cache_implementation unset; expected "
+        "cache_implementation: static) — add cache_implementation: static, or drop compile_generation",
+    ]),
+    ("static_cache_with_vllm", {"cluster": "cluster: h100-8x\n", "nproc": 8},
+     "  use_vllm: true\n  cache_implementation: static\n", [], [
+         "{f}:12: task.cache_implementation: sets transformers' KV cache, but use_vllm is true (vLLM manages its "
+         "own) (got static; expected unset with use_vllm) — drop cache_implementation, or set use_vllm: false",
      ]),
     ("bad_loss_type", {}, "  loss_type: ppo\n", [], [
         "{f}:10: task.loss_type: not an allowed value (got 'ppo'; expected one of 'grpo', 'bnpo', 'dr_grpo', "
