@@ -27,6 +27,7 @@ from hpcqwen.polling import DEFAULT_INTERVAL_S, MIN_INTERVAL_S, PollStatus, poll
 from hpcqwen.progress import (
     Progress,
     checkpoint_of,
+    ending_of,
     is_run_dir_cached,
     manifest_of,
     read_progress,
@@ -36,7 +37,8 @@ from hpcqwen.progress import (
 )
 
 __all__ = ["DEFAULT_RECENT_H", "PollStatus", "Progress", "RunRow", "Snapshot", "TaskRow", "Watch", "array_state",
-           "build_row", "default_run_root", "fetch_rows", "gpus_of", "parse_duration", "sacct_by_job", "to_json"]
+           "build_row", "default_run_root", "fetch_rows", "gpus_of", "parse_duration", "profile_run_roots",
+           "sacct_by_job", "to_json"]
 DEFAULT_RECENT_H = 24.0
 
 
@@ -200,7 +202,7 @@ def build_row(run_dir: Path, info: dict[str, Any], rows: list[slurm.JobRow], fet
     job = next((r for r in rows if r.source == "squeue"), rows[0] if rows else None)
     ck = checkpoint_of(paths.root)
     if job is None:
-        return RunRow(**base, slurm_state="UNKNOWN", reason=unseen, source="none",
+        return RunRow(**base, slurm_state="UNKNOWN", reason=unseen_reason(unseen, paths.root), source="none",
                       progress=read_progress(paths.task(None).metrics), checkpoint_step=ck[0], checkpoint_at=ck[1],
                       restarts=max(restarts.values(), default=0))
     running = job.state == slurm.JobState.RUNNING and job.source == "squeue"
@@ -227,7 +229,8 @@ def _array_row(base: dict[str, Any], paths: RunPaths, rows: list[slurm.JobRow], 
         tdir = paths.task(i).dir
         ck = checkpoint_of(tdir)
         tasks.append(TaskRow(i, r.job_id if r else f"{base['job_id'].split(',')[0]}_{i}",
-                             refine_state(r.slurm_state, tdir) if r else "UNKNOWN", r.reason if r else unseen,
+                             refine_state(r.slurm_state, tdir) if r else "UNKNOWN",
+                             r.reason if r else unseen_reason(unseen, tdir),
                              parse_duration(r.elapsed) if r else None, read_progress(paths.task(i).metrics),
                              ck[0], ck[1], restarts.get(i, 0)))
     first = next((r for r in rows if r.source == "squeue"), rows[0] if rows else None)
@@ -248,6 +251,13 @@ def _array_row(base: dict[str, Any], paths: RunPaths, rows: list[slurm.JobRow], 
                   time_limit_s=parse_duration(first.time_limit) if first else None,
                   restarts=max(restarts.values(), default=0), progress=agg, tasks=tuple(tasks),
                   array_size=size, source=first.source if first else "none")
+
+
+def unseen_reason(unseen: str, task_dir: Path) -> str:
+    """The reason shown for a job no Slurm row knows: `unseen` (NotInQueue, NoData), or, when squeue
+    and sacct both answered without it (past MinJobAge, no accounting), what the task's files say."""
+    said = ending_of(task_dir) if unseen == "NotInQueue" else ""
+    return f"not in squeue or sacct; the run dir says: {said}" if said else unseen
 
 
 def _array_rate(progs: list[Progress]) -> float | None:
@@ -334,6 +344,18 @@ def default_run_root(profile: str = "local") -> Path:
         return Path(expand_path(raw, None))
     except (OSError, ValueError, yaml.YAMLError):
         return Path("~/hpcqwen-runs").expanduser()
+
+
+def profile_run_roots() -> list[Path]:
+    """The existing run roots of every profile (the local one first), each once."""
+    from hpcqwen.cluster import available_profiles
+
+    roots: list[Path] = []
+    for name in ["local", *available_profiles()]:
+        root = default_run_root(name)
+        if root not in roots and root.is_dir():
+            roots.append(root)
+    return roots
 
 
 def to_json(rows: list[RunRow], status: PollStatus, now: float) -> dict[str, Any]:
