@@ -173,7 +173,10 @@ class LiveQueue:
     def ask_cancel(self) -> None:
         """Ask before cancelling the selected job (or array task)."""
         cur = self.current()
-        if not cur or cur[0].state.is_terminal:
+        item = (cur[1] or cur[0]) if cur else None
+        # UNKNOWN is hpcqwen's word for "no Slurm row" (Slurm forgot the job: scancel would "succeed" on nothing)
+        if cur is None or item is None or item.slurm_state == "UNKNOWN" or slurm.SLURM_STATES.get(
+                item.slurm_state, slurm.JobState.UNKNOWN).is_terminal:
             self.message = "nothing to cancel here"
             return
         row, task = cur

@@ -44,6 +44,7 @@ SLOW_SQUEUE_S = 10.0  # an answer slower than this spaces the next call by SLOW_
 SLOW_SHARE = 10.0
 SQUEUE_TIMEOUT_S = 20.0
 LOCK_WAIT_S = SQUEUE_TIMEOUT_S + 5  # longer than one squeue call: then the cache holds its answer
+STALE_CACHE_S = 86400.0  # squeue caches of queries nobody asked for a day are removed
 MAX_SACCT_ENTRIES = 20_000  # jobs kept in the shared sacct cache (the oldest answers go first)
 CACHE_VERSION = 2
 
@@ -216,8 +217,21 @@ def _poll_locked(path: Path, query: Query, interval_s: float, force: bool, run: 
             "error_since": None, "strikes": 0, "duration_s": time.monotonic() - start, "skipped": len(rows.skipped),
             "skipped_line": rows.skipped[0][:200] if rows.skipped else ""}
     data["next_at"] = now + _wait_s(interval_s, data, False)
+    if not path.exists():
+        _prune(path.parent)
     _write_json(path, data)
     return list(rows), _status_from(data, calls)
+
+
+def _prune(directory: Path) -> None:
+    """Remove squeue caches untouched for a day: each set of job ids (--jobs) has its own file."""
+    cutoff = time.time() - STALE_CACHE_S
+    for old in directory.glob("squeue-*"):
+        try:
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:
+            continue
 
 
 # ---- sacct ----------------------------------------------------------------------------------------

@@ -148,6 +148,14 @@ def is_forgotten(rows: list[slurm.JobRow]) -> bool:
     return all(r.source == "none" for r in rows)
 
 
+def check_known(ref: RunRef, rows: list[slurm.JobRow]) -> None:
+    """Raise RunDirError when neither Slurm nor a run dir knows the job: a mistyped id, or a job that is
+    no hpcqwen run's and that Slurm has forgotten (there is nothing true to say about it)."""
+    if ref.run_dir is None and is_forgotten(rows):
+        raise RunDirError(f"job {ref.job_id} is not known to Slurm, and no run dir under the run roots names it",
+                          hint="check the id with `squeue --me`, or give the run dir that `hpcqwen submit` printed")
+
+
 def is_finished(ref: RunRef, rows: list[slurm.JobRow]) -> bool:
     """Every task is in a terminal state (and, for arrays, every task was seen)."""
     if not rows:

@@ -15,7 +15,6 @@ import signal
 from hpcqwen import runs, slurm
 from hpcqwen.backends import local_process
 from hpcqwen.cli._common import add_target_argument
-from hpcqwen.errors import RunDirError
 from hpcqwen.paths import RunPaths
 
 
@@ -26,10 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _ended(ref: runs.RunRef, rows: list[slurm.JobRow]) -> str:
     """Why there is nothing to cancel ('' when there is something)."""
+    runs.check_known(ref, rows)
     if runs.is_forgotten(rows):
-        if ref.run_dir is None:
-            raise RunDirError(f"job {ref.job_id} is not known to Slurm, and no run dir under the run roots names it",
-                              hint="check the id with `squeue --me`; or give the run dir")
         return rows[0].reason
     if runs.is_finished(ref, rows):
         return "it ended " + ", ".join(sorted({r.slurm_state for r in rows}))

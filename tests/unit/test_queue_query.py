@@ -246,3 +246,30 @@ def test_the_selection_stays_on_its_job_when_rows_arrive(tmp_path: Path) -> None
     assert live.current()[0].run_dir == str(a)  # type: ignore[index]
     live.handle("l")
     assert live.mode == "log" and live.log_lines and live.log_lines[0] == "log of a"
+
+
+def test_caches_of_queries_nobody_asks_any_more_are_removed(tmp_path: Path) -> None:
+    import os
+
+    fake = FakeSqueue([job("8", "alice", "/runs/a", "good")])
+    poll_squeue(30, query=polling.Query(user="alice", job_ids=("1",)), directory=tmp_path, run=fake)
+    [old] = tmp_path.glob("squeue-*.json")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    poll_squeue(30, query=polling.Query(user="alice", job_ids=("1", "2")), directory=tmp_path, run=fake)
+    assert not old.exists() and len(list(tmp_path.glob("squeue-*.json"))) == 1
+
+
+def test_the_live_view_does_not_offer_to_cancel_a_job_slurm_forgot(tmp_path: Path) -> None:
+    from hpcqwen.monitor_live import LiveQueue
+
+    live = LiveQueue(Watch(tmp_path, 30, me="alice", directory=tmp_path / "c", run=FakeSqueue([])),
+                     Console(width=120, height=30))
+    forgotten = RunRow("gone", "10", str(tmp_path / "gone"), "UNKNOWN", "not in squeue or sacct; the run dir "
+                       "says: done", source="none")
+    live.snapshot = Snapshot([forgotten], PollStatus(), time.time())
+    live.handle("c")
+    assert live.mode == "table" and live.message == "nothing to cancel here"
+    live.snapshot = Snapshot([RunRow("held", "11", str(tmp_path / "held"), "PENDING", "JobHeldUser")], PollStatus(),
+                             time.time())
+    live.handle("c")
+    assert live.mode == "confirm" and live.confirm == ["11"]
