@@ -66,3 +66,35 @@ def test_local_ids_in_status_logs_and_queue_with_fake_squeue_on_path(write_spec,
     assert proc.returncode == EXIT_OK, proc.stderr
     [row] = json.loads(proc.stdout)["runs"]
     assert (row["job_id"], row["state"], row["source"]) == (job, "SUCCEEDED", "local")
+
+
+def test_a_cancelled_local_run_reads_cancelled_as_soon_as_its_exit_code_is_written(tmp_path: Path,
+                                                                                   run_root: Path) -> None:
+    """localrun writes logs/local.rc, then lives a moment longer: that moment must not read STOPPED."""
+    from hpcqwen.backends import local_status
+    from hpcqwen.paths import RunPaths
+    from hpcqwen.spec import load_spec, read_source
+    from hpcqwen.submit import prepare_run_dir
+
+    spec_path = tmp_path / "s.yaml"
+    spec_path.write_text("name: ending\ntask: {kind: command, module: m}\n")
+    paths: RunPaths = prepare_run_dir(load_spec(spec_path), read_source(spec_path), "local", {})
+    # a process whose command line is localrun's for this run dir, still alive
+    ending = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "hpcqwen.localrun",
+                               str(paths.root)])
+    try:
+        job = f"local-{ending.pid}"
+        from helpers import wait_until
+
+        wait_until(lambda: local_status(paths, job) == "RUNNING", 10, "the process to exec")
+        paths.local_cancelled.touch()
+        assert local_status(paths, job) == "RUNNING"  # saving before it stops
+        paths.local_rc.write_text("75\n")
+        assert local_status(paths, job) == "CANCELLED"
+        paths.local_rc.write_text("0\n")  # it finished as it was cancelled
+        assert local_status(paths, job) == "COMPLETED"
+    finally:
+        ending.kill()
+        ending.wait()
+    paths.local_rc.unlink()
+    assert local_status(paths, job) == "CANCELLED"  # gone without an exit code, after a cancel
