@@ -3,7 +3,8 @@
 `read_progress` summarises the tail of a metrics.jsonl (the format of hpcqwen.metrics),
 `restarts_of` the launchers' launches.jsonl files, `checkpoint_of` the newest complete checkpoint,
 `refine_state` turns Slurm's FAILED into STOPPED when the batch script ended a saved, resumable
-run without requeue (the task's FINAL file). File reads are memoized on the file's (mtime, size),
+run without requeue (the task's FINAL file), `ending_of` says how a task ended when Slurm no longer
+knows its job (FINAL, else OUTCOME). File reads are memoized on the file's (mtime, size),
 so an unchanged file costs one stat (cheap on NFS); unreadable or half-written files give
 "nothing known", never an exception.
 """

@@ -1,4 +1,5 @@
-"""`hpcqwen logs JOB|RUN_DIR [-f]`: print the log; follow it by byte offset (NFS-safe, no inotify)."""
+"""`hpcqwen logs JOB|RUN_DIR [-f]`: print the log; follow it by byte offset (NFS-safe, no inotify)
+until the job ends, or until Slurm has forgotten it and its log stopped growing."""
 
 from __future__ import annotations
 
