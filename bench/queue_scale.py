@@ -264,6 +264,7 @@ def main() -> None:
         left = sh(["squeue", "--noheader", "-u", SECOND_USER, "-o", "%i"]).stdout.split()
         print(f"\ncancelled {len(foreign)} foreign and {len(mine)} own jobs; {len(set(left) & set(foreign))} left")
         shutil.rmtree(Path(tempfile.gettempdir()) / f"hpcqwen-{tag}-foreign", ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -52,6 +53,8 @@ def crowded(slurm_cluster: str) -> Iterator[Crowded]:
     finally:
         qs.cancel(foreign, qs.SECOND_USER)
         qs.cancel(mine)
+        shutil.rmtree(Path(tempfile.gettempdir()) / f"hpcqwen-{tag}-foreign", ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def test_queue_me_asks_for_my_jobs_only_with_200_foreign_jobs(crowded: Crowded) -> None:
