@@ -181,12 +181,15 @@ def local_process(job_id: str, run_dir: Path) -> int | None:
 
 
 def local_status(paths: RunPaths, job_id: str) -> str:
-    """RUNNING, COMPLETED, STOPPED, CANCELLED or FAILED for a local-backend job."""
-    if paths.local_cancelled.exists() and local_process(job_id, paths.root) is None:
-        return "CANCELLED"
+    """RUNNING, COMPLETED, STOPPED, CANCELLED or FAILED for a local-backend job.
+
+    The exit code decides once it is written (localrun may live a moment longer): a cancelled run
+    that did not finish is CANCELLED; one that finished as it was cancelled is COMPLETED."""
+    cancelled = paths.local_cancelled.exists()
     if paths.local_rc.exists():
         code = paths.local_rc.read_text().strip()
-        return {"0": "COMPLETED", str(EXIT_STOPPED): "STOPPED"}.get(code, "FAILED")
+        return "CANCELLED" if cancelled and code != "0" else \
+            {"0": "COMPLETED", str(EXIT_STOPPED): "STOPPED"}.get(code, "FAILED")
     if local_process(job_id, paths.root) is not None:
         return "RUNNING"
-    return "FAILED"  # gone without writing an exit code
+    return "CANCELLED" if cancelled else "FAILED"  # gone without writing an exit code

@@ -1,17 +1,20 @@
 """The queue monitor's data: one squeue answer per refresh, joined with run dirs into one row per run.
 
-`Watch.refresh()` = `hpcqwen.polling.poll_squeue` (at most one squeue call per interval for
-every terminal of the user, with a shared cache and backoff) + `fetch_rows`, which keeps the
-jobs whose squeue %Z is an hpcqwen run dir (jobs run with `--chdir=RUN_DIR`), adds recent run
-dirs under the run root whose jobs left the queue (one `sacct` call answers for all of them),
-collapses each array into one row with its tasks, and reads each run's progress from its files
-(`hpcqwen.progress`: metrics.jsonl tail, newest complete checkpoint, launches.jsonl restarts).
-Nothing here raises on odd Slurm output or unreadable files: a monitor shows what it knows.
+`Watch.refresh()` = `hpcqwen.polling.poll_squeue` (squeue asked only for the user's jobs and the
+run root's: at most one answer per interval for every terminal of the user, with a shared cache
+and backoff) + `fetch_rows`, which keeps the jobs whose squeue %Z is an hpcqwen run dir (jobs run
+with `--chdir=RUN_DIR`), adds recent run dirs under the run root whose jobs left the queue (one
+shared, cached `sacct` call answers for all of them), collapses each array into one row with its
+tasks, and reads each run's progress from its files (`hpcqwen.progress`: metrics.jsonl tail,
+newest complete checkpoint, launches.jsonl restarts); metrics newer than squeue's answer turn a
+stale PENDING into RUNNING (`fresh_state`). Nothing here raises on odd Slurm output or unreadable
+files: a monitor shows what it knows.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import getpass
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -23,10 +26,11 @@ from hpcqwen import slurm
 from hpcqwen.backends import local_status
 from hpcqwen.errors import HpcqwenError
 from hpcqwen.paths import RunPaths
-from hpcqwen.polling import DEFAULT_INTERVAL_S, MIN_INTERVAL_S, PollStatus, poll_squeue
+from hpcqwen.polling import DEFAULT_INTERVAL_S, MIN_INTERVAL_S, PollStatus, Query, SacctWanted, poll_sacct, poll_squeue
 from hpcqwen.progress import (
     Progress,
     checkpoint_of,
+    ending_of,
     is_run_dir_cached,
     manifest_of,
     read_progress,
@@ -36,7 +40,8 @@ from hpcqwen.progress import (
 )
 
 __all__ = ["DEFAULT_RECENT_H", "PollStatus", "Progress", "RunRow", "Snapshot", "TaskRow", "Watch", "array_state",
-           "build_row", "default_run_root", "fetch_rows", "gpus_of", "parse_duration", "sacct_by_job", "to_json"]
+           "build_row", "default_run_root", "fetch_rows", "gpus_of", "parse_duration", "profile_run_roots",
+           "sacct_by_job", "to_json"]
 DEFAULT_RECENT_H = 24.0
 
 
@@ -126,7 +131,7 @@ def _iso_to_epoch(text: Any) -> float | None:
 
 # ---- the join -------------------------------------------------------------------------------
 
-SacctLookup = Callable[[list[str]], dict[str, list[slurm.JobRow]]]
+SacctLookup = Callable[[SacctWanted], dict[str, list[slurm.JobRow]]]
 
 
 def fetch_rows(jobs: Iterable[slurm.JobRow], *, run_root: Path | None, fetched_at: float | None, now: float,
@@ -143,8 +148,9 @@ def fetch_rows(jobs: Iterable[slurm.JobRow], *, run_root: Path | None, fetched_a
     for d in recent_run_dirs(run_root, now - recent_h * 3600):
         if d not in groups and (user is None or manifest_of(d).get("user") in (None, user)):
             groups[d] = []
-    missing = [jid for d, rows in groups.items() for jid in _unseen_jobs(manifest_of(d), rows)]
-    finished = (lookup or (lambda ids: sacct_by_job(ids, run)))(missing) if missing and ask_sacct else {}
+    missing = {jid: (str(d), int(manifest_of(d).get("array_size") or 1))
+               for d, rows in groups.items() for jid in _unseen_jobs(manifest_of(d), rows)}
+    finished = (lookup or (lambda w: sacct_by_job(list(w), run)))(missing) if missing and ask_sacct else {}
     out = []
     for d, rows in groups.items():
         info = manifest_of(d)
@@ -200,16 +206,29 @@ def build_row(run_dir: Path, info: dict[str, Any], rows: list[slurm.JobRow], fet
     job = next((r for r in rows if r.source == "squeue"), rows[0] if rows else None)
     ck = checkpoint_of(paths.root)
     if job is None:
-        return RunRow(**base, slurm_state="UNKNOWN", reason=unseen, source="none",
+        return RunRow(**base, slurm_state="UNKNOWN", reason=unseen_reason(unseen, paths.root), source="none",
                       progress=read_progress(paths.task(None).metrics), checkpoint_step=ck[0], checkpoint_at=ck[1],
                       restarts=max(restarts.values(), default=0))
-    running = job.state == slurm.JobState.RUNNING and job.source == "squeue"
-    return RunRow(**base, slurm_state=refine_state(job.slurm_state, paths.root), reason=job.reason,
+    progress = read_progress(paths.task(None).metrics)
+    state, reason, elapsed = fresh_state(job, progress, fetched_at, refine_state(job.slurm_state, paths.root))
+    running = slurm.SLURM_STATES.get(state) == slurm.JobState.RUNNING and job.source == "squeue"
+    return RunRow(**base, slurm_state=state, reason=reason,
                   dependency=job.dependency, nodes=job.nodes, gpus_per_node=gpus_of(job.gres), nodelist=job.nodelist,
-                  elapsed_s=parse_duration(job.elapsed), elapsed_at=fetched_at if running else None,
+                  elapsed_s=elapsed, elapsed_at=fetched_at if running and elapsed is not None else None,
                   time_limit_s=parse_duration(job.time_limit), restarts=max(restarts.values(), default=0),
-                  progress=read_progress(paths.task(None).metrics), checkpoint_step=ck[0], checkpoint_at=ck[1],
-                  source=job.source)
+                  progress=progress, checkpoint_step=ck[0], checkpoint_at=ck[1], source=job.source)
+
+
+def fresh_state(job: slurm.JobRow, progress: Progress | None, fetched_at: float | None,
+                state: str) -> tuple[str, str, float | None]:
+    """(state, reason, elapsed s) of a job row, where metrics logged after squeue's answer overrule it:
+    squeue is asked every 30 s and the files are read every 5 s, so a job squeue last saw PENDING that
+    has logged a step since is RUNNING (since when is unknown: no elapsed). Metrics older than the
+    answer (a requeued job's) change nothing."""
+    pending = slurm.SLURM_STATES.get(state) == slurm.JobState.PENDING and job.source == "squeue"
+    if pending and progress and progress.updated_at and fetched_at and progress.updated_at > fetched_at:
+        return "RUNNING", "", None
+    return state, job.reason, parse_duration(job.elapsed)
 
 
 def _array_row(base: dict[str, Any], paths: RunPaths, rows: list[slurm.JobRow], size: int | None,
@@ -221,15 +240,8 @@ def _array_row(base: dict[str, Any], paths: RunPaths, rows: list[slurm.JobRow], 
     for row in newest_first:
         if row.array_task_id is not None:
             by_task.setdefault(row.array_task_id, row)
-    tasks = []
-    for i in range(max(size or 0, max(by_task, default=-1) + 1)):
-        r = by_task.get(i)
-        tdir = paths.task(i).dir
-        ck = checkpoint_of(tdir)
-        tasks.append(TaskRow(i, r.job_id if r else f"{base['job_id'].split(',')[0]}_{i}",
-                             refine_state(r.slurm_state, tdir) if r else "UNKNOWN", r.reason if r else unseen,
-                             parse_duration(r.elapsed) if r else None, read_progress(paths.task(i).metrics),
-                             ck[0], ck[1], restarts.get(i, 0)))
+    tasks = [_task_row(i, by_task.get(i), paths, base["job_id"].split(",")[0], restarts, fetched_at, unseen)
+             for i in range(max(size or 0, max(by_task, default=-1) + 1))]
     first = next((r for r in rows if r.source == "squeue"), rows[0] if rows else None)
     state = array_state([t.slurm_state for t in tasks])
     reason = next((t.reason for t in tasks if t.slurm_state == state and t.reason), "")
@@ -248,6 +260,24 @@ def _array_row(base: dict[str, Any], paths: RunPaths, rows: list[slurm.JobRow], 
                   time_limit_s=parse_duration(first.time_limit) if first else None,
                   restarts=max(restarts.values(), default=0), progress=agg, tasks=tuple(tasks),
                   array_size=size, source=first.source if first else "none")
+
+
+def _task_row(i: int, r: slurm.JobRow | None, paths: RunPaths, job_id: str, restarts: dict[int | None, int],
+              fetched_at: float | None, unseen: str) -> TaskRow:
+    tdir = paths.task(i).dir
+    ck, progress = checkpoint_of(tdir), read_progress(paths.task(i).metrics)
+    if r is None:
+        return TaskRow(i, f"{job_id}_{i}", "UNKNOWN", unseen_reason(unseen, tdir), None, progress, ck[0], ck[1],
+                       restarts.get(i, 0))
+    state, reason, took = fresh_state(r, progress, fetched_at, refine_state(r.slurm_state, tdir))
+    return TaskRow(i, r.job_id, state, reason, took, progress, ck[0], ck[1], restarts.get(i, 0))
+
+
+def unseen_reason(unseen: str, task_dir: Path) -> str:
+    """The reason shown for a job no Slurm row knows: `unseen` (NotInQueue, NoData), or, when squeue
+    and sacct both answered without it (past MinJobAge, no accounting), what the task's files say."""
+    said = ending_of(task_dir) if unseen == "NotInQueue" else ""
+    return f"not in squeue or sacct; the run dir says: {said}" if said else unseen
 
 
 def _array_rate(progs: list[Progress]) -> float | None:
@@ -282,41 +312,40 @@ class Snapshot:
 class Watch:
     """A refresh = `poll_squeue` (shared, at most one squeue per interval) + `fetch_rows`.
 
-    sacct answers are kept: a finished job's rows for good, the rest until the squeue data
-    changes, so refreshing the files (metrics, checkpoints) more often than squeue adds no
-    Slurm load.
+    squeue is asked only for what is shown: with `user` (--me) that user's jobs; otherwise the jobs of
+    `me` plus the other users' jobs of the run dirs under the run root (`--jobs`), never the whole
+    queue. sacct answers go through the shared `poll_sacct` cache (finished jobs for good), so
+    refreshing the files (metrics, checkpoints) more often than squeue adds no Slurm load.
     """
 
     def __init__(self, run_root: Path | None, interval_s: float = DEFAULT_INTERVAL_S, *, user: str | None = None,
-                 recent_h: float = DEFAULT_RECENT_H, directory: Path | None = None,
-                 run: slurm.RunCmd = slurm.run_cmd) -> None:
+                 me: str | None = None, recent_h: float = DEFAULT_RECENT_H, directory: Path | None = None,
+                 run: slurm.RunCmd = slurm.run_cmd, clock: Callable[[], float] = time.time) -> None:
         self.run_root, self.user, self.recent_h, self.directory, self.run = run_root, user, recent_h, directory, run
+        self.me, self.clock = me or user or getpass.getuser(), clock
         self.interval_s = max(MIN_INTERVAL_S, interval_s)
         self.squeue_calls = 0
-        self._final: dict[str, list[slurm.JobRow]] = {}
-        self._recent: tuple[float | None, dict[str, list[slurm.JobRow]]] = (None, {})
+
+    def query(self, now: float) -> Query:
+        """What squeue is asked: the user's jobs, and (without --me) the run root's other jobs."""
+        if self.user:
+            return Query(user=self.user)
+        others = {str(j) for d in recent_run_dirs(self.run_root, now - self.recent_h * 3600)
+                  if (info := manifest_of(d)).get("backend") != "local" and info.get("user") != self.me
+                  for j in info.get("job_ids") or [] if str(j).isdigit()}
+        return Query(user=self.me, job_ids=tuple(sorted(others)))
 
     def refresh(self, force: bool = False) -> Snapshot:
         """Poll (or read the shared cache), then join with the run dirs."""
-        jobs, status = poll_squeue(self.interval_s, directory=self.directory, force=force, run=self.run)
+        now = self.clock()
+        jobs, status = poll_squeue(self.interval_s, query=self.query(now), directory=self.directory, force=force,
+                                   run=self.run, clock=self.clock)
         self.squeue_calls += status.calls
-        now = time.time()
         rows = fetch_rows(jobs, run_root=self.run_root, fetched_at=status.fetched_at, now=now, user=self.user,
                           recent_h=self.recent_h, ask_sacct=not status.error, run=self.run,
-                          lookup=lambda ids: self._lookup(ids, status.fetched_at))
+                          lookup=lambda wanted: poll_sacct(wanted, self.interval_s, directory=self.directory,
+                                                           run=self.run, clock=self.clock))
         return Snapshot(rows, status, now)
-
-    def _lookup(self, job_ids: list[str], fetched_at: float | None) -> dict[str, list[slurm.JobRow]]:
-        if self._recent[0] != fetched_at:
-            self._recent = (fetched_at, {})
-        ask = [j for j in job_ids if j not in self._final and j not in self._recent[1]]
-        found = sacct_by_job(ask, self.run) if ask else {}
-        for jid in ask:
-            rows = found.get(jid, [])
-            if rows and all(r.state.is_terminal for r in rows):
-                self._final[jid] = rows
-            self._recent[1][jid] = rows
-        return {j: self._final.get(j) or self._recent[1].get(j, []) for j in job_ids}
 
 
 def default_run_root(profile: str = "local") -> Path:
@@ -334,6 +363,18 @@ def default_run_root(profile: str = "local") -> Path:
         return Path(expand_path(raw, None))
     except (OSError, ValueError, yaml.YAMLError):
         return Path("~/hpcqwen-runs").expanduser()
+
+
+def profile_run_roots() -> list[Path]:
+    """The existing run roots of every profile (the local one first), each once."""
+    from hpcqwen.cluster import available_profiles
+
+    roots: list[Path] = []
+    for name in ["local", *available_profiles()]:
+        root = default_run_root(name)
+        if root not in roots and root.is_dir():
+            roots.append(root)
+    return roots
 
 
 def to_json(rows: list[RunRow], status: PollStatus, now: float) -> dict[str, Any]:

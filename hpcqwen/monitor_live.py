@@ -83,7 +83,8 @@ class LiveQueue:
             self._wake.clear()
 
     def refresh_now(self) -> None:
-        """Ask the polling thread for a refresh that ignores the interval (not the backoff)."""
+        """Ask the polling thread for a refresh now: it skips the interval and the backoff (not the
+        MIN_INTERVAL_S floor shared by every terminal)."""
         self._force = True
         self._wake.set()
 
@@ -98,7 +99,8 @@ class LiveQueue:
         return lines_of(sort_rows(self.rows()), self.expanded)
 
     def _key(self, line: tuple[RunRow, TaskRow | None]) -> tuple[str, int]:
-        return line[0].job_id, line[1].task_id if line[1] else -1
+        # The run dir, not the job id: `hpcqwen resume` adds a job id to a run's row ("10,13").
+        return line[0].run_dir or line[0].job_id, line[1].task_id if line[1] else -1
 
     def _resolve_selection(self, lines: list[tuple[RunRow, TaskRow | None]]) -> None:
         keys = [self._key(line) for line in lines]
@@ -132,7 +134,7 @@ class LiveQueue:
                 self.expanded.add(jid)
             else:
                 self.expanded.discard(jid)
-                self.sel_key = (jid, -1)
+                self.sel_key = (cur[0].run_dir or jid, -1)
 
     def open_log(self) -> None:
         """Show the log tail of the selected job (task 0 of a collapsed array)."""
@@ -171,7 +173,10 @@ class LiveQueue:
     def ask_cancel(self) -> None:
         """Ask before cancelling the selected job (or array task)."""
         cur = self.current()
-        if not cur or cur[0].state.is_terminal:
+        item = (cur[1] or cur[0]) if cur else None
+        # UNKNOWN is hpcqwen's word for "no Slurm row" (Slurm forgot the job: scancel would "succeed" on nothing)
+        if cur is None or item is None or item.slurm_state == "UNKNOWN" or slurm.SLURM_STATES.get(
+                item.slurm_state, slurm.JobState.UNKNOWN).is_terminal:
             self.message = "nothing to cancel here"
             return
         row, task = cur

@@ -333,6 +333,9 @@ def header(rows: Sequence[RunRow], now: float, status: PollStatus | None, interv
     if status is not None and status.fetched_at:
         every = f", every {fmt_age(interval_s)}" if interval_s else ""
         text.append(f" · squeue {fmt_age(now - status.fetched_at)} ago{every}", style="dim")
+    if status is not None and status.skipped:  # another user's odd job name: left out, not fatal
+        text.append(f" · {status.skipped} unparseable squeue line{'' if status.skipped == 1 else 's'} skipped",
+                    style="yellow")
     return text
 
 
@@ -349,7 +352,7 @@ def banner(status: PollStatus | None, now: float) -> Text | None:
         error = status.error.removeprefix("the Slurm controller does not answer: ")
         return Text(f"⚠ Slurm controller not answering{since} ({error}) — {age}; {retry}",
                     style="bold white on red")
-    if status.strikes:
+    if status.slow:
         return Text(f"⚠ Slurm controller slow (squeue took {status.duration_s or 0:.1f}s): polling less often; "
                     f"{retry}", style="bold black on yellow")
     return None

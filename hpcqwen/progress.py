@@ -3,7 +3,8 @@
 `read_progress` summarises the tail of a metrics.jsonl (the format of hpcqwen.metrics),
 `restarts_of` the launchers' launches.jsonl files, `checkpoint_of` the newest complete checkpoint,
 `refine_state` turns Slurm's FAILED into STOPPED when the batch script ended a saved, resumable
-run without requeue (the task's FINAL file). File reads are memoized on the file's (mtime, size),
+run without requeue (the task's FINAL file), `ending_of` says how a task ended when Slurm no longer
+knows its job (FINAL, else OUTCOME). File reads are memoized on the file's (mtime, size),
 so an unchanged file costs one stat (cheap on NFS); unreadable or half-written files give
 "nothing known", never an exception.
 """
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 
 from hpcqwen.checkpoints import MARKER, latest_complete, step_of
 from hpcqwen.metrics import tail_metrics
-from hpcqwen.paths import FINAL, MANIFEST, RunPaths, is_run_dir
+from hpcqwen.paths import FINAL, MANIFEST, OUTCOME, RunPaths, is_run_dir
 
 T = TypeVar("T")
 
@@ -161,6 +162,15 @@ def restarts_of(run_dir: Path, array_size: int | None = None) -> dict[int | None
 def final_of(task_dir: Path) -> str:
     """The task's FINAL line (`STOPPED <why>`), or ''."""
     return _by_stat("final", task_dir / FINAL, lambda p: p.read_text(encoding="utf-8", errors="replace").strip(), "")
+
+
+def ending_of(task_dir: Path) -> str:
+    """What the task's files say about how it ended: its FINAL line, else its OUTCOME line (`done ...`),
+    else '' (for a job Slurm has forgotten, this is all that is left)."""
+    def first_line(p: Path) -> str:
+        lines = p.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        return lines[0][:200] if lines else ""
+    return final_of(task_dir)[:200] or _by_stat("outcome", task_dir / OUTCOME, first_line, "")
 
 
 def refine_state(slurm_state: str, task_dir: Path | None) -> str:

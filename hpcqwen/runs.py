@@ -18,7 +18,7 @@ from hpcqwen.backends import local_status
 from hpcqwen.errors import JobFailed, RunDirError
 from hpcqwen.fields import JOB_ID_RE
 from hpcqwen.paths import RunPaths, is_run_dir
-from hpcqwen.progress import refine_state
+from hpcqwen.progress import ending_of, refine_state
 from hpcqwen.submit import read_manifest
 
 
@@ -61,15 +61,18 @@ def resolve_target(text: str, run: slurm.RunCmd = slurm.run_cmd) -> RunRef:
         rows = slurm.query_jobs([job], run=run)[job]
         work = next((r.work_dir for r in rows if r.work_dir), "")
         run_dir = Path(work) if work and is_run_dir(work) else None
-        size = read_manifest(run_dir).get("array_size") if run_dir else None
-        return RunRef(run_dir, job, "slurm", int(task) if task else None, size)
+        if run_dir is None and not rows:  # forgotten by Slurm (past MinJobAge, no accounting)
+            run_dir = find_run_dir(job)
+        info = read_manifest(run_dir) if run_dir else {}
+        backend = "slurm" if info.get("backend") in (None, "local") else str(info["backend"])
+        return RunRef(run_dir, job, backend, int(task) if task else None, info.get("array_size"))
     raise RunDirError(f"{text!r} is neither a run dir nor a Slurm job id",
                       hint="give the run dir that `hpcqwen submit` printed, or a job id such as 123 or 123_4")
 
 
 def _local_run_dir(job_id: str) -> Path | None:
     """The run dir of a local run: from its process's command line while it runs, else from the
-    manifests under the local profile's run root (`<run_root>/<name>/<run>/manifest.json`)."""
+    manifests under the profiles' run roots."""
     pid = job_id.removeprefix("local-")
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -77,23 +80,52 @@ def _local_run_dir(job_id: str) -> Path | None:
             return Path(args[-1] or args[-2])
     except (OSError, IndexError):
         pass
-    from hpcqwen.monitor import default_run_root
+    return find_run_dir(job_id)
 
-    for manifest in sorted(default_run_root().glob("*/*/manifest.json"), reverse=True)[:5000]:
-        try:
-            if job_id in (read_manifest(manifest.parent).get("job_ids") or []):
-                return manifest.parent
-        except RunDirError:
-            continue
+
+MAX_SCANNED_RUNS = 5000  # newest run dirs per run root searched for a job id that Slurm forgot
+
+
+def find_run_dir(job_id: str) -> Path | None:
+    """The newest run dir, under the run root of any profile, whose manifest lists `job_id`
+    (`<run_root>/<name>/<UTC stamp>-<hash>/manifest.json`); None when none does."""
+    from hpcqwen.monitor import profile_run_roots
+
+    for root in profile_run_roots():
+        manifests = sorted(root.glob("*/*/manifest.json"), key=lambda m: m.parent.name, reverse=True)
+        for manifest in manifests[:MAX_SCANNED_RUNS]:
+            try:
+                if job_id in [str(j) for j in read_manifest(manifest.parent).get("job_ids") or []]:
+                    return manifest.parent
+            except RunDirError:
+                continue
     return None
 
 
 def job_rows(ref: RunRef, run: slurm.RunCmd = slurm.run_cmd) -> list[slurm.JobRow]:
-    """Current rows of the job (one per array task); sacct fills in tasks that left the queue.
-    A resumable run that saved and stopped without requeue reads STOPPED (progress.refine_state)."""
+    """Current rows of the job (one per array task); sacct fills in tasks that left the queue, and a
+    task neither knows (past MinJobAge, no accounting) gets an UNKNOWN row (`forgotten_row`). A
+    resumable run that saved and stopped without requeue reads STOPPED (progress.refine_state)."""
     if ref.backend == "local":
         state = local_status(RunPaths(ref.run_dir), ref.job_id) if ref.run_dir else "UNKNOWN"
         return [slurm.JobRow(ref.job_id, ref.job_id, None, state, "", "local", source="local")]
+    rows = _slurm_rows(ref, run)
+    if ref.array_task is not None:
+        rows = [r for r in rows if r.array_task_id == ref.array_task]
+    if ref.array_size and ref.array_task is None:
+        seen = {r.array_task_id for r in rows}
+        rows += [forgotten_row(ref, i) for i in range(ref.array_size) if i not in seen]
+    elif not rows:
+        rows = [forgotten_row(ref, ref.array_task)]
+    if ref.run_dir is not None:
+        paths = RunPaths(ref.run_dir)
+        rows = [dataclasses.replace(r, slurm_state=refine_state(
+            r.slurm_state, paths.task(r.array_task_id if ref.array_size else None).dir)) for r in rows]
+    return sorted(rows, key=lambda r: (r.array_task_id is None, r.array_task_id or 0))
+
+
+def _slurm_rows(ref: RunRef, run: slurm.RunCmd) -> list[slurm.JobRow]:
+    """What squeue, then sacct, then the run dir's earlier jobs know of the job's tasks."""
     rows = slurm.query_jobs([ref.job_id], run=run)[ref.job_id]
     if rows and ref.array_size and len({r.array_task_id for r in rows}) < ref.array_size \
             and rows[0].source == "squeue":
@@ -108,13 +140,20 @@ def job_rows(ref: RunRef, run: slurm.RunCmd = slurm.run_cmd) -> list[slurm.JobRo
                 if r.array_task_id not in seen:
                     rows.append(r)
                     seen.add(r.array_task_id)
-    if ref.array_task is not None:
-        rows = [r for r in rows if r.array_task_id == ref.array_task]
-    if ref.run_dir is not None:
-        paths = RunPaths(ref.run_dir)
-        rows = [dataclasses.replace(r, slurm_state=refine_state(
-            r.slurm_state, paths.task(r.array_task_id if ref.array_size else None).dir)) for r in rows]
-    return sorted(rows, key=lambda r: (r.array_task_id is None, r.array_task_id or 0))
+    return rows
+
+
+def is_forgotten(rows: list[slurm.JobRow]) -> bool:
+    """Neither squeue nor sacct knows any of the rows (see `forgotten_row`)."""
+    return all(r.source == "none" for r in rows)
+
+
+def check_known(ref: RunRef, rows: list[slurm.JobRow]) -> None:
+    """Raise RunDirError when neither Slurm nor a run dir knows the job: a mistyped id, or a job that is
+    no hpcqwen run's and that Slurm has forgotten (there is nothing true to say about it)."""
+    if ref.run_dir is None and is_forgotten(rows):
+        raise RunDirError(f"job {ref.job_id} is not known to Slurm, and no run dir under the run roots names it",
+                          hint="check the id with `squeue --me`, or give the run dir that `hpcqwen submit` printed")
 
 
 def is_finished(ref: RunRef, rows: list[slurm.JobRow]) -> bool:
@@ -126,18 +165,15 @@ def is_finished(ref: RunRef, rows: list[slurm.JobRow]) -> bool:
     return all(r.state.is_terminal for r in rows)
 
 
-def forgotten_row(ref: RunRef) -> slurm.JobRow:
-    """An UNKNOWN row for a job neither squeue nor sacct knows (older than MinJobAge, no
-    accounting), with what the run dir says about how it ended."""
+def forgotten_row(ref: RunRef, task: int | None = None) -> slurm.JobRow:
+    """An UNKNOWN row for a job (or array task) neither squeue nor sacct knows (older than
+    MinJobAge, no accounting), with what the run dir says about how it ended."""
     said = ""
     if ref.run_dir is not None:
-        task = RunPaths(ref.run_dir).task(ref.array_task if ref.array_size else None)
-        for path in (task.final, task.outcome):
-            if path.is_file():
-                said = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[0][:200]
-                break
+        said = ending_of(RunPaths(ref.run_dir).task(task if ref.array_size else None).dir)
     reason = "Slurm no longer knows this job" + (f"; the run dir says: {said}" if said else "")
-    return slurm.JobRow(ref.job_id, ref.job_id, ref.array_task, "UNKNOWN", reason, "", source="none")
+    job_id = ref.job_id if task is None else f"{ref.job_id}_{task}"
+    return slurm.JobRow(job_id, ref.job_id, task, "UNKNOWN", reason, "", source="none")
 
 
 def wait_for(ref: RunRef, run: slurm.RunCmd = slurm.run_cmd, first_poll_s: float = 1.0, max_poll_s: float = 15.0,
@@ -148,9 +184,7 @@ def wait_for(ref: RunRef, run: slurm.RunCmd = slurm.run_cmd, first_poll_s: float
     delay, last, unknown = first_poll_s, None, 0
     while True:
         rows = job_rows(ref, run=run)
-        unknown = 0 if rows else unknown + 1
-        if unknown >= forget_after:
-            rows = [forgotten_row(ref)]
+        unknown = unknown + 1 if is_forgotten(rows) else 0
         summary = [(r.job_id, r.slurm_state) for r in rows]
         if on_change and summary != last:
             on_change(rows)

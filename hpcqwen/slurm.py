@@ -1,6 +1,10 @@
 """Thin wrappers over sbatch / squeue / sacct / scancel / scontrol, through one `run_cmd`.
 
-Parsers read `--format` / `--parsable2` text (stable across Slurm versions, unlike --json).
+Parsers read `--format` / `--parsable2` text (stable across Slurm versions, unlike --json), with
+fields separated by ASCII's unit separator (0x1f), which no job name or path hpcqwen writes holds,
+and the free-text fields (work dir, then job name) last, so `|`, spaces and unicode in other users'
+names and paths cannot shift a field. A line that still does not parse (a newline in a job name
+splits its row) is left out and counted (`JobRows.skipped`), never fatal for the other rows.
 States go through one table (`SLURM_STATES`) to a 6-value `JobState`; an unknown state is
 kept verbatim and shown, never a crash. `query_jobs` makes ONE squeue call for any number of
 jobs and asks sacct only about the ones that left the queue.
@@ -60,7 +64,9 @@ _UNREACHABLE = re.compile(
 def run_cmd(argv: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run one Slurm client command; raise ControllerUnreachable when nothing answers."""
     try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+        # errors="replace": another user's job name in a non-UTF-8 encoding must not fail the whole answer
+        proc = subprocess.run(list(argv), capture_output=True, text=True, errors="replace", timeout=timeout,
+                              check=False)
     except FileNotFoundError:
         raise ControllerUnreachable(
             f"`{argv[0]}` is not installed on this machine", where=" ".join(argv),
@@ -150,59 +156,69 @@ class JobRow:
         return SLURM_STATES.get(self.slurm_state, JobState.UNKNOWN)
 
 
-SQUEUE_FIELDS = ["%i", "%F", "%K", "%T", "%r", "%M", "%l", "%D", "%b", "%Z", "%j"]  # name: free text
-# Appended after the name; they never contain "|", so the name is what lies between.
-SQUEUE_TAIL_FIELDS = ["%u", "%N", "%E"]
+class JobRows(list[JobRow]):
+    """Parsed rows, and the lines that were left out because they did not parse."""
+
+    def __init__(self, rows: Iterable[JobRow] = (), skipped: Iterable[str] = ()) -> None:
+        super().__init__(rows)
+        self.skipped = list(skipped)
+
+
+SEP = "\x1f"  # ASCII unit separator: not in hpcqwen's names and run dirs, nor in any sane path
+# Free text last: the work dir, then the job name (which may even hold SEP: it takes the rest).
+SQUEUE_FIELDS = ["%i", "%F", "%K", "%T", "%r", "%M", "%l", "%D", "%b", "%u", "%N", "%E", "%Z", "%j"]
 SACCT_FIELDS = ["JobID", "JobIDRaw", "State", "ExitCode", "Elapsed", "Timelimit", "NNodes", "WorkDir", "JobName"]
+_SQUEUE_ID = re.compile(r"\d+(_\d+)?")
 
 
 def _task_id(text: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def parse_squeue(stdout: str) -> list[JobRow]:
-    """Rows of `squeue --noheader --array --format=<SQUEUE_FIELDS + SQUEUE_TAIL_FIELDS joined by |>`."""
-    rows = []
+def parse_squeue(stdout: str) -> JobRows:
+    """Rows of `squeue --noheader --array --format=<SQUEUE_FIELDS joined by SEP>`; lines that do not
+    parse are counted in `skipped`."""
+    rows, skipped = [], []
     for line in stdout.splitlines():
         if not line.strip():
             continue
-        parts = line.split("|", len(SQUEUE_FIELDS) - 1)
-        if len(parts) != len(SQUEUE_FIELDS):
-            raise SlurmCommandError(["squeue"], 0, f'could not parse squeue output "{line}"')
-        jid, array_jid, task, state, reason, elapsed, limit, nodes, gres, work_dir = (p.strip() for p in parts[:-1])
-        tail = parts[-1].rsplit("|", len(SQUEUE_TAIL_FIELDS))
-        if len(tail) != len(SQUEUE_TAIL_FIELDS) + 1:  # output of the shorter, older format
-            tail = [parts[-1], "", "", ""]
-        name, user, nodelist, dep = (p.strip() for p in tail)
-        rows.append(JobRow(jid, array_jid or jid, _task_id(task), state, "" if reason == "None" else reason, name,
-                           elapsed, limit, int(nodes) if nodes.isdigit() else 0, "" if gres == "N/A" else gres,
-                           work_dir, user=user, nodelist=nodelist, dependency="" if dep == "(null)" else dep))
-    return rows
+        parts = line.split(SEP, len(SQUEUE_FIELDS) - 1)
+        if len(parts) != len(SQUEUE_FIELDS) or not _SQUEUE_ID.fullmatch(parts[0].strip()):
+            skipped.append(line)
+            continue
+        jid, array_jid, task, state, reason, elapsed, limit, nodes, gres, user, nodelist, dep = \
+            (p.strip() for p in parts[:-2])
+        rows.append(JobRow(jid, array_jid or jid, _task_id(task), state, "" if reason == "None" else reason,
+                           parts[-1], elapsed, limit, int(nodes) if nodes.isdigit() else 0,
+                           "" if gres == "N/A" else gres, parts[-2], user=user, nodelist=nodelist,
+                           dependency="" if dep == "(null)" else dep))
+    return JobRows(rows, skipped)
 
 
-def parse_sacct(stdout: str) -> list[JobRow]:
-    """Rows of `sacct --noheader --parsable2 -X --format=<SACCT_FIELDS>`."""
-    rows = []
+def parse_sacct(stdout: str) -> JobRows:
+    """Rows of `sacct --noheader --parsable2 --delimiter=SEP -X --format=<SACCT_FIELDS>`; lines that do
+    not parse are counted in `skipped`."""
+    rows, skipped = [], []
     for line in stdout.splitlines():
         if not line.strip():
             continue
-        parts = line.split("|", len(SACCT_FIELDS) - 1)
-        if len(parts) != len(SACCT_FIELDS):
-            raise SlurmCommandError(["sacct"], 0, f'could not parse sacct output "{line}"')
+        parts = line.split(SEP, len(SACCT_FIELDS) - 1)
+        if len(parts) != len(SACCT_FIELDS) or not re.fullmatch(r"\d+([_+].+)?", parts[0]):
+            skipped.append(line)
+            continue
         jid, raw, state, exit_code, elapsed, limit, nodes, work_dir, name = parts
         array_jid, _, task = jid.partition("_")
         state_word = state.split()[0] if state.strip() else "UNKNOWN"  # "CANCELLED by 0"
         rows.append(JobRow(jid, array_jid, _task_id(task), state_word, "", name, elapsed, limit,
                            int(nodes) if nodes.isdigit() else 0, "", work_dir, exit_code, source="sacct"))
-    return rows
+    return JobRows(rows, skipped)
 
 
-def squeue(job_ids: Sequence[str] | None = None, user: str | None = None, run: RunCmd = run_cmd) -> list[JobRow]:
+def squeue(job_ids: Sequence[str] | None = None, user: str | None = None, run: RunCmd = run_cmd) -> JobRows:
     """ONE squeue call: the given jobs (and their array tasks), or all jobs of `user`, or all."""
     # --states=all: finished jobs stay visible (for MinJobAge) with their final state, which
     # the default filter (pending/running/completing) would hide.
-    argv = ["squeue", "--noheader", "--array", "--states=all",
-            f"--format={'|'.join(SQUEUE_FIELDS + SQUEUE_TAIL_FIELDS)}"]
+    argv = ["squeue", "--noheader", "--array", "--states=all", f"--format={SEP.join(SQUEUE_FIELDS)}"]
     if job_ids:
         argv.append(f"--jobs={','.join(job_ids)}")
     if user:
@@ -212,19 +228,19 @@ def squeue(job_ids: Sequence[str] | None = None, user: str | None = None, run: R
         # One id that the controller forgot (older than MinJobAge) is an error, not an empty
         # list; with several ids squeue just leaves the unknown ones out.
         if "Invalid job id" in proc.stderr:
-            return []
+            return JobRows()
         raise SlurmCommandError(argv, proc.returncode, proc.stderr)
     return parse_squeue(proc.stdout)
 
 
-def sacct(job_ids: Sequence[str], run: RunCmd = run_cmd) -> list[JobRow]:
+def sacct(job_ids: Sequence[str], run: RunCmd = run_cmd) -> JobRows:
     """Accounting rows (allocations only) for jobs that left the queue."""
-    argv = ["sacct", "--noheader", "--parsable2", "-X", f"--format={','.join(SACCT_FIELDS)}",
+    argv = ["sacct", "--noheader", "--parsable2", f"--delimiter={SEP}", "-X", f"--format={','.join(SACCT_FIELDS)}",
             f"--jobs={','.join(job_ids)}"]
     proc = run(argv, 30.0)
     if proc.returncode != 0:
         if "accounting storage is disabled" in (proc.stderr + proc.stdout):
-            return []
+            return JobRows()
         raise SlurmCommandError(argv, proc.returncode, proc.stderr)
     return parse_sacct(proc.stdout)
 

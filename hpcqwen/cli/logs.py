@@ -1,4 +1,5 @@
-"""`hpcqwen logs JOB|RUN_DIR [-f]`: print the log; follow it by byte offset (NFS-safe, no inotify)."""
+"""`hpcqwen logs JOB|RUN_DIR [-f]`: print the log; follow it by byte offset (NFS-safe, no inotify)
+until the job ends, or until Slurm has forgotten it and its log stopped growing."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 from hpcqwen import runs
 from hpcqwen.cli._common import add_target_argument
 from hpcqwen.errors import RunDirError
+
+FORGOTTEN_POLLS = 3  # polls in a row with the job unknown to Slurm and no new log bytes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,19 +59,28 @@ def run(args: argparse.Namespace) -> int:
         ref = runs.RunRef(ref.run_dir, ref.job_id, ref.backend, args.task, ref.array_size)
     elif ref.array_size and ref.array_task is None:
         ref = runs.RunRef(ref.run_dir, ref.job_id, ref.backend, 0, ref.array_size)
-    path, offset, delay = pick_log(ref), 0, 0.5
+    path, offset, delay, quiet = pick_log(ref), 0, 0.5, 0
     if path is None and not args.follow:
         raise RunDirError(f"no log yet for job {ref.job_id}", where=str(ref.run_dir),
                           hint="the job may still be pending; try `hpcqwen logs -f`")
     while True:
         path = path or pick_log(ref)
+        before = offset
         if path is not None:
             offset = copy_from(path, offset)
         if not args.follow:
             return 0
-        if runs.is_finished(ref, runs.job_rows(ref)):
+        rows = runs.job_rows(ref)
+        if runs.is_finished(ref, rows):
             if path is not None:
                 copy_from(path, offset)
+            return 0
+        # Slurm forgot the job (past MinJobAge, no accounting): it will never say it ended, so stop
+        # once the log has not grown for a few polls (a requeued job is known to squeue again).
+        quiet = quiet + 1 if runs.is_forgotten(rows) and offset == before else 0
+        if quiet >= FORGOTTEN_POLLS:
+            print(f"hpcqwen logs: {rows[0].reason.replace('this job', f'job {ref.job_id}')}, and its log stopped "
+                  "growing; stopped following", file=sys.stderr)
             return 0
         time.sleep(delay)
         delay = min(5.0, delay * 1.5)

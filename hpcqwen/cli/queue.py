@@ -1,7 +1,8 @@
 """`hpcqwen queue`: a live view of hpcqwen runs and their training progress.
 
-One squeue call per refresh for any number of jobs, shared by every terminal of the user
-(hpcqwen.polling), sacct only for jobs that left the queue. `--once` prints one frame (for
+squeue is asked only for what is shown (`--me`: the user's jobs; otherwise the user's jobs and
+the run root's other jobs, never the whole queue), once per refresh for every terminal of the user
+(hpcqwen.polling); sacct only for jobs that left the queue, its answers shared too. `--once` prints one frame (for
 scripts and CI), `--json` the same data as JSON.
 """
 
@@ -26,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """[--once] [--json] [--me] [--name PAT] [--state S] [--interval S] [--run-root DIR] [--since-hours H]."""
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument("--json", action="store_true", help="print the data of one frame as JSON and exit")
-    p.add_argument("--me", action="store_true", help="only my jobs")
+    p.add_argument("--me", action="store_true", help="only my jobs (default: mine and the other users' runs "
+                   "under the run root)")
     p.add_argument("--name", default="", metavar="PAT", help="run name glob (or substring)")
     p.add_argument("--state", action="append", default=[], metavar="S",
                    help="only runs in this state: a Slurm state (PENDING, TIMEOUT, ...) or a folded one "
@@ -48,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     user = getpass.getuser() if args.me else None
     states = tuple(s.strip() for item in args.state for s in item.split(",") if s.strip())
-    watch = Watch(args.run_root or default_run_root(), args.interval, user=user, recent_h=args.since_hours)
+    watch = Watch(args.run_root or default_run_root(), args.interval, user=user, me=getpass.getuser(),
+                  recent_h=args.since_hours)
     console = Console()
     if not (args.once or args.json) and sys.stdout.isatty() and sys.stdin.isatty():
         from hpcqwen.monitor_live import LiveQueue

@@ -27,7 +27,8 @@ def restarts(ref: runs.RunRef) -> int:
 def run(args: argparse.Namespace) -> int:
     """Print the state (exit 0 whatever the state; the state is data, not an error)."""
     ref = runs.resolve_target(args.target)
-    rows = runs.job_rows(ref) or [runs.forgotten_row(ref)]
+    rows = runs.job_rows(ref)
+    runs.check_known(ref, rows)
     paths = RunPaths(ref.run_dir) if ref.run_dir else None
 
     def final(r: slurm.JobRow) -> str:

@@ -11,22 +11,24 @@ from hpcqwen import slurm
 from hpcqwen.errors import ControllerUnreachable, SlurmCommandError
 from hpcqwen.slurm import JobState
 
-# squeue --noheader --array --states=all --format=%i|%F|%K|%T|%r|%M|%l|%D|%b|%Z|%j  (recorded on cluster/local)
+# squeue --noheader --array --states=all --format=%i|%F|%K|%T|%r|%M|%l|%D|%b|%u|%N|%E|%Z|%j, recorded on
+# cluster/local (with `|` as separator for legibility: hpcqwen asks for SEP, 0x1f, and `|` here is replaced)
 SQUEUE = """\
-2_2|2|2|PENDING|JobArrayTaskLimit|0:00|UNLIMITED|1|N/A|/tmp|wrap
-3|3|N/A|PENDING|Dependency|0:00|UNLIMITED|1|N/A|/tmp|wrap
-2_0|2|0|RUNNING|None|0:01|365-00:00:00|1|N/A|/tmp|wrap
-4|4|N/A|COMPLETED|None|0:04|10:00|2|gres:gpu:2|/runs/a b|name|with|pipes
-5|5|N/A|BRAND_NEW_STATE|None|0:04|10:00|1|N/A|/tmp|odd
-"""
-# sacct --noheader --parsable2 -X --format=JobID,JobIDRaw,State,ExitCode,Elapsed,Timelimit,NNodes,WorkDir,JobName
+2_2|2|2|PENDING|JobArrayTaskLimit|0:00|UNLIMITED|1|N/A|root||(null)|/tmp|wrap
+3|3|N/A|PENDING|Dependency|0:00|UNLIMITED|1|N/A|root||afterok:2_*(unfulfilled)|/tmp|wrap
+2_0|2|0|RUNNING|None|0:01|365-00:00:00|1|N/A|root|n1|(null)|/tmp|wrap
+4|4|N/A|COMPLETED|None|0:04|10:00|2|gres:gpu:2|root|n[1-2]|(null)|/runs/a b|name
+5|5|N/A|BRAND_NEW_STATE|None|0:04|10:00|1|N/A|root|n1|(null)|/tmp|odd
+""".replace("|", slurm.SEP)
+# sacct --noheader --parsable2 --delimiter=SEP -X
+#   --format=JobID,JobIDRaw,State,ExitCode,Elapsed,Timelimit,NNodes,WorkDir,JobName (same legibility)
 SACCT = """\
 1|1|COMPLETED|0:0|00:00:04|00:10:00|2|/tmp/hq-runs/allreduce-2node/20261128T030559Z-0f94e9|allreduce-2node
 2_0|4|COMPLETED|0:0|00:00:04|365-00:00:00|1|/tmp|wrap
 3|3|CANCELLED by 0|0:0|00:00:00|Partition_Limit|1|/tmp|wrap
 7|7|TIMEOUT|0:15|00:01:09|00:01:00|1|/tmp|t
 8|8|NODE_FAIL|1:0|00:00:09|00:01:00|1|/tmp|t
-"""
+""".replace("|", slurm.SEP)
 
 
 def test_parse_squeue() -> None:
@@ -36,7 +38,7 @@ def test_parse_squeue() -> None:
         ("4", "4", None, JobState.SUCCEEDED), ("5", "5", None, JobState.UNKNOWN)]
     assert rows[0].reason == "JobArrayTaskLimit" and rows[2].reason == ""
     assert rows[3].gres == "gres:gpu:2" and rows[3].nodes == 2 and rows[3].work_dir == "/runs/a b"
-    assert rows[3].name == "name|with|pipes"  # the free-text field is last, so pipes survive
+    assert rows[3].nodelist == "n[1-2]" and rows[1].dependency == "afterok:2_*(unfulfilled)"
     assert rows[4].slurm_state == "BRAND_NEW_STATE"  # shown verbatim, folded to UNKNOWN
 
 
@@ -50,9 +52,10 @@ def test_parse_sacct() -> None:
     assert rows[0].work_dir.endswith("20261128T030559Z-0f94e9") and rows[3].exit_code == "0:15"
 
 
-def test_unparseable_output_is_quoted() -> None:
-    with pytest.raises(SlurmCommandError, match='could not parse squeue output "garbage"'):
-        slurm.parse_squeue("garbage\n")
+def test_unparseable_lines_are_counted_and_sbatch_output_quoted() -> None:
+    rows = slurm.parse_squeue("garbage\n" + SQUEUE)
+    assert len(rows) == 5 and rows.skipped == ["garbage"]
+    assert slurm.parse_sacct("x\n").skipped == ["x"]
     with pytest.raises(SlurmCommandError, match='could not parse sbatch output "Submitted batch job"'):
         slurm.parse_sbatch("Submitted batch job\n")
     assert slurm.parse_sbatch("1234;cluster\n") == "1234"
@@ -78,8 +81,9 @@ class Recorder:
 
 
 def test_query_jobs_makes_one_squeue_call_for_many_jobs() -> None:
-    lines = "".join(f"{i}|{i}|N/A|RUNNING|None|0:01|10:00|1|N/A|/r/{i}|j\n" for i in range(100, 199))
-    rec = Recorder({"squeue": (0, lines, ""), "sacct": (0, "199|199|COMPLETED|0:0|00:00:01|10:00|1|/r/199|j\n", "")})
+    lines = "".join(f"{i}|{i}|N/A|RUNNING|None|0:01|10:00|1|N/A|u|n1|(null)|/r/{i}|j\n" for i in range(100, 199))
+    rec = Recorder({"squeue": (0, lines.replace("|", slurm.SEP), ""),
+                    "sacct": (0, "199|199|COMPLETED|0:0|00:00:01|10:00|1|/r/199|j\n".replace("|", slurm.SEP), "")})
     found = slurm.query_jobs([str(i) for i in range(100, 200)], run=rec)
     assert [c[0] for c in rec.calls] == ["squeue", "sacct"]  # one of each, for 100 jobs
     assert rec.calls[1][-1] == "--jobs=199"  # sacct only for the job that left the queue
