@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcqwen import slurm
+from hpcqwen import arrays, slurm
 from hpcqwen.backends import local_status
 from hpcqwen.errors import HpcqwenError
 from hpcqwen.paths import RunPaths
@@ -183,6 +183,7 @@ def build_row(run_dir: Path, info: dict[str, Any], rows: list[slurm.JobRow], fet
     """The RunRow of one run dir from its job rows (squeue first, then sacct), manifest and files;
     `unseen` is the reason given when no row knows the job."""
     paths, restarts = RunPaths(run_dir), restarts_of(run_dir, info.get("array_size"))
+    rows = arrays.with_offsets(rows, arrays.offsets_of(info))  # chunks of an array above MaxArraySize
     job_ids = [str(j) for j in info.get("job_ids") or []] or sorted({r.array_job_id for r in rows})
     submitted = _iso_to_epoch(info.get("submitted_at"))
     base: dict[str, Any] = {"name": str(info.get("name") or (rows[0].name if rows else run_dir.parent.name)),

@@ -11,6 +11,7 @@ import pytest
 
 from hpcqwen.errors import SpecError
 from hpcqwen.runners.grpo import grpo_kwargs, lora_config, to_prompt, write_completions
+from hpcqwen.preflight import checked_spec
 from hpcqwen.spec import load_spec, parse_spec, read_source
 from hpcqwen.tasks.grpo import GrpoTask, dataset_columns
 
@@ -273,7 +274,7 @@ def test_grpo_spec_errors_exact(tmp_path: Path, case: str, fields: dict[str, obj
     path = tmp_path / f"{case}.yaml"
     path.write_text(BASE.format(**values) + extra)
     with pytest.raises(SpecError) as info:
-        parse_spec(read_source(str(path), tuple(overrides)))
+        checked_spec(read_source(str(path), tuple(overrides)))  # spec + preflight's plugin and data checks
     want = [e.replace("{f}", str(path)).replace("{d}", str(tmp_path)) for e in expected]
     assert [i.render() for i in info.value.issues] == want
 
