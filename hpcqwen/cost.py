@@ -4,8 +4,9 @@ Allocated GPU-hours come from accounting: `sacct --duplicates` lists every incar
 (a requeued job once per start, the earlier ones REQUEUED) with its Start, End and AllocTRES
 (`gres/gpu=N`, all nodes); a running incarnation ends "now". The run dir says what each incarnation
 did with them, per task:
-- **startup**: Start to the training loop's first line (`metrics.jsonl`'s train-begin record; for
-  tasks without one, the first metrics line); the whole incarnation when it never got there;
+- **startup**: Start to the training loop's first line (`metrics.jsonl`'s train-begin record; a
+  distill batch's start, its line's time less `batch_s`; else the first metrics line); the whole
+  incarnation when it never got there (a `command` task that logs no metrics is all start-up);
 - **saving**: the saves completed in the incarnation (`checkpoints/saves.jsonl`, `save_s` each);
 - **steps_kept**: from the first step to the last save (a requeued incarnation) or to the last
   metrics line (the last incarnation), less the saving;
@@ -151,6 +152,9 @@ def read_task_log(task_dir: Path) -> TaskLog:
     times = [float(r["time"]) for r in records if isinstance(r.get("time"), (int, float))]
     begins = [float(r["time"]) for r in records if isinstance(r.get("time"), (int, float))
               and r.get("phase") == "train" and "loss" not in r and "eval_loss" not in r]
+    # A distill line closes a batch of `batch_s` seconds: the batch began that long before it.
+    begins += [float(r["time"]) - float(r["batch_s"]) for r in records
+               if isinstance(r.get("time"), (int, float)) and isinstance(r.get("batch_s"), (int, float))]
     tokens = max((int(r["tokens_seen"]) for r in records if isinstance(r.get("tokens_seen"), (int, float))), default=0)
     saves = [(float(s["time"]), float(s.get("save_s") or 0)) for s in read_metrics(task_dir / "checkpoints" / SAVES)
              if isinstance(s.get("time"), (int, float))]

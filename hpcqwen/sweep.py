@@ -134,9 +134,9 @@ def _value_problems(sweep: SweepSpec, task: Any) -> list[Found]:
             TASK_ADAPTER.validate_python(data)
         except ValidationError as e:
             err = e.errors()[0]
-            issue = specfile.issue_from_error(err, loc, "", None, TASK_KINDS.get(str(data.get("kind"))))
-            where = ".".join(str(x) for x in err["loc"][1:]) or "task"
-            out.append((loc, f"task.{where}: {issue.message}", issue.got, issue.expected, issue.hint))
+            tloc = ("task", *err["loc"][1:])  # past the union tag
+            issue = specfile.issue_from_error(err, tloc, "", None, TASK_KINDS.get(str(data.get("kind"))))
+            out.append((loc, f"{issue.key}: {issue.message}", issue.got, issue.expected, issue.hint))
     return out
 
 

@@ -238,7 +238,7 @@ def _link(stages: dict[str, Stage], pdef: PipelineDef,
 
 def _ref_issues(stage: Stage, producer: str, output: str, stages: dict[str, Stage],
                 pdoc: yamldoc.YamlDoc) -> list[SpecIssue]:
-    where = (stage.source.path, None, f"[{stage.name}] ${{stages.{producer}.{output}}}")
+    where = (stage.source.path, None, f"${{stages.{producer}.{output}}}")
     if producer not in stages or producer == stage.name:
         why = "a stage cannot use its own output" if producer == stage.name else f"there is no stage {producer!r}"
         return [_remap(stage.name, stage.inline, SpecIssue(*where, why, expected=f"one of "

@@ -59,8 +59,8 @@ class PipelineRecord:
     def as_json(self) -> dict[str, Any]:
         """The JSON object of pipeline.json."""
         return {"name": self.name, "file": self.file, "sha256": self.sha256, "submitted_at": self.submitted_at,
-                "user": self.user, "stages": {n: s.as_json() for n, s in self.stages.items()},
-                "resumes": self.resumes}
+                "user": self.user, "order": list(self.stages),
+                "stages": {n: s.as_json() for n, s in self.stages.items()}, "resumes": self.resumes}
 
 
 def new_record(name: str, file: str, sha256: str, stages: dict[str, StageRecord]) -> PipelineRecord:
@@ -94,7 +94,8 @@ def read_record(pipeline_dir: Path) -> PipelineRecord:
         if len(raw) > RECORD_MAX_BYTES:
             raise ValueError("too large")
         data = json.loads(raw.decode("utf-8"))
-        stages = {str(n): _stage(s) for n, s in data["stages"].items()}
+        order = [str(n) for n in data.get("order") or data["stages"]]  # JSON objects are written with sorted keys
+        stages = {n: _stage(data["stages"][n]) for n in order}
         return PipelineRecord(str(data["name"]), str(data["file"]), str(data["sha256"]), str(data["submitted_at"]),
                               str(data["user"]), stages, list(data.get("resumes") or []))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

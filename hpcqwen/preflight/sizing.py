@@ -190,9 +190,9 @@ def check_roots(spec: JobSpec, report: Report) -> None:
         if value is None:
             continue
         base = nearest_existing(Path(value))
-        if os.access(base, os.W_OK | os.X_OK):
+        if base.is_dir() and os.access(base, os.W_OK | os.X_OK):
             where = "exists" if base == Path(value) else f"to be made under {base}"
             report.ok(f"cluster.{key} {value} is writable here ({where})")
         else:
-            report.error(f"cluster.{key}", f"{value} is not writable by this user ({base} exists and is not "
-                         "writable)", got=value, hint=f"choose a {key} you can write, or ask for access to {base}")
+            report.error(f"cluster.{key}", f"{value} cannot be made by this user ({base} exists and is not a "
+                         "writable folder)", got=value, hint=f"choose a {key} you can write, or ask for access to {base}")
