@@ -55,6 +55,8 @@ class TaskRow:
     checkpoint_step: int | None = None
     checkpoint_at: float | None = None
     restarts: int = 0
+    label: str = ""  # a pipeline stage's name (shown instead of "task N")
+    gpu_hours: float | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class RunRow:
     array_size: int | None = None
     source: str = "squeue"  # squeue | sacct | local | none
     submitted_at: float | None = None
+    gpu_hours: float | None = None  # hpcqwen.pipeline.rows: cost.json, else elapsed × GPUs
+    note: str = ""  # a pipeline's blocked-on or running stages
 
     @property
     def state(self) -> slurm.JobState:
@@ -140,7 +144,9 @@ def fetch_rows(jobs: Iterable[slurm.JobRow], *, run_root: Path | None, fetched_a
     for j in jobs:
         if j.work_dir and (user is None or j.user == user) and is_run_dir_cached(j.work_dir):
             groups.setdefault(Path(j.work_dir), []).append(j)
-    for d in recent_run_dirs(run_root, now - recent_h * 3600):
+    from hpcqwen.pipeline.rows import group_pipelines, recent_stage_dirs  # (it imports this module)
+
+    for d in [*recent_run_dirs(run_root, now - recent_h * 3600), *recent_stage_dirs(run_root, now - recent_h * 3600)]:
         if d not in groups and (user is None or manifest_of(d).get("user") in (None, user)):
             groups[d] = []
     missing = [jid for d, rows in groups.items() for jid in _unseen_jobs(manifest_of(d), rows)]
@@ -151,7 +157,7 @@ def fetch_rows(jobs: Iterable[slurm.JobRow], *, run_root: Path | None, fetched_a
         seen = {r.job_id for r in rows}
         extra = [r for jid in (info.get("job_ids") or []) for r in finished.get(str(jid), []) if r.job_id not in seen]
         out.append(build_row(d, info, rows + extra, fetched_at, unseen="NotInQueue" if ask_sacct else "NoData"))
-    return out
+    return group_pipelines(out)  # a pipeline is one row of stages; GPU·H for every row
 
 
 def _unseen_jobs(info: dict[str, Any], rows: list[slurm.JobRow]) -> list[str]:

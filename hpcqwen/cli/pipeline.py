@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from hpcqwen import backends, slurminfo
@@ -14,8 +13,6 @@ from hpcqwen.pipeline.definition import load_pipeline
 from hpcqwen.pipeline.record import is_pipeline_dir, read_record
 from hpcqwen.preflight import show_warnings
 from hpcqwen.spec import JobSpec, read_frozen_spec
-
-TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "STOPPED", "OUT_OF_MEMORY", "NODE_FAIL", "NOT SUBMITTED")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,14 +55,8 @@ def print_status(pdir: Path) -> list[control.StageStatus]:
 
 
 def _wait(pdir: Path) -> int:
-    delay = 2.0
-    while True:
-        statuses = control.pipeline_status(pdir)
-        if all(s.state in TERMINAL or s.blocked_on.startswith("never runs") for s in statuses):
-            break
-        time.sleep(delay)
-        delay = min(15.0, delay * 1.3)
-    print_status(pdir)
+    control.wait_pipeline(pdir)
+    statuses = print_status(pdir)
     bad = [s for s in statuses if s.state != "COMPLETED"]
     if bad:
         raise JobFailed(f"pipeline ended with stage {bad[0].name} {bad[0].state}" + (f" ({bad[0].blocked_on})"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,21 @@ def _blocked_on(st: StageRecord, states: dict[str, tuple[str, str]], state: str)
         if kind == "afterok" and other_state != "COMPLETED":
             return f"never runs: {other} ended {other_state}"
     return ""
+
+
+def wait_pipeline(pipeline_dir: Path, run: slurm.RunCmd = slurm.run_cmd) -> list[StageStatus]:
+    """Poll (backing off) until every stage ended or can never run; a stage Slurm no longer knows (UNKNOWN)
+    for three polls in a row counts as ended, as `hpcqwen submit --wait` does."""
+    delay, unknown = 2.0, 0
+    while True:
+        statuses = pipeline_status(pipeline_dir, run)
+        waiting = [s for s in statuses if not (slurm.SLURM_STATES.get(s.state, slurm.JobState.FAILED).is_terminal
+                                               or s.blocked_on.startswith("never runs"))]
+        unknown = unknown + 1 if waiting and all(s.state == "UNKNOWN" for s in waiting) else 0
+        if not waiting or unknown >= 3:
+            return statuses
+        time.sleep(delay)
+        delay = min(15.0, delay * 1.3)
 
 
 def overall_state(statuses: list[StageStatus]) -> str:

@@ -195,4 +195,5 @@ def check_roots(spec: JobSpec, report: Report) -> None:
             report.ok(f"cluster.{key} {value} is writable here ({where})")
         else:
             report.error(f"cluster.{key}", f"{value} cannot be made by this user ({base} exists and is not a "
-                         "writable folder)", got=value, hint=f"choose a {key} you can write, or ask for access to {base}")
+                         "writable folder)", got=value,
+                         hint=f"choose a {key} you can write, or ask for access to {base}")

@@ -48,8 +48,9 @@ def test_a_partition_that_does_not_exist(slurm_cluster: str, write_spec, run_roo
 
 def test_the_request_must_fit_a_node(slurm_cluster: str, write_spec) -> None:
     report = run_checks(_spec(write_spec, ", gpus_per_node: 3"), cluster=True)
-    assert _only(report, "resources.gpus_per_node") == ("no node of partition debug fits one node of the job (3 CPUs, "
-                                                       "0 MB, 3 GPUs): the largest node (n1) has 4 CPUs, 2000 MB, 2 GPUs")
+    assert _only(report, "resources.gpus_per_node") == (
+        "no node of partition debug fits one node of the job (3 CPUs, 0 MB, 3 GPUs): the largest node (n1) has 4 CPUs, "
+        "2000 MB, 2 GPUs")
     report = run_checks(_spec(write_spec, ", cpus_per_task: 9"), cluster=True)
     assert "(9 CPUs, 0 MB, 0 GPUs): the largest node (n1) has 4 CPUs" in _only(report, "resources.cpus_per_task")
     report = run_checks(_spec(write_spec, ", mem_gb: 4"), cluster=True)

@@ -13,8 +13,8 @@ import yaml
 
 from hpcqwen.errors import SpecError
 from hpcqwen.paths import RunPaths
-from hpcqwen.render import render_sbatch
 from hpcqwen.preflight import checked_spec
+from hpcqwen.render import render_sbatch
 from hpcqwen.spec import load_spec, read_source
 from hpcqwen.tasks.distill import DistillTask
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from hpcqwen.errors import SpecError
-from hpcqwen.runners.grpo import grpo_kwargs, lora_config, to_prompt, write_completions
 from hpcqwen.preflight import checked_spec
-from hpcqwen.spec import load_spec, parse_spec, read_source
+from hpcqwen.runners.grpo import grpo_kwargs, lora_config, to_prompt, write_completions
+from hpcqwen.spec import load_spec, read_source
 from hpcqwen.tasks.grpo import GrpoTask, dataset_columns
 
 # The shipped specs name hub ids: offline (HF_HUB_OFFLINE=1) they validate only when the cache holds them.
