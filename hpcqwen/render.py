@@ -35,7 +35,7 @@ LAUNCH_MODULE = "hpcqwen"  # `python -m hpcqwen launch RUN_DIR`
 # (%N, the throttle) may carry one, and only as hpcqwen wrote it.
 _FLAG_RE = re.compile(r"--[a-z][a-z-]*(=[^\s'\"#\\%\x00-\x1f\x7f]+)?")
 _PATTERN_FLAGS = {"--output": re.compile(r"[^\s'\"#\\%\x00-\x1f\x7f]*/%x-(%j|%A_%a)\.out"),
-                  "--array": re.compile(r"[0-9-]+(%[0-9]+)?")}
+                  "--array": re.compile(r"[0-9,-]+(%[0-9]+)?")}  # 0-99%4, or some tasks: 1,3%4
 DEPENDENCY_TYPES = ("afterok", "afterany", "afternotok", "after")
 
 
