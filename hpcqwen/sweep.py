@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
@@ -90,8 +91,6 @@ Found = tuple[tuple[str | int, ...], str, str, str, str]  # loc, message, got, e
 
 
 def _shape_problems(sweep: SweepSpec, data: dict[str, Any]) -> list[Found]:
-    import re
-
     out: list[Found] = []
     if not sweep.grid and not sweep.points:
         out.append((("sweep",), "needs `grid:` or `points:`", "", "e.g. grid: {learning_rate: [1e-4, 1e-3]}", ""))
@@ -102,6 +101,11 @@ def _shape_problems(sweep: SweepSpec, data: dict[str, Any]) -> list[Found]:
         if not values or len(values) > MAX_SWEEP_VALUES:
             out.append((("sweep", "grid", key), f"needs 1 to {MAX_SWEEP_VALUES} values", f"{len(values)} values",
                         "", ""))
+    for i, point in enumerate(sweep.points):
+        bad = [k for k in point if not re.fullmatch(KNOB_PATTERN, k) or k == "kind"]
+        if bad:
+            out.append((("sweep", "points", i), "is not a task knob name", repr(bad[0])[:60],
+                        "knobs such as learning_rate (the task's kind cannot vary)", ""))
     if any(s < 0 or s > MAX_SEED for s in sweep.seeds):
         out.append((("sweep", "seeds"), f"seeds must be in 0..{MAX_SEED}", str(sweep.seeds)[:60], "", ""))
     size = sweep.size()

@@ -11,7 +11,7 @@ import argparse
 
 from hpcqwen import preflight, slurm
 from hpcqwen.cli._common import add_spec_arguments
-from hpcqwen.errors import EXIT_OK
+from hpcqwen.errors import EXIT_OK, HpcqwenError
 from hpcqwen.pipeline import control
 from hpcqwen.pipeline.definition import is_pipeline_file, load_pipeline
 from hpcqwen.preflight import Report
@@ -42,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     if not cluster:
         print("  warning  no Slurm controller answers `scontrol ping`: the cluster checks are skipped")
     if is_pipeline_file(args.spec):
+        if args.overrides:
+            raise HpcqwenError("--set applies to job specs; a pipeline's stages take `set:` in the pipeline file",
+                               where=args.spec)
         pipeline = load_pipeline(args.spec)
         reports = control.check_pipeline(pipeline, cluster=cluster, probe=args.probe)
         for name, report in reports.items():

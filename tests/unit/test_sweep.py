@@ -107,3 +107,11 @@ def test_report_numbers_come_from_each_tasks_metrics(tmp_path: Path) -> None:
     assert table_lines(["lr"], rows)[0].split() == ["task", "lr", "state", "loss", "best_loss", "eval_loss",
                                                     "best_eval_loss", "reward", "best_reward", "tokens_per_s",
                                                     "gpu_hours"]
+
+
+def test_a_point_cannot_change_the_task_kind(write_spec) -> None:
+    path = write_spec(SFT + "sweep:\n  points: [{kind: grpo}]\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    (issue,) = info.value.issues
+    assert (issue.key, issue.message, issue.got) == ("sweep.points[0]", "is not a task knob name", "'kind'")
