@@ -23,6 +23,7 @@ not final while the job runs, so it holds what is known then) and recomputed by 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from typing import Any
 
 from hpcqwen import arrays, fs, slurm
 from hpcqwen.errors import HpcqwenError
+from hpcqwen.fields import JOB_ID_RE
 from hpcqwen.metrics import read_metrics
 from hpcqwen.paths import COST, SAVES, RunPaths
 
@@ -119,7 +121,7 @@ def parse_incarnations(text: str, offsets: dict[str, int]) -> list[Incarnation]:
 def sacct_incarnations(job_ids: list[str], offsets: dict[str, int],
                        run: slurm.RunCmd = slurm.run_cmd) -> list[Incarnation] | None:
     """Every incarnation of the jobs (requeues included), or None when accounting is unavailable."""
-    ids = [j for j in job_ids if j.isdigit()]
+    ids = [j for j in job_ids if JOB_ID_RE.fullmatch(j)]
     if not ids:
         return None
     argv = ["sacct", "--duplicates", "--noheader", "--parsable2", "-X", f"--format={','.join(SACCT_COST_FIELDS)}",
@@ -208,8 +210,9 @@ def launches_as_incarnations(log: TaskLog, gpus: int, now: float) -> list[Incarn
 # ---- a run, a pipeline ----------------------------------------------------------------------------
 
 def run_cost(run_dir: Path, run: slurm.RunCmd = slurm.run_cmd, now: float | None = None,
-             only_task: int | None = None) -> dict[str, Any]:
-    """The cost of a run dir (every task, or `only_task`): per task and in total, as cost.json holds it."""
+             only_task: int | None = None, job_ids: list[str] | None = None) -> dict[str, Any]:
+    """The cost of a run dir (every task, or `only_task`; from the manifest's jobs, or `job_ids`): per task
+    and in total, as cost.json holds it."""
     from hpcqwen.spec import read_frozen_spec
     from hpcqwen.submit import read_manifest
 
@@ -220,7 +223,7 @@ def run_cost(run_dir: Path, run: slurm.RunCmd = slurm.run_cmd, now: float | None
     if only_task is not None:
         tasks = [only_task]
     offsets = arrays.offsets_of(info)
-    incs = sacct_incarnations([str(j) for j in info.get("job_ids") or []], offsets, run)
+    incs = sacct_incarnations(job_ids or [str(j) for j in info.get("job_ids") or []], offsets, run)
     total, per_task = Breakdown(), {}
     for t in tasks:
         log = read_task_log(paths.task(t).dir)
@@ -243,9 +246,14 @@ def write_run_cost(run_dir: Path, run: slurm.RunCmd = slurm.run_cmd) -> dict[str
 
 
 def write_task_cost(run_dir: Path, task_dir: Path, array_index: int | None) -> None:
-    """At the end of a job (node 0): TASK_DIR/cost.json with what is known now; never raises."""
+    """At the end of a job (node 0): TASK_DIR/cost.json with what is known now; never raises. An array task
+    asks sacct about itself only (SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID): a thousand tasks ending must
+    not each ask for the whole array; `hpcqwen cost` adds earlier submissions."""
+    env = os.environ
+    mine = [f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"] if array_index is not None and \
+        env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID") else None
     try:
-        data = run_cost(run_dir, only_task=array_index)
+        data = run_cost(run_dir, only_task=array_index, job_ids=mine)
         fs.write_json_atomic(task_dir / COST, data)
     except Exception as e:  # noqa: BLE001 - accounting must never fail the job
         print(f"hpcqwen: cost.json not written: {type(e).__name__}: {e}", flush=True)
