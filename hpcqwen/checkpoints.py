@@ -17,11 +17,13 @@ import json
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hpcqwen import fs
+from hpcqwen.paths import SAVES
 
 MARKER = "hpcqwen-complete.json"
 _STEP_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -53,6 +55,9 @@ def mark_complete(path: Path, info: dict[str, Any] | None = None, *, synced: boo
             **(info or {})}
     fs.write_atomic(path / MARKER, json.dumps(body) + "\n")
     fs.fsync_dir(path.parent)
+    # The markers of pruned checkpoints go with them; this log keeps every save for `hpcqwen cost`.
+    save = {"step": body.get("step"), "time": round(time.time(), 3), "save_s": body.get("save_s")}
+    fs.append_line(path.parent / SAVES, json.dumps(save))
 
 
 def read_marker(path: Path) -> dict[str, Any]:

@@ -31,6 +31,8 @@ PROFILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=255)]
 SlurmName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.,-]+$", max_length=255)]
+GresType = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)]
+MAX_GPU_MEMORY_GIB = 1 << 14
 
 
 def _cache_mode(value: object) -> object:
@@ -102,7 +104,11 @@ class ClusterProfile(BaseModel):
     template_dir: str | None = Field(None, description="A site folder with its own sbatch.sh.j2. Site only: "
                                      "allowed in profile files, refused in job specs and --set.")
     max_array_size: int = Field(1001, ge=1, le=MAX_ARRAY,
-                                description="Slurm's MaxArraySize (arrays are chunked under it).")
+                                description="Slurm's MaxArraySize when `scontrol show config` does not answer "
+                                "(arrays are chunked under it).")
+    gpu_memory_gib: dict[GresType, Annotated[float, Field(gt=0, le=MAX_GPU_MEMORY_GIB)]] = Field(
+        default_factory=dict, description="GPU memory in GiB by GRES type (h100: 79.6), and `default` for "
+        "untyped GPUs; preflight checks the memory estimate per GPU against it (Slurm does not know it).")
     backend: Literal["auto", "slurm", "submitit", "local"] = Field(
         "auto", description="auto: slurm when a controller answers, else local."
     )

@@ -34,8 +34,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcqwen import __version__, fs, lease, rollout, supervisor
+from hpcqwen import __version__, cost, fs, lease, rollout, supervisor
 from hpcqwen.paths import RunPaths, TaskPaths
+from hpcqwen.pipeline.outputs import resolve_on_node
 from hpcqwen.spec import JobSpec, read_frozen_spec
 
 PORT_BASE, PORT_SPAN = 15000, 15000  # 15000-29999: unprivileged, below Linux's ephemeral range (32768+)
@@ -130,8 +131,8 @@ def launch_env(environ: Mapping[str, str], spec: JobSpec, run_dir: str) -> Launc
     job_id = environ.get("SLURM_JOB_ID", environ.get("HPCQWEN_JOB_ID", "local"))
     gpus = visible_gpus(environ) if spec.gpus_per_node else 0
     nproc = spec.resources.nproc_per_node or gpus or spec.nproc_per_node
-    task = environ.get("SLURM_ARRAY_TASK_ID", "")
-    array_index = int(task) if task.isdigit() else None
+    task, offset = environ.get("SLURM_ARRAY_TASK_ID", ""), environ.get("HPCQWEN_ARRAY_OFFSET", "0")
+    array_index = int(task) + (int(offset) if offset.isdigit() else 0) if task.isdigit() else None  # hpcqwen.arrays
     restarts = int(environ.get("SLURM_RESTART_COUNT", "0") or 0)
     task_dir = RunPaths(Path(run_dir)).task(array_index if spec.array is not None else None).dir
     env = {
@@ -225,6 +226,7 @@ def _lost_server(sup: supervisor.Supervisor, why: str) -> None:
 def main(run_dir: str) -> int:
     """Start this node's ranks, supervise them, report the outcome; returns the launcher's exit code."""
     paths = RunPaths(Path(run_dir).resolve())
+    resolve_on_node(paths.root)  # a pipeline stage: ${stages...} -> its producers' outputs, into spec.json
     raw = paths.spec_json.read_bytes()
     spec = read_frozen_spec(paths.spec_json)
     le = launch_env(os.environ, spec, str(paths.root))
@@ -263,5 +265,6 @@ def main(run_dir: str) -> int:
             held.release()
     if le.node_rank == 0:
         fs.write_atomic(task_paths.outcome, result.outcome_line(le.restart_count))
+        cost.write_task_cost(paths.root, task_paths.dir, le.array_index)  # what is known now (hpcqwen cost redoes it)
     print(f"hpcqwen launch: node {le.node_rank}: ranks ended {result.describe()}", flush=True)
     return result.launcher_exit_code

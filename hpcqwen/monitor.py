@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcqwen import slurm
+from hpcqwen import arrays, slurm
 from hpcqwen.backends import local_status
 from hpcqwen.errors import HpcqwenError
 from hpcqwen.paths import RunPaths
@@ -60,6 +60,8 @@ class TaskRow:
     checkpoint_step: int | None = None
     checkpoint_at: float | None = None
     restarts: int = 0
+    label: str = ""  # a pipeline stage's name (shown instead of "task N")
+    gpu_hours: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ class RunRow:
     array_size: int | None = None
     source: str = "squeue"  # squeue | sacct | local | none
     submitted_at: float | None = None
+    gpu_hours: float | None = None  # hpcqwen.pipeline.rows: cost.json, else elapsed × GPUs
+    note: str = ""  # a pipeline's blocked-on or running stages
 
     @property
     def state(self) -> slurm.JobState:
@@ -145,7 +149,9 @@ def fetch_rows(jobs: Iterable[slurm.JobRow], *, run_root: Path | None, fetched_a
     for j in jobs:
         if j.work_dir and (user is None or j.user == user) and is_run_dir_cached(j.work_dir):
             groups.setdefault(Path(j.work_dir), []).append(j)
-    for d in recent_run_dirs(run_root, now - recent_h * 3600):
+    from hpcqwen.pipeline.rows import group_pipelines, recent_stage_dirs  # (it imports this module)
+
+    for d in [*recent_run_dirs(run_root, now - recent_h * 3600), *recent_stage_dirs(run_root, now - recent_h * 3600)]:
         if d not in groups and (user is None or manifest_of(d).get("user") in (None, user)):
             groups[d] = []
     missing = {jid: (str(d), int(manifest_of(d).get("array_size") or 1))
@@ -157,7 +163,7 @@ def fetch_rows(jobs: Iterable[slurm.JobRow], *, run_root: Path | None, fetched_a
         seen = {r.job_id for r in rows}
         extra = [r for jid in (info.get("job_ids") or []) for r in finished.get(str(jid), []) if r.job_id not in seen]
         out.append(build_row(d, info, rows + extra, fetched_at, unseen="NotInQueue" if ask_sacct else "NoData"))
-    return out
+    return group_pipelines(out)  # a pipeline is one row of stages; GPU·H for every row
 
 
 def _unseen_jobs(info: dict[str, Any], rows: list[slurm.JobRow]) -> list[str]:
@@ -189,6 +195,7 @@ def build_row(run_dir: Path, info: dict[str, Any], rows: list[slurm.JobRow], fet
     """The RunRow of one run dir from its job rows (squeue first, then sacct), manifest and files;
     `unseen` is the reason given when no row knows the job."""
     paths, restarts = RunPaths(run_dir), restarts_of(run_dir, info.get("array_size"))
+    rows = arrays.with_offsets(rows, arrays.offsets_of(info))  # chunks of an array above MaxArraySize
     job_ids = [str(j) for j in info.get("job_ids") or []] or sorted({r.array_job_id for r in rows})
     submitted = _iso_to_epoch(info.get("submitted_at"))
     base: dict[str, Any] = {"name": str(info.get("name") or (rows[0].name if rows else run_dir.parent.name)),

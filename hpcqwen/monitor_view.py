@@ -219,7 +219,7 @@ def _detail(row: RunRow, task: TaskRow | None, now: float, elapsed: float | None
     item: RunRow | TaskRow = task or row
     state = SLURM_STATES.get(item.slurm_state, JobState.UNKNOWN)
     if task is None and row.is_array and row.tasks:
-        return task_map(row.tasks)
+        return task_map(row.tasks).append(f"  {row.note}" if row.note else "")
     if state == JobState.PENDING or item.reason in ("DependencyNeverSatisfied", "NotInQueue", "NoData"):
         words = reason_words(item.reason, row.dependency if task is None else "")
         style = "red" if item.reason == "DependencyNeverSatisfied" else "yellow" if state == JobState.PENDING else ""
@@ -253,7 +253,7 @@ def _cells(row: RunRow, task: TaskRow | None, now: float, opt: set[str], is_expa
         mark = ("▾ " if is_expanded else "▸ ") if row.is_array and row.tasks else ""
         name = Text(mark + row.name, style="bold")
     else:
-        name = Text(f"  └ task {task.task_id}", style="dim")
+        name = Text(f"  └ {task.label or f'task {task.task_id}'}", style="dim")
     res = "" if task else f"{row.nodes}×{row.gpus_per_node}" if row.gpus_per_node else str(row.nodes or "")
     limit = f"/{fmt_age(row.time_limit_s)}" if row.time_limit_s else ""
     step = ""
@@ -278,6 +278,8 @@ def _cells(row: RunRow, task: TaskRow | None, now: float, opt: set[str], is_expa
         cells["REWARD"] = Text(f"{p.reward_mean:.3f}" if p and p.reward_mean is not None else "")
     if "SHARDS" in opt:
         cells["SHARDS"] = Text(_shards(p))
+    if "GPU·H" in opt:
+        cells["GPU·H"] = Text(f"{item.gpu_hours:.3g}" if item.gpu_hours is not None else "")
     return cells
 
 
@@ -293,8 +295,9 @@ def _shards(p: Progress | None) -> str:
 # so it keeps whatever width is left.
 COLUMNS = [("RUN", 0, 24), ("JOB", 0, 12), ("STATE", 0, 14), ("N×GPU", 5, 6), ("TIME", 3, 13), ("RST", 8, 3),
            ("STEP", 1, 14), ("LOSS", 2, 14), ("TOK/S", 6, 7), ("ETA", 1, 9), ("CKPT", 7, 10), ("REWARD", 3, 7),
-           ("SHARDS", 4, 14), ("DETAIL", 0, 64)]
-RIGHT = {"N×GPU", "TIME", "RST", "STEP", "TOK/S", "ETA", "CKPT", "REWARD", "SHARDS"}
+           ("SHARDS", 4, 14), ("GPU·H", 4, 7), ("DETAIL", 0, 64)]
+RIGHT = {"N×GPU", "TIME", "RST", "STEP", "TOK/S", "ETA", "CKPT", "REWARD", "SHARDS", "GPU·H"}
+OPTIONAL = ("REWARD", "SHARDS", "GPU·H")  # shown only when some row has them
 DETAIL_MIN = 16
 GAP = 2
 
@@ -372,8 +375,10 @@ def render_table(rows: Sequence[RunRow], now: float, width: int = 120, *, status
         opt.add("REWARD")
     if any(r.progress and (r.progress.done is not None or r.progress.shards_done is not None) for r in rows):
         opt.add("SHARDS")
+    if any(r.gpu_hours for r in rows):
+        opt.add("GPU·H")
     body = [_cells(*lines[i], now, opt, lines[i][0].job_id in exp) for i in range(start, stop)]
-    names = [n for n, _, _ in COLUMNS if n in opt or n not in ("REWARD", "SHARDS")]
+    names = [n for n, _, _ in COLUMNS if n in opt or n not in OPTIONAL]
     natural = {n: min(mx, max([len(n)] + [c[n].cell_len for c in body]))
                for n, drop, mx in COLUMNS if n in names and (not drop or any(c[n].plain for c in body))}
     widths = layout(natural, width)

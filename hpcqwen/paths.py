@@ -16,6 +16,8 @@ SPEC_YAML = "spec.yaml"
 SPEC_JSON = "spec.json"
 SBATCH = "job.sbatch"
 RESUBMIT_SBATCH = "job-resubmit-{n}.sbatch"  # `hpcqwen merge --resubmit`: the n-th resubmission
+SAVES = "saves.jsonl"  # in a checkpoints folder: one line per completed save (step, time, save_s)
+COST = "cost.json"
 MANIFEST = "manifest.json"
 GIT_DIFF = "git.diff"
 LAUNCHES = "launches.jsonl"
@@ -88,6 +90,16 @@ class RunPaths:
     def resubmission(self, n: int) -> RunPaths:
         """The same run dir, with the n-th resubmission's batch script as `sbatch`."""
         return RunPaths(self.root, RESUBMIT_SBATCH.format(n=n))
+
+    def chunk(self, k: int) -> RunPaths:
+        """The same run dir with chunk k's batch script: job-chunk-<k>.sbatch (k >= 1; chunk 0 is the script itself)."""
+        script = self.script if k == 0 else self.script.replace(".sbatch", f"-chunk-{k}.sbatch")
+        return RunPaths(self.root, script)
+
+    @property
+    def cost(self) -> Path:
+        """GPU-hours by where they went (hpcqwen.cost), written at the end of each job and by `hpcqwen cost`."""
+        return self.root / COST
 
     @property
     def spec_yaml(self) -> Path:

@@ -91,14 +91,15 @@ def manifest_of(run_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def recent_run_dirs(run_root: Path | None, since: float) -> list[Path]:
-    """Run dirs `<run_root>/<name>/<UTC stamp>-<hash>` submitted after `since` (from the name)."""
+def recent_run_dirs(run_root: Path | None, since: float, marker: str = MANIFEST) -> list[Path]:
+    """Run dirs `<run_root>/<name>/<UTC stamp>-<hash>` submitted after `since` (from the name); with
+    `marker` pipeline.json, pipeline dirs."""
     if run_root is None or not run_root.is_dir():
         return []
     cutoff = dt.datetime.fromtimestamp(since, dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     found = []
     for name_dir in _subdirs(run_root):
-        found += [d for d in _subdirs(name_dir) if d.name[:16] >= cutoff and (d / MANIFEST).is_file()]
+        found += [d for d in _subdirs(name_dir) if d.name[:16] >= cutoff and (d / marker).is_file()]
     return found
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import jinja2
 
 from hpcqwen import __version__
+from hpcqwen.arrays import OFFSET_ENV
 from hpcqwen.cluster import PKG_DIR
 from hpcqwen.errors import UnsafeValue
 from hpcqwen.fields import JOB_ID_RE
@@ -34,7 +35,7 @@ LAUNCH_MODULE = "hpcqwen"  # `python -m hpcqwen launch RUN_DIR`
 # (%N, the throttle) may carry one, and only as hpcqwen wrote it.
 _FLAG_RE = re.compile(r"--[a-z][a-z-]*(=[^\s'\"#\\%\x00-\x1f\x7f]+)?")
 _PATTERN_FLAGS = {"--output": re.compile(r"[^\s'\"#\\%\x00-\x1f\x7f]*/%x-(%j|%A_%a)\.out"),
-                  "--array": re.compile(r"[0-9-]+(%[0-9]+)?")}
+                  "--array": re.compile(r"[0-9,-]+(%[0-9]+)?")}  # 0-99%4, or some tasks: 1,3%4
 DEPENDENCY_TYPES = ("afterok", "afterany", "afternotok", "after")
 
 
@@ -86,8 +87,9 @@ def array_flag(spec: JobSpec, first: int = 0, last: int | None = None,
 
 
 def sbatch_flags(spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[str]],
-                 array_tasks: Sequence[int] | None = None) -> list[str]:
-    """Every `#SBATCH` line's option, in a fixed order (`array_tasks`: only these tasks of the array)."""
+                 array_tasks: Sequence[int] | None = None, array_count: int | None = None) -> list[str]:
+    """Every `#SBATCH` line's option, in a fixed order (`array_tasks`: only these tasks of the array;
+    `array_count`: a chunk of that many tasks, hpcqwen.arrays)."""
     r, c = spec.resources, spec.cluster
     flags = [
         f"--job-name={spec.name}",
@@ -115,7 +117,7 @@ def sbatch_flags(spec: JobSpec, paths: RunPaths, dependencies: dict[str, list[st
         flags += ["--requeue", f"--signal=B:USR2@{spec.requeue.signal_lead_s}"]
     else:
         flags.append("--no-requeue")
-    array = array_flag(spec, tasks=array_tasks)
+    array = array_flag(spec, last=None if array_count is None else array_count - 1, tasks=array_tasks)
     if array:
         flags.append(f"--array={array}")
     dep = dependency_flag(dependencies)
@@ -173,11 +175,14 @@ def task_lines(spec: JobSpec) -> list[str]:
 
 def sbatch_context(spec: JobSpec, paths: RunPaths, source: SpecSource,
                    dependencies: dict[str, list[str]] | None = None,
-                   array_tasks: Sequence[int] | None = None, *, preview: bool = False) -> dict[str, Any]:
+                   array_tasks: Sequence[int] | None = None, *, preview: bool = False, array_offset: int = 0,
+                   array_count: int | None = None) -> dict[str, Any]:
     """Everything the template writes, decided here (pure); `array_tasks`: a resubmission of some tasks;
-    `preview`: for `hpcqwen render` (no run dir)."""
+    `preview`: for `hpcqwen render` (no run dir); `array_offset`/`array_count`: one chunk of an array
+    larger than MaxArraySize, whose local index i is task `array_offset + i` (hpcqwen.arrays)."""
     is_array = spec.array is not None
     run_dir_q = shlex.quote(str(paths.root))
+    task_index = f'"$((SLURM_ARRAY_TASK_ID + {int(array_offset)}))"' if array_offset else '"$SLURM_ARRAY_TASK_ID"'
     return {
         "version": __version__,
         "source_path": source.path,
@@ -187,11 +192,12 @@ def sbatch_context(spec: JobSpec, paths: RunPaths, source: SpecSource,
                                       *(a for o in source.overrides for a in ("--set", o))]),
         "sbatch_path": str(paths.sbatch),
         "task_lines": task_lines(spec),
-        "sbatch_flags": sbatch_flags(spec, paths, dependencies or {}, array_tasks),
+        "sbatch_flags": sbatch_flags(spec, paths, dependencies or {}, array_tasks, array_count),
         "setup": list(spec.cluster.setup),
         "run_dir": str(paths.root),
-        "env": sorted({**spec.cluster.env, **spec.env}.items()),
-        "task_dir": run_dir_q + '/tasks/"$SLURM_ARRAY_TASK_ID"' if is_array else '"$HPCQWEN_RUN_DIR"',
+        "env": sorted({**spec.cluster.env, **spec.env, **({OFFSET_ENV: str(int(array_offset))} if array_offset
+                                                          else {})}.items()),
+        "task_dir": run_dir_q + "/tasks/" + task_index if is_array else '"$HPCQWEN_RUN_DIR"',
         "srun_command": shlex.join(srun_argv(spec, paths.root)),
         "requeue": spec.requeue.enabled,
         "signal_lead_s": spec.requeue.signal_lead_s,
@@ -217,8 +223,9 @@ def _environment(spec: JobSpec) -> jinja2.Environment:
 
 def render_sbatch(spec: JobSpec, paths: RunPaths, source: SpecSource,
                   dependencies: dict[str, list[str]] | None = None, array_tasks: Sequence[int] | None = None,
-                  *, preview: bool = False) -> str:
+                  *, preview: bool = False, array_offset: int = 0, array_count: int | None = None) -> str:
     """The batch script for `spec` running in `paths` (`array_tasks`: a resubmission of some tasks;
-    `preview`: the header says no run dir exists yet)."""
-    context = sbatch_context(spec, paths, source, dependencies, array_tasks, preview=preview)
+    `preview`: the header says no run dir exists yet; `array_offset`/`array_count`: a chunk)."""
+    context = sbatch_context(spec, paths, source, dependencies, array_tasks, preview=preview,
+                             array_offset=array_offset, array_count=array_count)
     return _environment(spec).get_template(TEMPLATE).render(**context)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcqwen import slurm
+from hpcqwen import arrays, slurm
 from hpcqwen.backends import local_status
 from hpcqwen.errors import JobFailed, RunDirError
 from hpcqwen.fields import JOB_ID_RE
@@ -32,6 +32,7 @@ class RunRef:
     array_task: int | None = None  # set when the user named one task (123_4)
     array_size: int | None = None
     earlier_jobs: tuple[str, ...] = ()  # earlier submissions of the run dir (`hpcqwen resume` adds jobs)
+    array_offsets: tuple[tuple[str, int], ...] = ()  # (job id, first task) of chunked arrays (hpcqwen.arrays)
 
 
 LOCAL_ID_RE = re.compile(r"^local-(\d+)$")
@@ -48,7 +49,7 @@ def resolve_target(text: str, run: slurm.RunCmd = slurm.run_cmd) -> RunRef:
                               hint="submit the spec again with `hpcqwen submit`")
         # the newest submission (`hpcqwen resume` appends one); a task it did not rerun is an earlier job's
         return RunRef(path.resolve(), str(jobs[-1]), info.get("backend", "slurm"), None, info.get("array_size"),
-                      tuple(str(j) for j in jobs[:-1]))
+                      tuple(str(j) for j in jobs[:-1]), tuple(arrays.offsets_of(info).items()))
     if LOCAL_ID_RE.match(text):
         run_dir = _local_run_dir(text)
         if run_dir is None:
@@ -126,17 +127,19 @@ def job_rows(ref: RunRef, run: slurm.RunCmd = slurm.run_cmd) -> list[slurm.JobRo
 
 def _slurm_rows(ref: RunRef, run: slurm.RunCmd) -> list[slurm.JobRow]:
     """What squeue, then sacct, then the run dir's earlier jobs know of the job's tasks."""
-    rows = slurm.query_jobs([ref.job_id], run=run)[ref.job_id]
+    offsets = dict(ref.array_offsets)
+    rows = arrays.with_offsets(slurm.query_jobs([ref.job_id], run=run)[ref.job_id], offsets)
     if rows and ref.array_size and len({r.array_task_id for r in rows}) < ref.array_size \
             and rows[0].source == "squeue":
         seen = {r.array_task_id for r in rows}
-        rows += [r for r in slurm.sacct([ref.job_id], run=run) if r.array_task_id not in seen]
+        rows += [r for r in arrays.with_offsets(slurm.sacct([ref.job_id], run=run), offsets)
+                 if r.array_task_id not in seen]
     if ref.array_size and ref.earlier_jobs and len({r.array_task_id for r in rows}) < ref.array_size:
         # a resubmission of some tasks: the others' newest rows come from the earlier jobs
         seen = {r.array_task_id for r in rows}
         earlier = slurm.query_jobs(list(ref.earlier_jobs), run=run)
         for job in reversed(ref.earlier_jobs):
-            for r in earlier.get(job, []):
+            for r in arrays.with_offsets(earlier.get(job, []), offsets):
                 if r.array_task_id not in seen:
                     rows.append(r)
                     seen.add(r.array_task_id)

@@ -1,10 +1,12 @@
 """Job specs: typed, frozen, validated once on the login node.
 
-`load_spec(path, overrides)` is the only place user input is checked. It reads the YAML with
-line numbers, applies `--set` overrides, merges the cluster profile, expands `${ENV}` in
-the documented path fields, validates every section and the cross-field rules, and raises
-one `SpecError` listing every problem. The node reads the frozen result (`spec.json`)
-with `read_frozen_spec` and never re-resolves defaults.
+`load_spec(path, overrides)` checks user input without touching anything outside the spec: it reads
+the YAML with line numbers, applies `--set` overrides, merges the cluster profile, expands `${ENV}`
+in the documented path fields, compiles a `sweep:` into `array.tasks`, validates every section and
+the cross-field rules, and raises one `SpecError` listing every problem. What needs the filesystem
+or the cluster (model folders, datasets, plugins, partitions) is `hpcqwen.preflight`'s, which passes
+its checks in as `extra` so that one message still lists every problem. The node reads the frozen
+result (`spec.json`) with `read_frozen_spec` and never re-resolves defaults.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from hpcqwen import cluster as cluster_mod
-from hpcqwen import specfile, yamldoc
+from hpcqwen import specfile, stagerefs, yamldoc
 from hpcqwen.cluster import ClusterProfile, EnvName, SlurmName
 from hpcqwen.errors import SpecError, SpecIssue
 from hpcqwen.fields import (
@@ -36,6 +39,7 @@ from hpcqwen.fields import (
     check_path_shape,
 )
 from hpcqwen.specfile import Loc, YamlDoc
+from hpcqwen.sweep import SweepSpec, compile_sweep
 from hpcqwen.tasks import TASK_KINDS, TaskSpec
 
 # Names that look like credentials must come from the submitting shell (Slurm exports it to
@@ -134,6 +138,8 @@ class JobSpec(_Section):
     cluster: ClusterProfile = Field(description="Profile name, or {profile: name, <field>: override}.")
     resources: Resources = Field(default_factory=Resources)
     array: ArraySpec | None = Field(None, description="Run as a job array.")
+    sweep: SweepSpec | None = Field(None, description="A grid or list of task-knob values (and seeds), run as "
+                                    "one job array (it fills array.tasks).")
     depends_on: list[Dependency] = Field(default_factory=list, description="Jobs this one waits for.")
     env: dict[EnvName, str] = Field(default_factory=dict, description="Extra environment (no secrets).")
     requeue: Requeue = Field(default_factory=Requeue)
@@ -186,7 +192,7 @@ class JobSpec(_Section):
         data = self.task.model_dump(mode="json")
         for key, value in self.array.tasks[array_index].items():
             specfile.apply_override(data, str(key).split("."), value)
-        task: TaskSpec = _TASK_ADAPTER.validate_python(data)
+        task: TaskSpec = TASK_ADAPTER.validate_python(data)
         return task
 
 
@@ -196,7 +202,8 @@ def _task_adapter() -> Any:
     return TypeAdapter(TaskSpec)
 
 
-_TASK_ADAPTER = _task_adapter()
+TASK_ADAPTER = _task_adapter()
+"""Validates one raw task mapping (an array task's, a sweep value's)."""
 
 
 # ---- loading ------------------------------------------------------------------------------
@@ -222,14 +229,21 @@ def read_source(path: str | Path, overrides: tuple[str, ...] = ()) -> SpecSource
     return SpecSource(str(path), text, digest, overrides)
 
 
-def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+ExtraChecks = Callable[[JobSpec], list[Problem]]
+"""Checks a caller adds to validation (preflight's file checks), reported with the spec's own problems."""
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), extra: ExtraChecks | None = None,
+              *, stage_refs: bool = False) -> JobSpec:
     """Load, merge and validate a job spec; raise SpecError with every problem found."""
     source = read_source(path, tuple(overrides))
-    return parse_spec(source)
+    return parse_spec(source, extra, stage_refs=stage_refs)
 
 
-def parse_spec(source: SpecSource) -> JobSpec:
-    """Validate an already-read spec (see load_spec)."""
+def parse_spec(source: SpecSource, extra: ExtraChecks | None = None, *, stage_refs: bool = False) -> JobSpec:
+    """Validate an already-read spec (see load_spec). `extra` runs once the spec validated and its problems
+    join the spec's own; `stage_refs` lets path and text values start with `${stages.<name>.<output>}`
+    (pipeline stages only: hpcqwen.pipeline resolves them on the node)."""
     file = source.path
     doc, issues = specfile.parse_yaml(source.text, file)
     if doc is None:
@@ -237,6 +251,11 @@ def parse_spec(source: SpecSource) -> JobSpec:
     overridden = _apply_overrides(doc, source.overrides, issues)
     base_dir = Path(file).resolve().parent
     data = copy.deepcopy(doc.data)
+    if not stage_refs:
+        issues += [SpecIssue(file, doc.line_of(loc), specfile.dotted_key(loc), "refers to a pipeline stage, which "
+                             "only a stage of a pipeline file can", got=specfile._short(text),
+                             hint="submit it with `hpcqwen pipeline submit PIPELINE.yaml`")
+                   for loc, text in stagerefs.find_refs(data)]
     profile = cluster_mod.resolve_profile(doc, data.get("cluster", "local"), issues, base_dir, overridden)
     # A placeholder keeps the other sections checkable when the profile itself is wrong.
     data["cluster"] = profile if profile is not None else {"profile": "?"}
@@ -245,6 +264,7 @@ def parse_spec(source: SpecSource) -> JobSpec:
     derive = getattr(task_kind, "derive_spec", None)
     if derive is not None:
         derive(data)
+    compile_sweep(data, doc, issues)
     _check_env(doc, data.get("env"), issues)
     issues += specfile.env_as_written(data.get("env"), doc, ("env",), overridden)
     spec = None
@@ -254,10 +274,21 @@ def parse_spec(source: SpecSource) -> JobSpec:
         issues += specfile.issues_from_validation(e, JobSpec, doc, overridden=overridden)
     if spec is not None and profile is not None:
         issues += _cross_checks(spec, doc, overridden)
+        if extra is not None:
+            issues += [_problem_issue(p, doc, overridden) for p in extra(spec)]
     if issues:
         raise SpecError(file, _dedupe(issues))
     assert spec is not None
     return spec
+
+
+def problem_issues(source: SpecSource, problems: list[Problem]) -> list[SpecIssue]:
+    """Problems found after validation (preflight's cluster checks) as issues with the spec's file and lines."""
+    doc, _ = specfile.parse_yaml(source.text, source.path)
+    if doc is None:
+        return [SpecIssue(source.path, None, p.key, p.message, p.got, p.expected, p.hint) for p in problems]
+    overridden = _apply_overrides(doc, source.overrides, [])
+    return _dedupe([_problem_issue(p, doc, overridden) for p in problems])
 
 
 def _dedupe(issues: list[SpecIssue]) -> list[SpecIssue]:
@@ -303,13 +334,8 @@ def _cross_checks(spec: JobSpec, doc: YamlDoc, overridden: dict[Loc, str]) -> li
                                 hint="raise resources.time_limit_min or lower requeue.signal_lead_s"))
     if a is not None:
         problems += _array_checks(spec, a)
-        if a.count > spec.cluster.max_array_size:
-            problems.append(Problem("array", f"has {a.count} tasks; the cluster's MaxArraySize is "
-                                    f"{spec.cluster.max_array_size}", got=str(a.count),
-                                    expected=f"<= {spec.cluster.max_array_size}",
-                                    hint="use fewer, larger tasks (shards)"))
     problems += _dependency_checks(spec)
-    problems += _task_checks(spec)
+    problems += spec.task.check(spec)
     for i in range(len(a.tasks) if a is not None else 0):
         try:
             task = spec.task_for(i)
@@ -338,15 +364,6 @@ def _dependency_checks(spec: JobSpec) -> list[Problem]:
     return problems
 
 
-def _task_checks(spec: JobSpec) -> list[Problem]:
-    """The task's own checks (they read model folders and data files on this machine)."""
-    try:
-        return spec.task.check(spec)
-    except OSError as e:  # e.g. a path the filesystem refuses; the check could not finish
-        return [Problem("task", f"could not check the task's files: {e.strerror or e}",
-                        got=specfile._short(e.filename or ""), hint="check the paths in task:")]
-
-
 def _array_checks(spec: JobSpec, a: ArraySpec) -> list[Problem]:
     problems = []
     if a.size is None and not a.tasks:
@@ -362,7 +379,7 @@ def _array_checks(spec: JobSpec, a: ArraySpec) -> list[Problem]:
         for key, value in overrides.items():
             specfile.apply_override(data, str(key).split("."), value)
         try:
-            _TASK_ADAPTER.validate_python(data)
+            TASK_ADAPTER.validate_python(data)
         except ValidationError as e:
             for err in e.errors():
                 loc = tuple(err["loc"])[1:] if err["loc"] and err["loc"][0] == data.get("kind") else tuple(err["loc"])

@@ -122,13 +122,17 @@ _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def expand_path(value: str, base_dir: Path | None, environ: Mapping[str, str] | None = None) -> str:
-    """Expand `${VAR}`, `${VAR:-default}` and `~`, then make the path absolute against `base_dir`.
+    """Expand `${VAR}`, `${VAR:-default}` and `~`, then make the path absolute against `base_dir`. A value
+    that starts with `${stages.` (a pipeline reference) is kept as written: the node resolves it.
 
     Raises:
         ValueError: a referenced variable is unset and has no default, or the path is longer than
             the kernel allows (fields.check_path_shape).
     """
     env = os.environ if environ is None else environ
+    if value.startswith("${stages."):  # a pipeline stage's reference: resolved on the node (hpcqwen.stagerefs)
+        check_path_shape(value)
+        return value
 
     def sub(m: re.Match[str]) -> str:
         name, default = m.group(1), m.group(2)

@@ -1,7 +1,9 @@
 """Make the run dir, then hand it to a backend. Nothing half-written stays behind.
 
 The run dir is written under a hidden staging name and renamed into place in one step; if the
-backend then refuses the job (a rejected sbatch, a dead controller), the run dir is removed.
+backend then refuses the job (a rejected sbatch, a dead controller), the run dir is removed and any
+chunk already queued is cancelled. An array above the cluster's MaxArraySize goes in chunks, each
+its own sbatch (hpcqwen.arrays), recorded in the manifest's `array_chunks`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcqwen import __version__, fs
+from hpcqwen import __version__, arrays, fs
 from hpcqwen.backends import Backend
 from hpcqwen.errors import RunDirError
 from hpcqwen.fields import JOB_ID_RE
@@ -122,10 +124,11 @@ def manifest(spec: JobSpec, source: SpecSource, backend: str, git: dict[str, Any
     }
 
 
-def prepare_run_dir(spec: JobSpec, source: SpecSource, backend: str,
-                    dependencies: dict[str, list[str]]) -> RunPaths:
-    """Write spec.yaml, spec.json, job.sbatch, manifest.json (and git.diff) into a new run dir."""
-    final = new_run_dir(spec.cluster.run_root, spec.name, source.sha256)
+def prepare_run_dir(spec: JobSpec, source: SpecSource, backend: str, dependencies: dict[str, list[str]],
+                    final: Path | None = None, first_chunk: int | None = None) -> RunPaths:
+    """Write spec.yaml, spec.json, job.sbatch, manifest.json (and git.diff) into a new run dir (`final`, or
+    a fresh `<run_root>/<name>/<stamp>`); `first_chunk`: job.sbatch runs only the array's first tasks."""
+    final = final or new_run_dir(spec.cluster.run_root, spec.name, source.sha256)
     staging = final.with_name(f".{final.name}.staging")
     paths = RunPaths(final)
     staging.mkdir(parents=True)
@@ -133,7 +136,8 @@ def prepare_run_dir(spec: JobSpec, source: SpecSource, backend: str,
         (staging / paths.logs.name).mkdir()
         (staging / paths.spec_yaml.name).write_text(source.text, encoding="utf-8")
         (staging / paths.spec_json.name).write_text(spec.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        (staging / paths.sbatch.name).write_text(render_sbatch(spec, paths, source, dependencies), encoding="utf-8")
+        script = render_sbatch(spec, paths, source, dependencies, array_count=first_chunk)
+        (staging / paths.sbatch.name).write_text(script, encoding="utf-8")
         git, diff = git_state(Path.cwd())
         if diff:
             (staging / paths.git_diff.name).write_text(diff, encoding="utf-8")
@@ -147,21 +151,55 @@ def prepare_run_dir(spec: JobSpec, source: SpecSource, backend: str,
     return paths
 
 
-def submit(spec: JobSpec, source: SpecSource, backend: Backend) -> Submission:
-    """Prepare the run dir and submit it; on any failure remove the run dir again."""
-    dependencies = resolve_dependencies(spec, source.path)
-    paths = prepare_run_dir(spec, source, backend.name, dependencies)
+def submit(spec: JobSpec, source: SpecSource, backend: Backend, array_limit: int | None = None,
+           final: Path | None = None, dependencies: dict[str, list[str]] | None = None) -> Submission:
+    """Prepare the run dir and submit it (in chunks when the array is above `array_limit`, the cluster's
+    MaxArraySize); on any failure cancel what was queued and remove the run dir. `final`: the run dir's
+    path (a pipeline stage's); `dependencies`: the jobs to wait for (default: the spec's depends_on)."""
+    dependencies = resolve_dependencies(spec, source.path) if dependencies is None else dependencies
+    count = spec.array.count if spec.array else 0
+    plan = arrays.chunks(count, array_limit) if array_limit and count > array_limit else [(0, count)]
+    paths = prepare_run_dir(spec, source, backend.name, dependencies, final, plan[0][1] if len(plan) > 1 else None)
+    job_ids: list[str] = []
     try:
-        job_ids = backend.submit(spec, paths, dependencies)
+        job_ids += backend.submit(spec, paths, dependencies)
+        for k, (offset, n) in enumerate(plan[1:], 1):
+            job_ids += _submit_chunk(spec, source, backend, paths.chunk(k), dependencies, job_ids[-1], offset, n)
     except BaseException:
+        _cancel_quietly(job_ids)
         shutil.rmtree(paths.root, ignore_errors=True)
         with contextlib.suppress(OSError):
             paths.root.parent.rmdir()  # the <run_root>/<name> folder, when this was its only run
         raise
     info = json.loads(paths.manifest.read_text(encoding="utf-8"))
     info["job_ids"] = job_ids
+    if len(plan) > 1:
+        info["array_chunks"] = [{"job_id": j, "offset": o, "count": n} for j, (o, n) in zip(job_ids, plan, strict=True)]
     fs.write_atomic(paths.manifest, json.dumps(info, indent=2) + "\n")
     return Submission(paths.root, job_ids, backend.name)
+
+
+def _submit_chunk(spec: JobSpec, source: SpecSource, backend: Backend, paths: RunPaths,
+                  dependencies: dict[str, list[str]], previous: str, offset: int, count: int | None,
+                  tasks: list[int] | None = None) -> list[str]:
+    """One more chunk of the array; with a throttle it waits for the previous chunk (afterany)."""
+    deps = dict(dependencies)
+    if spec.array is not None and spec.array.throttle:
+        deps["afterany"] = [*deps.get("afterany", []), previous]
+    fs.write_atomic(paths.sbatch, render_sbatch(spec, paths, source, deps, tasks, array_offset=offset,
+                                                array_count=count))
+    os.chmod(paths.sbatch, 0o755)
+    return backend.submit(spec, paths, deps, tasks)
+
+
+def _cancel_quietly(job_ids: list[str]) -> None:
+    """Cancel jobs of a submission that failed half-way (local runs are not Slurm jobs)."""
+    ids = [j for j in job_ids if JOB_ID_RE.fullmatch(j)]
+    if ids:
+        from hpcqwen import slurm
+
+        with contextlib.suppress(Exception):
+            slurm.scancel(ids)
 
 
 def unfinished_tasks(spec: JobSpec, paths: RunPaths) -> list[int | None]:
@@ -172,10 +210,12 @@ def unfinished_tasks(spec: JobSpec, paths: RunPaths) -> list[int | None]:
     return [i for i in tasks if read_outcome(paths.task(i)) != "done"]
 
 
-def resubmit(run_dir: Path, backend: Backend, tasks: list[int] | None = None) -> Submission:
-    """Submit an existing run dir again (`hpcqwen resume`, `hpcqwen merge --resubmit`): the given array
-    tasks, or every unfinished task, with a freshly rendered script `job-resubmit-<n>.sbatch` (no stale
-    --dependency, the array throttle kept), recorded in the manifest (`job_ids`, `resubmits`); the
+def resubmit(run_dir: Path, backend: Backend, tasks: list[int] | None = None,
+             dependencies: dict[str, list[str]] | None = None, array_limit: int | None = None) -> Submission:
+    """Submit an existing run dir again (`hpcqwen resume`, `hpcqwen merge --resubmit`, `pipeline resume`): the
+    given array tasks, or every unfinished task, with a freshly rendered script `job-resubmit-<n>.sbatch` (no
+    stale --dependency unless `dependencies` are given, the array throttle kept; tasks past `array_limit`
+    or the run's own chunk size go in chunks), recorded in the manifest (`job_ids`, `resubmits`); the
     runners resume from their newest complete checkpoints. A refused submission leaves no script."""
     paths = RunPaths(run_dir)
     spec = read_frozen_spec(paths.spec_json)
@@ -190,21 +230,40 @@ def resubmit(run_dir: Path, backend: Backend, tasks: list[int] | None = None) ->
     text = paths.spec_yaml.read_text(encoding="utf-8") if paths.spec_yaml.is_file() else ""
     source = SpecSource(str(info.get("spec") or paths.spec_yaml), text, str(info.get("spec_sha256") or "0" * 64),
                         tuple(info.get("overrides") or ()))
-    fs.write_atomic(again.sbatch, render_sbatch(spec, again, source, {}, tasks))
-    os.chmod(again.sbatch, 0o755)
+    chunked = info.get("array_chunks") or []
+    limit = int(chunked[0]["count"]) if chunked else array_limit
+    groups = arrays.group_tasks(tasks, limit) if tasks is not None and limit else [(0, tasks)]
+    deps = dependencies or {}
+    job_ids: list[str] = []
     try:
-        job_ids = backend.submit(spec, again, {}, tasks)
+        for k, (offset, local) in enumerate(groups):
+            if k == 0:
+                job_ids += _submit_first(spec, source, backend, again, deps, offset, local)
+            else:
+                job_ids += _submit_chunk(spec, source, backend, again.chunk(k), {}, job_ids[-1], offset, None, local)
     except BaseException:
-        again.sbatch.unlink(missing_ok=True)  # nothing was submitted: leave no script that looks as if it was
+        _cancel_quietly(job_ids)
+        for k in range(len(groups)):
+            again.chunk(k).sbatch.unlink(missing_ok=True)  # leave no script that looks as if it was submitted
         raise
     info["job_ids"] = [*(info.get("job_ids") or []), *job_ids]
     info["backend"] = backend.name
+    if chunked or len(groups) > 1 or groups[0][0]:
+        info["array_chunks"] = [*chunked, *({"job_id": j, "offset": o, "count": None}
+                                            for j, (o, _) in zip(job_ids, groups, strict=True))]
     info.setdefault("resubmits", []).append({
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "job_id": job_ids[0],
         "job_ids": job_ids, "backend": backend.name, "array_tasks": ",".join(map(str, tasks or [])),
         "script": again.sbatch.name})
     fs.write_atomic(paths.manifest, json.dumps(info, indent=2) + "\n")
     return Submission(paths.root, job_ids, backend.name)
+
+
+def _submit_first(spec: JobSpec, source: SpecSource, backend: Backend, paths: RunPaths,
+                  dependencies: dict[str, list[str]], offset: int, tasks: list[int] | None) -> list[str]:
+    fs.write_atomic(paths.sbatch, render_sbatch(spec, paths, source, dependencies, tasks, array_offset=offset))
+    os.chmod(paths.sbatch, 0o755)
+    return backend.submit(spec, paths, dependencies, tasks)
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:

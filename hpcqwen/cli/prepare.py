@@ -12,7 +12,8 @@ import sys
 from hpcqwen import backends
 from hpcqwen.cli._common import add_spec_arguments
 from hpcqwen.errors import HpcqwenError
-from hpcqwen.spec import JobSpec, parse_spec, read_source
+from hpcqwen.preflight import checked_spec
+from hpcqwen.spec import JobSpec, read_source
 from hpcqwen.submit import submit
 
 PREPARABLE = ("sft", "megatron")
@@ -40,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Submit the preparation job; print its run dir (for depends_on)."""
     source = read_source(args.spec, tuple(args.overrides))
-    spec = prepare_spec(parse_spec(source))
+    spec = prepare_spec(checked_spec(source))  # the data must exist before a job is queued to tokenize it
     backend, why = backends.choose_backend(args.backend, spec, wait=args.wait)
     print(f"backend: {why}", file=sys.stderr)
     sub = submit(spec, source, backend)

@@ -1,14 +1,14 @@
-"""`hpcqwen submit SPEC [--wait]`: validate, make the run dir, submit; optionally wait."""
+"""`hpcqwen submit SPEC [--wait]`: validate, preflight, make the run dir, submit; optionally wait."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from hpcqwen import backends, preflight, runs, slurm
+from hpcqwen import backends, preflight, runs, slurm, slurminfo
 from hpcqwen.cli._common import add_spec_arguments
-from hpcqwen.errors import EXIT_OK, SpecError, SpecIssue
-from hpcqwen.spec import parse_spec, read_source
+from hpcqwen.errors import EXIT_OK
+from hpcqwen.spec import read_source
 from hpcqwen.submit import submit
 from hpcqwen.tasks import spec_warnings
 
@@ -27,19 +27,19 @@ def _print_rows(rows: list[slurm.JobRow]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Submit; with --wait, follow the state and report how it ended."""
+    """Check (spec, files, cluster), submit; with --wait, follow the state and report how it ended."""
     source = read_source(args.spec, tuple(args.overrides))
-    spec = parse_spec(source)
+    spec = preflight.checked_spec(source)
     for w in spec_warnings(spec):
         print(f"warning: {args.spec}: {w.key}: {w.message} (got {w.got}); hint: {w.hint}", file=sys.stderr)
-    errors, warnings = preflight.signal_lead_problems(spec)
-    for text in warnings:
-        print(f"warning: {text}", file=sys.stderr)
-    if errors:
-        raise SpecError(args.spec, [SpecIssue(args.spec, None, "requeue.signal_lead_s", text) for text in errors])
     backend, why = backends.choose_backend(args.backend, spec, wait=args.wait)
+    report = preflight.run_checks(spec, cluster=backend.name != "local")
+    preflight.show_warnings(report, args.spec)
+    preflight.raise_errors(source, report)
     print(f"backend: {why}", file=sys.stderr)
-    sub = submit(spec, source, backend)
+    limit = slurminfo.max_array_size(spec.cluster.max_array_size)[0] if spec.array and backend.name == "slurm" \
+        else None
+    sub = submit(spec, source, backend, limit)
     print(f"submitted job {', '.join(sub.job_ids)}  run dir: {sub.run_dir}")
     if not args.wait:
         return EXIT_OK

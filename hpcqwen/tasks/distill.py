@@ -8,10 +8,8 @@ task runs GPUs-per-node / tensor_parallel_size engines (one process each, data p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
@@ -24,12 +22,7 @@ from hpcqwen.tasks._common import (
     ChatTemplateMode,
     DatasetRefs,
     ModelRef,
-    check_datasets,
-    check_hub_ref,
-    check_model_dir,
-    dataset_files,
     is_hub_id,
-    split_dataset_ref,
 )
 from hpcqwen.tasks.scan import SCAN_TOTAL_BYTES
 
@@ -157,17 +150,10 @@ class DistillTask(BaseModel):
         return Path(run_dir) / self.result_path
 
     def check(self, spec: JobSpec) -> list[Problem]:
-        """Everything that can fail before GPU time: model, data rows, layout, engine."""
+        """Cross-field checks (no files read: model, data rows and the engine are hpcqwen.preflight's)."""
         from hpcqwen.spec import Problem
 
-        p = check_model_dir("task.model", self.model)
-        if self.adapters is not None and is_hub_id(self.adapters):
-            p += check_hub_ref("task.adapters", self.adapters, "model")
-        elif self.adapters is not None and not (Path(self.adapters) / "adapter_config.json").is_file():
-            p.append(Problem("task.adapters", "has no adapter_config.json", got=self.adapters,
-                             expected="a LoRA checkpoint folder (checkpoints/checkpoint-N of an SFT run)"))
-        data_problems = check_datasets("task.dataset", self.dataset)
-        p += data_problems or self._check_rows()
+        p = []
         if self.enable_thinking is False and self.response_prefix:
             p.append(Problem("task.response_prefix", "enable_thinking: false already renders the empty "
                              "<think></think> block; with response_prefix it would appear twice",
@@ -176,39 +162,11 @@ class DistillTask(BaseModel):
             p.append(Problem("task.max_new_tokens", f"max_new_tokens ({self.max_new_tokens}) must be below "
                              f"max_model_len ({self.max_model_len}), which also holds the prompt",
                              got=str(self.max_new_tokens), expected=f"< {self.max_model_len}"))
-        longest = model_max_len(self.model)
-        if longest is not None and self.max_model_len > longest:
-            p.append(Problem("task.max_model_len", f"max_model_len ({self.max_model_len}) is longer than the model's "
-                             f"max_position_embeddings ({longest})", got=str(self.max_model_len),
-                             expected=f"<= {longest}"))
         if self.temperature == 0 and self.num_return_sequences > 1:
             p.append(Problem("task.num_return_sequences", f"temperature 0 is greedy: the {self.num_return_sequences}"
                              " answers per prompt would be identical", got=str(self.num_return_sequences),
                              hint="raise temperature, or set num_return_sequences: 1"))
-        return p + self._check_layout(spec) + self._check_engine(spec)
-
-    def _check_rows(self) -> list[Problem]:
-        """Read local datasets now (login node), so a bad column or an empty file fails before sbatch."""
-        from hpcqwen.data.formats import DataError, load_dataset_rows
-        from hpcqwen.spec import Problem
-
-        local = [r for r in self.dataset if not is_hub_id(split_dataset_ref(r)[0])]
-        size = sum(_size(Path(split_dataset_ref(r)[0])) for r in local)
-        if not local or size > CHECK_ROWS_LIMIT:
-            return []  # hub ids and huge sets: the runner reports row errors
-        try:
-            rows = load_dataset_rows(local, base_dir="/", seed=self.seed, system=self.system)
-        except DataError as e:
-            return [Problem("task.dataset", e.message, got=e.where, expected="rows with `messages` or `query`",
-                            hint=e.hint)]
-        for i, row in enumerate(rows):
-            if not any(m["role"] != "system" for m in prompt_messages(row["messages"])):
-                return [Problem("task.dataset", f"prompt {i} has no user turn once the final assistant turn is "
-                                "dropped", got=json.dumps(row["messages"])[:120])]
-        if len(local) == len(self.dataset) and self.shards > len(rows):
-            return [Problem("task.shards", f"{self.shards} shards for {len(rows)} prompts leaves shards empty",
-                            got=str(self.shards), expected=f"<= {len(rows)}")]
-        return []
+        return p + self._check_layout(spec)
 
     def _check_layout(self, spec: JobSpec) -> list[Problem]:
         from hpcqwen.spec import Problem
@@ -234,27 +192,6 @@ class DistillTask(BaseModel):
             p.append(Problem("array", f"task.shards ({self.shards}) needs an array", expected=f"array.size {want}"))
         return p
 
-    def _check_engine(self, spec: JobSpec) -> list[Problem]:
-        """vLLM is findable, and on CPU the model's head size is one vLLM's CPU attention supports."""
-        from hpcqwen.spec import Problem
-
-        if self.infer_backend == "hf":
-            return []
-        p = []
-        python = self.vllm_python
-        same_python = spec.cluster.python is None and spec.cluster.container is None
-        if self.infer_backend == "vllm" and same_python and not _has_vllm(python):
-            p.append(Problem("task.infer_backend", "vLLM is not installed for the nodes' interpreter",
-                             got=python or sys.executable, expected="an interpreter where `import vllm` works",
-                             hint="run scripts/setup-vllm.sh (or set HPCQWEN_VLLM_PYTHON), or infer_backend: hf"))
-        if spec.gpus_per_node == 0 and (self.infer_backend == "vllm" or _has_vllm(python)):
-            head_dim = _head_dim(self.model)
-            if head_dim is not None and head_dim not in VLLM_CPU_HEAD_DIMS:
-                p.append(Problem("task.model", f"vLLM's CPU attention does not support head_dim {head_dim}",
-                                 got=str(head_dim), expected=f"one of {list(VLLM_CPU_HEAD_DIMS)}",
-                                 hint="use infer_backend: hf on CPU, or a model with head_dim >= 32"))
-        return p
-
 
 def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -265,24 +202,7 @@ def prompt_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return messages[:-1] if messages and messages[-1].get("role") == "assistant" else messages
 
 
-def _size(path: Path) -> int:
-    files = dataset_files(path)
-    if files is None:  # too many files to look at here: as good as too large
-        return CHECK_ROWS_LIMIT + 1
-    return sum(f.stat().st_size for f in files if f.is_file())
-
-
-def _has_vllm(python: str | None) -> bool:
-    """vLLM findable in `python` (a file check for another interpreter's venv) or in this one."""
-    if python and python != sys.executable:
-        if not Path(python).is_file():
-            return False
-        venv = Path(python).parent.parent
-        return any(venv.glob("lib/python3*/site-packages/vllm/__init__.py"))
-    return importlib.util.find_spec("vllm") is not None
-
-
-def _model_config(model: str) -> dict[str, Any]:
+def model_config(model: str) -> dict[str, Any]:
     config = Path(model) / "config.json"
     if is_hub_id(model) or not config.is_file():
         return {}
@@ -295,15 +215,5 @@ def _model_config(model: str) -> dict[str, Any]:
 
 def model_max_len(model: str) -> int | None:
     """The model's max_position_embeddings (config.json of a local folder), or None."""
-    value = _model_config(model).get("max_position_embeddings")
+    value = model_config(model).get("max_position_embeddings")
     return int(value) if value else None
-
-
-def _head_dim(model: str) -> int | None:
-    c = _model_config(model)
-    if not c:
-        return None
-    if c.get("head_dim"):
-        return int(c["head_dim"])
-    heads = c.get("num_attention_heads")
-    return int(c["hidden_size"]) // int(heads) if heads and c.get("hidden_size") else None

@@ -1,9 +1,10 @@
 """`task.kind: grpo` — GRPO with verifiable rewards on TRL's GRPOTrainer, ms-swift's (the guide's) knob names.
 
-Reward plugins (`path/to/file.py:function`) are resolved against the spec's folder at load and
-imported and signature-checked here, on the login node, so a bad one fails `hpcqwen submit`, not
-the job. Defaults are ms-swift's where they differ from TRL's (beta 0.04, loss_type grpo,
-temperature 0.9, top_p 0.9, top_k 50), so a guide command without a flag means what it meant there.
+Reward plugins (`path/to/file.py:function`) are resolved against the spec's folder at load; they are
+imported and signature-checked by `hpcqwen.preflight` on the login node (check and submit), so a bad
+one fails `hpcqwen submit`, not the job; `dataset_columns` is the bounded look at the data it uses.
+Defaults are ms-swift's where they differ from TRL's (beta 0.04, loss_type grpo, temperature 0.9,
+top_p 0.9, top_k 50), so a guide command without a flag means what it meant there.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, WrapValidator
 
 from hpcqwen import specfile
-from hpcqwen.data.formats import CONSUMED_COLUMNS
 from hpcqwen.fields import (
     MAX_BATCH,
     MAX_EPOCHS,
@@ -37,8 +37,6 @@ from hpcqwen.tasks._common import (
     ModelKnobs,
     _listify,
     _with_context,
-    check_datasets,
-    check_model_dir,
     dataset_files,
     is_hub_id,
     split_dataset_ref,
@@ -157,10 +155,18 @@ class GrpoTask(ModelKnobs):
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
 
     def check(self, spec: JobSpec) -> list[Problem]:
-        """Cross-field checks on the login node, with the numbers."""
-        p = check_model_dir("task.model", self.model) + check_datasets("task.dataset", self.dataset)
-        p += self._check_batch(spec.world_size) + self._check_rewards() + self._check_vllm(spec)
-        p += self._check_deepspeed() + self._check_generation() + check_rollout(self, spec)
+        """Cross-field checks (no files read, no plugin imported: those are hpcqwen.preflight's)."""
+        from hpcqwen.spec import Problem
+
+        p = self._check_batch(spec.world_size) + self._check_vllm(spec)
+        if not self.reward_funcs:
+            p.append(Problem("task.reward_funcs", "needs at least one reward function", expected="e.g. [accuracy]"))
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            n = len(self.reward_funcs)
+            p.append(Problem("task.reward_weights", f"has {len(self.reward_weights)} weights for {n} reward "
+                             f"function{'s' if n != 1 else ''}", got=str(self.reward_weights),
+                             expected=f"one weight per reward_funcs entry ({n})"))
+        p += self._check_generation() + check_rollout(self, spec)
         return p
 
     @staticmethod
@@ -197,30 +203,6 @@ class GrpoTask(ModelKnobs):
                         f"divisible by num_generations ({n})", got=str(n), expected=f"a divisor of {batch}",
                         hint=f"set per_device_train_batch_size to a multiple of {fix}")]
 
-    def _check_rewards(self) -> list[Problem]:
-        from hpcqwen.rewards import check_reward, required_columns
-        from hpcqwen.spec import Problem
-
-        p: list[Problem] = []
-        if not self.reward_funcs:
-            p.append(Problem("task.reward_funcs", "needs at least one reward function", expected="e.g. [accuracy]"))
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
-            n = len(self.reward_funcs)
-            p.append(Problem("task.reward_weights", f"has {len(self.reward_weights)} weights for {n} reward "
-                             f"function{'s' if n != 1 else ''}", got=str(self.reward_weights),
-                             expected=f"one weight per reward_funcs entry ({n})"))
-        columns = dataset_columns(self.dataset)
-        for i, ref in enumerate(self.reward_funcs):
-            problems = check_reward(ref, "/", None if columns is None else columns - set(CONSUMED_COLUMNS))
-            if problems:
-                p.append(Problem(f"task.reward_funcs[{i}]", f"{ref}: " + "; ".join(problems),
-                                 hint="see jobspecs/plugins/example_reward.py"))
-            missing = sorted(required_columns(ref) - columns) if columns is not None else []
-            p += [Problem("task.dataset", f"has no {col!r} column, which reward {ref!r} needs",
-                          got=f"columns {', '.join(sorted(columns or ()))}",
-                          hint=f"add a {col!r} column with the reference answer to every row") for col in missing]
-        return p
-
     def _check_vllm(self, spec: JobSpec) -> list[Problem]:
         from hpcqwen.spec import Problem
 
@@ -253,14 +235,6 @@ class GrpoTask(ModelKnobs):
                              f"max_completion_length ({self.max_completion_length}) = {need} tokens",
                              got=str(self.vllm_max_model_len), expected=f">= {need}"))
         return p
-
-    def _check_deepspeed(self) -> list[Problem]:
-        from hpcqwen.spec import Problem
-
-        if self.deepspeed and self.deepspeed not in ZERO_PRESETS and not Path(self.deepspeed).is_file():
-            return [Problem("task.deepspeed", "is neither a preset nor a file", got=self.deepspeed,
-                            expected=f"one of {', '.join(ZERO_PRESETS)} or a DeepSpeed JSON file")]
-        return []
 
 
 def dataset_columns(refs: list[str]) -> set[str] | None:

@@ -1,9 +1,9 @@
 """`task.kind: megatron` — SFT of Qwen3 / Qwen3-MoE on megatron-core, the guide's `megatron sft` knobs.
 
 Every flag of the guide's Megatron-SWIFT command (Qwen3-30B-A3B, 2 nodes × 8 GPUs) is a field of
-the same name. The parallel layout is checked here against the resources and, when `load` is a
-local folder, against the model's own numbers (experts, heads, layers from its config.json), so a
-layout megatron-core would reject fails `hpcqwen submit`, not the job.
+the same name. The parallel layout is checked here against the resources; `hpcqwen.preflight` checks
+it against the model's own numbers (experts, heads, layers from a local `load` folder's config.json),
+so a layout megatron-core would reject fails `hpcqwen submit`, not the job.
 """
 
 from __future__ import annotations
@@ -29,16 +29,12 @@ from hpcqwen.fields import (
 from hpcqwen.tasks._common import (
     CHAT_TEMPLATE_HELP,
     MULTI_TURN_HELP,
-    TOKENIZER_FILES,
     TRUNCATION_HELP,
     ChatTemplateMode,
     DatasetRefs,
     ModelRef,
     MultiTurnMode,
     TruncationStrategy,
-    check_datasets,
-    check_hub_ref,
-    is_hub_id,
 )
 
 if TYPE_CHECKING:
@@ -140,13 +136,8 @@ class MegatronTask(BaseModel):
         return [run_dir]
 
     def check(self, spec: JobSpec) -> list[Problem]:
-        """Cross-field checks on the login node, with the numbers."""
-        p = check_datasets("task.dataset", self.dataset) + check_datasets("task.val_dataset", self.val_dataset)
-        config, problems = self._model_config()
-        p += problems + self._check_layout(spec) + self._check_options(spec)
-        if config is not None:
-            p += self._check_model(config)
-        return p
+        """Cross-field checks (no files read: the model folder and its shapes are hpcqwen.preflight's)."""
+        return self._check_layout(spec) + self._check_options(spec)
 
     def warnings(self, spec: JobSpec) -> list[Problem]:
         """Settings that are valid but do nothing (printed on submit, not errors)."""
@@ -241,65 +232,6 @@ class MegatronTask(BaseModel):
             p.append(Problem("task.context_parallel_size", "packing with context parallelism is not supported "
                              "(packed sequences would need per-sequence padding to 2 × CP)", got=str(cp),
                              expected="1 with packing"))
-        return p
-
-    def _model_config(self) -> tuple[tuple[dict[str, Any], str] | None, list[Problem]]:
-        """(config.json of `load`, its path) when `load` is local, and problems with the folder."""
-        from hpcqwen.spec import Problem
-
-        if is_hub_id(self.load):
-            return None, check_hub_ref("task.load", self.load, "model")
-        folder = model_folder(Path(self.load))
-        if folder is None:
-            return None, [Problem("task.load", "is neither a Hugging Face model folder nor an hpcqwen megatron "
-                                  "checkpoint", got=self.load, expected="a folder with config.json, or checkpoints "
-                                  "with a complete iter_<n>/", hint="download the model first (huggingface-cli "
-                                  "download ORG/NAME --local-dir DIR)")]
-        p = []
-        if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-            p.append(Problem("task.load", "model folder has no tokenizer", got=str(folder),
-                             expected=f"one of {', '.join(TOKENIZER_FILES)} in the folder"))
-        from hpcqwen.megatron.dims import read_config
-
-        try:
-            return (read_config(folder), str(folder / "config.json")), p
-        except (OSError, ValueError) as e:
-            return None, [*p, Problem("task.load", f"config.json is unreadable: {e}", got=str(folder))]
-
-    def _check_model(self, found: tuple[dict[str, Any], str]) -> list[Problem]:
-        """Parallel sizes against the model's experts, heads and layers."""
-        from hpcqwen.megatron.dims import UnsupportedModel, dims_from_config
-        from hpcqwen.spec import Problem
-
-        config, path = found
-        try:
-            d = dims_from_config(config)
-        except (UnsupportedModel, KeyError) as e:
-            return [Problem("task.load", f"{path}: {e}", expected="a Qwen3 or Qwen3-MoE model")]
-        p: list[Problem] = []
-        tp, pp, ep = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.expert_model_parallel_size
-        if ep > 1 and not d.is_moe:
-            p.append(Problem("task.expert_model_parallel_size", f"is {ep} but the model is dense (model_type "
-                             f"{d.model_type} in {path})", got=str(ep), expected="1"))
-        elif d.is_moe and d.num_experts % ep:
-            p.append(Problem("task.expert_model_parallel_size", f"must divide the model's expert count "
-                             f"({d.num_experts}, num_experts in {path})", got=str(ep),
-                             expected=f"a divisor of {d.num_experts}"))
-        if d.num_heads % tp or d.num_kv_heads % tp:
-            p.append(Problem("task.tensor_model_parallel_size", f"must divide the model's attention heads "
-                             f"({d.num_heads}) and key/value heads ({d.num_kv_heads})", got=str(tp),
-                             expected=f"a divisor of {d.num_kv_heads}"))
-        ffn = d.moe_ffn_hidden_size if d.is_moe else d.ffn_hidden_size
-        if ffn % tp:
-            p.append(Problem("task.tensor_model_parallel_size", f"must divide the model's MLP width ({ffn})",
-                             got=str(tp)))
-        if d.num_layers % pp:
-            p.append(Problem("task.pipeline_model_parallel_size", f"must divide the model's {d.num_layers} layers",
-                             got=str(pp), expected=f"a divisor of {d.num_layers}"))
-        elif self.recompute_num_layers and self.recompute_num_layers > d.num_layers // pp:
-            p.append(Problem("task.recompute_num_layers", f"is more than the {d.num_layers // pp} layers of a "
-                             "pipeline stage", got=str(self.recompute_num_layers),
-                             expected=f"1..{d.num_layers // pp}"))
         return p
 
 

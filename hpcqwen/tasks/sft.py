@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
@@ -25,8 +24,6 @@ from hpcqwen.tasks._common import (
     ModelKnobs,
     MultiTurnMode,
     TruncationStrategy,
-    check_datasets,
-    check_model_dir,
     split_dataset_ref,
 )
 
@@ -104,11 +101,10 @@ class SftTask(ModelKnobs):
         return self.learning_rate or (1e-4 if self.train_type == "lora" else 1e-5)
 
     def check(self, spec: JobSpec) -> list[Problem]:
-        """Cross-field checks on the login node, with the numbers."""
+        """Cross-field checks (no files read: model, data and DeepSpeed files are hpcqwen.preflight's)."""
         from hpcqwen.spec import Problem
 
-        p = check_model_dir("task.model", self.model)
-        p += check_datasets("task.dataset", self.dataset) + check_datasets("task.val_dataset", self.val_dataset)
+        p: list[Problem] = []
         if self.packing and self.attn_impl not in VARLEN_ATTN:
             p.append(Problem("task.attn_impl", f"packing needs an attention that keeps packed sequences apart "
                              f"({', '.join(VARLEN_ATTN)})", got=self.attn_impl, hint="set attn_impl: flash_attn"))
@@ -116,20 +112,13 @@ class SftTask(ModelKnobs):
         if self.use_liger_kernel and not gpu:
             p.append(Problem("task.use_liger_kernel", "Liger's Triton kernels need GPUs but resources.gpus_per_node "
                              "is 0", got="true", expected="false on CPU"))
-        if self.deepspeed and self.deepspeed not in ZERO_PRESETS and not Path(self.deepspeed).is_file():
-            p.append(Problem("task.deepspeed", "is neither a preset nor a file", got=self.deepspeed,
-                             expected=f"one of {', '.join(ZERO_PRESETS)} or a DeepSpeed JSON file"))
         if self.save_only_model and spec.requeue.enabled:
             zero3 = (" (with ZeRO-3, not even the optimizer shards)"
                      if (self.deepspeed or "").startswith("zero3") else "")
             p.append(Problem("task.save_only_model", f"checkpoints without optimizer, scheduler and RNG state{zero3} "
                              "cannot resume a requeued job", got="true",
                              hint="set save_only_model: false, or requeue: {enabled: false}"))
-        p += self._check_batch(spec)
-        if (self.model_name is None or self.model_author is None) and _has_placeholders(self.dataset):
-            p.append(Problem("task.model_name", "the data has {{NAME}}/{{AUTHOR}} placeholders but model_name or "
-                             "model_author is missing", hint="set model_name: [中文名, English name] and model_author"))
-        return p
+        return p + self._check_batch(spec)
 
     def warnings(self, spec: JobSpec) -> list[Problem]:
         """Settings that are valid but do nothing (printed on submit, not errors)."""
@@ -156,11 +145,3 @@ class SftTask(ModelKnobs):
                             f"processes) but the datasets give {rows}", got=str(self.per_device_train_batch_size),
                             expected=f"<= {rows // spec.world_size or 1}")]
         return []
-
-
-def _has_placeholders(refs: list[str]) -> bool:
-    """Any `{{NAME}}`/`{{AUTHOR}}` in the first bytes of the local data files (hpcqwen.tasks.scan caps)."""
-    from hpcqwen.data.formats import PLACEHOLDERS
-    from hpcqwen.tasks.scan import contains_any
-
-    return contains_any(refs, PLACEHOLDERS)

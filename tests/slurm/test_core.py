@@ -15,7 +15,7 @@ from helpers import wait_until
 
 from hpcqwen import runs, slurm
 from hpcqwen.cli import main
-from hpcqwen.errors import EXIT_OK, EXIT_SLURM
+from hpcqwen.errors import EXIT_OK, EXIT_SLURM, EXIT_USAGE
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]
@@ -167,11 +167,12 @@ def test_submitit_backend_runs_the_hello_allreduce(slurm_cluster: str, run_root:
 
 def test_rejected_sbatch_leaves_nothing(slurm_cluster: str, run_root: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # The preflight asks the cluster first (issue 16): the partition is refused before any sbatch.
     rc = main(["submit", str(REPO / "jobspecs/hello-allreduce.yaml"), "--set", "resources.partition=nosuchpart"])
     err = capsys.readouterr().err
-    assert rc == EXIT_SLURM
-    assert "error[slurm]: `sbatch --parsable " in err and "invalid partition specified" in err.lower()
-    assert "hint: check the partition" in err and "Traceback" not in err
+    assert rc == EXIT_USAGE
+    assert "resources.partition: partition 'nosuchpart' does not exist on this cluster" in err
+    assert "expected one of debug, high, low" in err and "Traceback" not in err
     assert list(run_root.iterdir()) == []
 
 

@@ -77,5 +77,7 @@ def test_prune_by_iteration_names(tmp_path: Path) -> None:
         checkpoints.mark_complete(checkpoint.iter_dir(tmp_path, it))
     checkpoint.iter_dir(tmp_path, 4).mkdir()  # a save under way: newer than the newest complete one
     assert [p.name for p in checkpoint.prune(tmp_path, 1)] == ["iter_0000001", "iter_0000002"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000003", "iter_0000004"]
+    # saves.jsonl (one line per save, for `hpcqwen cost`) is no checkpoint: pruning leaves it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000003", "iter_0000004", "saves.jsonl"]
+    assert len((tmp_path / "saves.jsonl").read_text().splitlines()) == 2
     assert checkpoint.latest_complete(tmp_path) == checkpoint.iter_dir(tmp_path, 3)

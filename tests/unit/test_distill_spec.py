@@ -13,6 +13,7 @@ import yaml
 
 from hpcqwen.errors import SpecError
 from hpcqwen.paths import RunPaths
+from hpcqwen.preflight import checked_spec
 from hpcqwen.render import render_sbatch
 from hpcqwen.spec import load_spec, read_source
 from hpcqwen.tasks.distill import DistillTask
@@ -33,7 +34,7 @@ def distill_spec(write_spec, model: Path, data: str, task: dict[str, Any] | None
 
 def problems(path: Path, overrides: tuple[str, ...] = ()) -> list[str]:
     with pytest.raises(SpecError) as info:
-        load_spec(path, overrides)
+        checked_spec(read_source(path, overrides))  # the spec and preflight's file checks, as `check` runs them
     return [i.render().replace(str(path.parent) + "/", "") for i in info.value.issues]
 
 

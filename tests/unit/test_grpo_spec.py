@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from hpcqwen.errors import SpecError
+from hpcqwen.preflight import checked_spec
 from hpcqwen.runners.grpo import grpo_kwargs, lora_config, to_prompt, write_completions
-from hpcqwen.spec import load_spec, parse_spec, read_source
+from hpcqwen.spec import load_spec, read_source
 from hpcqwen.tasks.grpo import GrpoTask, dataset_columns
 
 # The shipped specs name hub ids: offline (HF_HUB_OFFLINE=1) they validate only when the cache holds them.
@@ -316,7 +317,7 @@ def test_grpo_spec_errors_exact(tmp_path: Path, case: str, fields: dict[str, obj
     path = tmp_path / f"{case}.yaml"
     path.write_text(BASE.format(**values) + extra)
     with pytest.raises(SpecError) as info:
-        parse_spec(read_source(str(path), tuple(overrides)))
+        checked_spec(read_source(str(path), tuple(overrides)))  # spec + preflight's plugin and data checks
     want = [e.replace("{f}", str(path)).replace("{d}", str(tmp_path)) for e in expected]
     assert [i.render() for i in info.value.issues] == want
 

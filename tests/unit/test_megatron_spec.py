@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from hpcqwen.errors import SpecError
+from hpcqwen.preflight import checked_spec
 from hpcqwen.spec import load_spec, parse_spec, read_source
 from hpcqwen.tasks.megatron import MegatronTask
 
@@ -226,7 +227,7 @@ def test_megatron_spec_errors_exact(tmp_path: Path, case: str, fields: dict[str,
     path = tmp_path / f"{case}.yaml"
     path.write_text(BASE.format(**values) + extra)
     with pytest.raises(SpecError) as info:
-        parse_spec(read_source(str(path), tuple(overrides)))
+        checked_spec(read_source(str(path), tuple(overrides)))  # spec + preflight's look at the model
     want = [e.replace("{f}", str(path)).replace("{d}", str(tmp_path)) for e in expected]
     assert [i.render() for i in info.value.issues] == want
 

@@ -18,7 +18,7 @@ BASE = "name: t\ntask:\n  kind: command\n  module: m\n"
 CASES = [
     ('unknown_top_key', 'nmae: t\ntask:\n  kind: command\n  module: m\n', [], [
         '{f}: name: required key is missing — add `name:` to the spec',
-        "{f}:1: nmae: unknown key — did you mean 'name'? valid keys: array, cluster, depends_on, env, name, requeue, resources, task",
+        "{f}:1: nmae: unknown key — did you mean 'name'? valid keys: array, cluster, depends_on, env, name, requeue, resources, sweep, task",
     ]),
     ('wrong_type', BASE + 'resources:\n  nodes: two\n', [], [
         "{f}:6: resources.nodes: must be a whole number (got 'two'; expected an integer such as 2)",
@@ -112,7 +112,7 @@ CASES = [
         "--set resources.nodes=abc: resources.nodes: must be a whole number (got 'abc'; expected an integer such as 2)",
     ]),
     ('cluster_override_unknown', BASE + 'cluster:\n  profile: local\n  partitionn: x\n', [], [
-        "{f}:7: cluster.partitionn: unknown key — did you mean 'partition'? valid keys: account, backend, cache_mode, cache_root, cache_wait_min, container, cpus_per_gpu, env, gpus_per_node, max_array_size, partition, profile, python, qos, run_root, setup, template_dir",
+        "{f}:7: cluster.partitionn: unknown key — did you mean 'partition'? valid keys: account, backend, cache_mode, cache_root, cache_wait_min, container, cpus_per_gpu, env, gpu_memory_gib, gpus_per_node, max_array_size, partition, profile, python, qos, run_root, setup, template_dir",
     ]),
     ('gpus_over_profile', BASE + 'cluster: h100-8x\nresources:\n  gpus_per_node: 16\n', [], [
         "{f}:7: resources.gpus_per_node: asks for 16 GPUs per node but a node of profile 'h100-8x' has 8 (got 16; expected <= 8)",
@@ -129,8 +129,12 @@ CASES = [
     ('args_not_list', BASE + '  args: 3\n', [], [
         '{f}:5: task.args: must be a list (got 3; expected a YAML list)',
     ]),
-    ('array_too_big', BASE + 'cluster:\n  profile: local\n  max_array_size: 10\narray:\n  size: 20\n', [], [
-        "{f}:8: array: has 20 tasks; the cluster's MaxArraySize is 10 (got 20; expected <= 10) — use fewer, larger tasks (shards)",
+    ('sweep_and_array_tasks', BASE + 'sweep:\n  grid: {module: [a, b]}\narray:\n  tasks: [{module: c}]\n', [], [
+        "{f}:8: array.tasks: a spec has either `sweep:` or `array.tasks`, not both — move the per-task overrides into sweep.points",
+    ]),
+    ('sweep_bad_value', BASE + 'sweep:\n  grid: {module: [a, "no way"]}\n  seeds: [1]\n', [], [
+        "{f}:6: sweep.grid.module[1]: task.module: has characters that are not allowed (got 'no way'; expected text matching ^[A-Za-z_][A-Za-z0-9_]*(\\.[A-Za-z_][A-Za-z0-9_]*)*$)",
+        "{f}:7: sweep.seeds[0]: task.seed: unknown key — valid keys: args, kind, module",
     ]),
     ('several_at_once', 'name: t\nresources:\n  nodes: 0\n  gpu_per_node: 1\ntask:\n  kind: command\n', [], [
         '{f}:3: resources.nodes: must be >= 1 (got 0; expected >= 1)',

@@ -1,5 +1,6 @@
 """Model and dataset references of every task kind: a reference that looks like a file is a local path and
-must exist (on render and submit); a hub id is a hub id, and offline it must already be in the HF cache."""
+must exist (checked by preflight: `check` and `submit`; `render` works without it); a hub id is a hub id, and
+offline it must already be in the HF cache."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 
 from hpcqwen.cli import main
 from hpcqwen.errors import SpecError
-from hpcqwen.spec import load_spec
+from hpcqwen.preflight import checked_spec
+from hpcqwen.spec import JobSpec, load_spec, read_source
 
 # (kind, the task's other keys, the dataset keys it has)
 KINDS = {
@@ -43,11 +45,18 @@ def _spec(spec_dir: Path, kind: str, refs: dict[str, str], model: str = "models/
     return path
 
 
+def load_checked(path: Path) -> JobSpec:
+    """The spec with preflight's file checks (what `check` and `submit` run)."""
+    return checked_spec(read_source(path))
+
+
 @pytest.mark.parametrize(("kind", "key"), CASES, ids=[f"{k}.{d}" for k, d in CASES])
-def test_a_mistyped_data_file_fails_render_and_submit(spec_dir: Path, run_root: Path, kind: str, key: str,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_mistyped_data_file_fails_check_and_submit_not_render(spec_dir: Path, run_root: Path, kind: str, key: str,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
     path = _spec(spec_dir, kind, {key: "data/sft-tinny.jsonl"})  # `dir/file.ext` is shaped like a hub id
-    for argv in (["render", str(path)], ["submit", str(path), "--backend", "local"]):
+    assert main(["render", str(path)]) == 0  # the spec itself is fine: render needs no data on disk
+    assert "#SBATCH --job-name=t" in capsys.readouterr().out
+    for argv in (["check", str(path)], ["submit", str(path), "--backend", "local"]):
         assert main(argv) == 1
         err = capsys.readouterr().err
         (line,) = [x for x in err.splitlines() if f"task.{key}[0]: dataset not found" in x]
@@ -60,7 +69,7 @@ def test_a_mistyped_data_file_fails_render_and_submit(spec_dir: Path, run_root: 
                                  "data/typo.parquet", "more/data/train.json", "notes.txt"])
 def test_references_that_look_like_files_must_exist(spec_dir: Path, ref: str) -> None:
     with pytest.raises(SpecError) as info:
-        load_spec(_spec(spec_dir, "sft", {"val_dataset": ref}))
+        load_checked(_spec(spec_dir, "sft", {"val_dataset": ref}))
     assert [i.message for i in info.value.issues] == ["dataset not found"]
 
 
@@ -72,7 +81,7 @@ def test_a_hub_dataset_offline_must_be_in_the_cache(spec_dir: Path, kind: str, k
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     path = _spec(spec_dir, kind, {key: "some-org/some-data#10"})
     with pytest.raises(SpecError) as info:
-        load_spec(path)
+        load_checked(path)
     (issue,) = [i for i in info.value.issues if i.key == f"task.{key}[0]"]
     assert "not in the local Hugging Face cache" in issue.message and "HF_HUB_OFFLINE=1" in issue.message
     assert "--repo-type dataset some-org/some-data" in issue.hint
@@ -90,13 +99,14 @@ def test_a_hub_model_offline_must_be_in_the_cache(spec_dir: Path, kind: str, tmp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     path = _spec(spec_dir, kind, {}, model="models/tinny")  # a mistyped local folder, shaped like a hub id
+    load_spec(path)  # the spec is valid: only preflight looks for the model
     with pytest.raises(SpecError) as info:
-        load_spec(path)
+        load_checked(path)
     key = "task.load" if kind == "megatron" else "task.model"
     (issue,) = [i for i in info.value.issues if i.key == key]
     assert "HF_HUB_OFFLINE=1" in issue.message and "starting with ./ or /" in issue.expected
     with pytest.raises(SpecError) as info:
-        load_spec(_spec(spec_dir, kind, {}, model="./models/tinny"))
+        load_checked(_spec(spec_dir, kind, {}, model="./models/tinny"))
     assert any(i.key == key and ("not found" in i.message or "neither" in i.message) for i in info.value.issues)
 
 
@@ -109,7 +119,7 @@ def test_a_hub_shaped_path_that_exists_is_local(spec_dir: Path, monkeypatch: pyt
 
 def _problems(path: Path) -> list[str]:
     try:
-        load_spec(path)
+        load_checked(path)
     except SpecError as e:
         return [f"{i.key}: {i.message}" for i in e.issues]
     return []

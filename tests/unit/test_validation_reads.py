@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from hpcqwen.errors import SpecError
-from hpcqwen.spec import load_spec
+from hpcqwen.preflight import checked_spec
+from hpcqwen.spec import load_spec, read_source
 from hpcqwen.tasks.scan import SCAN_FILE_BYTES, SCAN_TOTAL_BYTES
 
 ROW = json.dumps({"messages": [{"role": "user", "content": "Who are you?"},
@@ -42,7 +43,7 @@ def _spec(write_spec, model: Path, data: list[Path], kind: str = "sft") -> Path:
 def _load_counting(spec: Path) -> tuple[int, float, Exception | None]:
     before, start = _rchar(), time.monotonic()
     try:
-        load_spec(spec)
+        checked_spec(read_source(spec))  # the spec and preflight's file checks (check, submit)
         error = None
     except SpecError as e:
         error = e
