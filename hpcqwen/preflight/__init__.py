@@ -50,7 +50,7 @@ def run_checks(spec: JobSpec, *, cluster: bool, probe: bool = False, probe_timeo
     check_roots(spec, report)
     check_disk(spec, report)
     types = check_cluster(spec, report, run) if cluster else []
-    check_memory(spec, types, report)
+    check_memory(spec, types, report, here=not cluster)
     if probe:
         from hpcqwen.preflight.probe import run_probe
 

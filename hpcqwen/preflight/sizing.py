@@ -34,8 +34,22 @@ from hpcqwen.tasks import DistillTask, GrpoTask, SftTask
 WARN_FRACTION = 0.9
 
 
-def gpu_memory_gib(spec: JobSpec, types: list[str]) -> tuple[float | None, str]:
-    """(GiB of the smallest GPU among `types`, which one) from the profile's table; None when unknown."""
+def local_gpu_gib() -> float | None:
+    """GiB of this machine's first GPU (the local backend runs here), or None without CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return float(torch.cuda.get_device_properties(0).total_memory) / GIB
+
+
+def gpu_memory_gib(spec: JobSpec, types: list[str], here: bool = False) -> tuple[float | None, str]:
+    """(GiB of the smallest GPU among `types`, which one) from the profile's table; with `here` (the
+    local backend) this machine's own GPU when it has one; None when unknown."""
+    if here and (mine := local_gpu_gib()) is not None:
+        return mine, "this machine's GPU"
     table = spec.cluster.gpu_memory_gib
     known = [(table[t], t) for t in types if t in table]
     if known:
@@ -74,12 +88,13 @@ def _setup(spec: JobSpec, task: SftTask | GrpoTask) -> TrainSetup:
                       task.gradient_checkpointing, liger, attn, task.gradient_accumulation_steps > 1)
 
 
-def check_memory(spec: JobSpec, types: list[str], report: Report) -> None:
-    """The estimate per GPU against the GPU's memory (minus a colocated vLLM's share)."""
+def check_memory(spec: JobSpec, types: list[str], report: Report, here: bool = False) -> None:
+    """The estimate per GPU against the GPU's memory (minus a colocated vLLM's share); `here`: the job
+    runs on this machine (local backend), so its own GPU is the one to compare with."""
     if spec.gpus_per_node == 0:
         report.ok("CPU job: no GPU memory to check")
         return
-    cap, which = gpu_memory_gib(spec, types)
+    cap, which = gpu_memory_gib(spec, types, here)
     if isinstance(spec.task, DistillTask):
         _check_engine_memory(spec, spec.task, cap, which, report)
         return
