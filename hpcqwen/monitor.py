@@ -34,6 +34,7 @@ from hpcqwen.progress import (
     refine_state,
     restarts_of,
 )
+from hpcqwen.watchview import watch_alert
 
 __all__ = ["DEFAULT_RECENT_H", "PollStatus", "Progress", "RunRow", "Snapshot", "TaskRow", "Watch", "array_state",
            "build_row", "default_run_root", "fetch_rows", "gpus_of", "parse_duration", "sacct_by_job", "to_json"]
@@ -55,6 +56,7 @@ class TaskRow:
     checkpoint_step: int | None = None
     checkpoint_at: float | None = None
     restarts: int = 0
+    alert: str = ""  # the hang watchdog's word while it runs (hpcqwen.watchview)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class RunRow:
     array_size: int | None = None
     source: str = "squeue"  # squeue | sacct | local | none
     submitted_at: float | None = None
+    alert: str = ""  # the hang watchdog's word while it runs: STALLED, stragglers (hpcqwen.watchview)
 
     @property
     def state(self) -> slurm.JobState:
@@ -209,7 +212,7 @@ def build_row(run_dir: Path, info: dict[str, Any], rows: list[slurm.JobRow], fet
                   elapsed_s=parse_duration(job.elapsed), elapsed_at=fetched_at if running else None,
                   time_limit_s=parse_duration(job.time_limit), restarts=max(restarts.values(), default=0),
                   progress=read_progress(paths.task(None).metrics), checkpoint_step=ck[0], checkpoint_at=ck[1],
-                  source=job.source)
+                  source=job.source, alert=watch_alert(paths.root) if running else "")
 
 
 def _array_row(base: dict[str, Any], paths: RunPaths, rows: list[slurm.JobRow], size: int | None,
@@ -229,7 +232,8 @@ def _array_row(base: dict[str, Any], paths: RunPaths, rows: list[slurm.JobRow], 
         tasks.append(TaskRow(i, r.job_id if r else f"{base['job_id'].split(',')[0]}_{i}",
                              refine_state(r.slurm_state, tdir) if r else "UNKNOWN", r.reason if r else unseen,
                              parse_duration(r.elapsed) if r else None, read_progress(paths.task(i).metrics),
-                             ck[0], ck[1], restarts.get(i, 0)))
+                             ck[0], ck[1], restarts.get(i, 0),
+                             watch_alert(tdir) if r and r.state == slurm.JobState.RUNNING else ""))
     first = next((r for r in rows if r.source == "squeue"), rows[0] if rows else None)
     state = array_state([t.slurm_state for t in tasks])
     reason = next((t.reason for t in tasks if t.slurm_state == state and t.reason), "")

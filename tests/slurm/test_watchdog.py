@@ -1,0 +1,185 @@
+"""The hang and straggler watchdog on the real local Slurm cluster (3 nodes), 2-node SFT of the tiny Qwen3 on
+gloo: a hang (test-only hook: rank 1 sleeps at step 6 while rank 0 waits in a collective) is found within
+hang_timeout + one poll, every rank's stack is dumped, the report names node n2, the job is requeued with n2
+excluded and finishes on the other nodes with every step once; a killed rank fails the attempt in seconds; a
+node whose launcher never starts is a stuck start, requeued; a 3× slower rank is reported as a straggler and
+nothing else happens; a save longer than hang_timeout is not a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from helpers import wait_until
+
+from hpcqwen import runs
+from hpcqwen.cli import main
+from hpcqwen.errors import EXIT_OK
+from hpcqwen.metrics import read_metrics
+
+pytestmark = [pytest.mark.slurm, pytest.mark.cpu_train]
+DATA = Path(__file__).resolve().parents[2] / "jobspecs" / "data" / "sft-tiny.jsonl"
+POLL_S = 1.0
+HANG_S = 10
+
+
+def sft_spec(write_spec, name: str, model: Path, steps: int = 20, save_steps: int = 4, startup_s: int = 150,
+             nodes: int = 2) -> Path:
+    return write_spec(f"""
+        name: {name}
+        resources: {{nodes: {nodes}, nproc_per_node: 1, time_limit_min: 20}}
+        watchdog: {{hang_timeout_s: {HANG_S}, startup_timeout_s: {startup_s}, save_timeout_s: 120,
+                    poll_interval_s: {POLL_S}}}
+        task:
+          kind: sft
+          model: {model}
+          dataset: [{DATA}]
+          torch_dtype: float32
+          max_steps: {steps}
+          save_steps: {save_steps}
+          logging_steps: 1
+          per_device_train_batch_size: 2
+          gradient_accumulation_steps: 1
+          learning_rate: 5e-3
+          max_length: 128
+          gradient_checkpointing: false
+    """, f"{name}.yaml")
+
+
+def submit(capsys: pytest.CaptureFixture[str], spec: Path) -> tuple[str, Path]:
+    rc = main(["submit", str(spec)])
+    out, err = capsys.readouterr()
+    assert rc == EXIT_OK, err + out
+    job, run_dir = out.split("submitted job ")[1].split("  run dir: ")
+    return job.strip(), Path(run_dir.split()[0])
+
+
+def log_of(run_dir: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((run_dir / "logs").glob("*.out")))
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    return [m["step"] for m in read_metrics(run_dir / "metrics.jsonl") if m.get("phase") == "train" and "loss" in m]
+
+
+def nodes_of(log: str) -> list[set[str]]:
+    """The node names of each attempt, from the launchers' summary lines ("node 1/2 (n3)")."""
+    attempts: dict[str, set[str]] = {}
+    for restart, host in re.findall(r"restart (\d+) node \d+/\d+ \((\w+)\)", log):
+        attempts.setdefault(restart, set()).add(host)
+    return [attempts[k] for k in sorted(attempts)]
+
+
+def test_two_node_hang_dumped_reported_requeued_without_the_node_and_finished(
+        slurm_cluster: str, write_spec, tiny_qwen3_dir: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPCQWEN_TEST_FAULT", "hang:rank=1:step=6")  # test-only hook, exported to the job by sbatch
+    job, run_dir = submit(capsys, sft_spec(write_spec, "wd14-hang", tiny_qwen3_dir))
+    rows = runs.wait_for(runs.resolve_target(str(run_dir)), max_poll_s=3)
+    log = log_of(run_dir)
+    assert [r.slurm_state for r in rows] == ["COMPLETED"], log[-4000:]
+    # detected within hang_timeout + one poll of the hang's start (the hook wrote when it started sleeping)
+    hang = json.loads((run_dir / ".fault-hang-1.json").read_text())
+    reports = sorted((run_dir / "hangs").glob("*/report.md"))
+    assert len(reports) == 1, reports
+    detected = (reports[0].parent / "n1-0.txt").stat().st_mtime
+    assert detected - hang["wall"] <= HANG_S + POLL_S + 3.0, (detected - hang["wall"], log[-3000:])  # +3: the dumps
+    report = reports[0].read_text()
+    assert "**Suspect:** rank 1 on node n2: not in a collective while the other ranks wait in one" in report, report
+    assert "requeued with node n2 excluded" in report, report
+    stack1 = (reports[0].parent / "n2-1.txt").read_text()
+    stack0 = (reports[0].parent / "n1-0.txt").read_text()
+    assert "by py-spy" in stack1 and "sleep_forever" in stack1 and "testing_faults.py" in stack1, stack1
+    assert re.search(r"\b(all_reduce|all_gather|broadcast|barrier|_engine_run_backward)\b", stack0), stack0
+    assert re.search(r"\| 0 \| n1 \| \d+ \| 6 \| .* in collective ", report), report
+    # requeued (restart 1) on the nodes other than n2, and finished with every step logged once
+    assert nodes_of(log)[0] == {"n1", "n2"} and "n2" not in nodes_of(log)[1], nodes_of(log)
+    assert train_steps(run_dir) == list(range(1, 21)), train_steps(run_dir)
+    launches = [json.loads(x) for x in (run_dir / "launches.jsonl").read_text().splitlines()]
+    assert [x["restart_count"] for x in launches] == [0, 1]
+    resumed = [x for x in log.splitlines() if x.startswith("sft: resuming from ")]
+    assert len(resumed) == 1 and resumed[0].endswith("checkpoint-4"), resumed
+    # the CLI shows it
+    assert main(["hangs", str(run_dir)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert str(reports[0]) in out and "n2" in out
+    assert main(["status", str(run_dir)]) == EXIT_OK
+    assert f"hang      {reports[0]}" in capsys.readouterr().out
+
+
+def test_a_killed_rank_ends_the_attempt_in_seconds(slurm_cluster: str, write_spec, tiny_qwen3_dir: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    job, run_dir = submit(capsys, sft_spec(write_spec, "wd14-kill", tiny_qwen3_dir, steps=40))
+    beat = run_dir / "heartbeats" / "n2-1.json"
+
+    def rank1_training() -> dict | None:
+        data = json.loads(beat.read_text()) if beat.exists() else {}
+        return data if data.get("source") == "rank" and (data.get("step") or 0) >= 5 else None
+    pid = wait_until(rank1_training, 240, "rank 1 at step 5")["pid"]
+    os.kill(pid, signal.SIGKILL)  # the local cluster's nodes share this machine's pid space
+    killed = time.time()
+    wait_until(lambda: len((run_dir / "launches.jsonl").read_text().splitlines()) >= 2, 120, "the requeued attempt")
+    requeued = time.time() - killed
+    assert requeued < 45, requeued  # not the time limit (20 min), nor the watchdog's hang_timeout path
+    rows = runs.wait_for(runs.resolve_target(str(run_dir)), max_poll_s=3)
+    log = log_of(run_dir)
+    assert [r.slurm_state for r in rows] == ["COMPLETED"], log[-3000:]
+    assert "ranks ended failed (exit codes 137)" in log and "hpcqwen: failed; requeued" in log
+    assert not list((run_dir / "hangs").glob("*/report.md"))  # a crash is not a hang
+
+
+def test_a_node_that_never_starts_is_a_stuck_start_and_requeued_without_it(
+        slurm_cluster: str, write_spec, tiny_qwen3_dir: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPCQWEN_TEST_FAULT", "launch_delay:node=1:seconds=600")
+    spec = sft_spec(write_spec, "wd14-start", tiny_qwen3_dir, steps=6, save_steps=3, startup_s=40)
+    job, run_dir = submit(capsys, spec)
+    rows = runs.wait_for(runs.resolve_target(str(run_dir)), max_poll_s=3)
+    log = log_of(run_dir)
+    assert [r.slurm_state for r in rows] == ["COMPLETED"], log[-4000:]
+    report = next((run_dir / "hangs").glob("*/report.md")).read_text()
+    assert report.startswith("# Stuck start: ") and "did not reach their first step within startup_timeout_s" in report
+    assert "**Suspect:** rank 1 on node n2: wrote no heartbeat" in report, report
+    assert "n2" not in nodes_of(log)[1], nodes_of(log)
+    assert train_steps(run_dir) == list(range(1, 7))
+
+
+def test_a_slow_rank_is_reported_as_straggler_and_nothing_else(
+        slurm_cluster: str, write_spec, tiny_qwen3_dir: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPCQWEN_TEST_FAULT", "slow:rank=1:factor=4")
+    job, run_dir = submit(capsys, sft_spec(write_spec, "wd14-slow", tiny_qwen3_dir, steps=30, save_steps=100))
+
+    def straggler_line() -> dict | None:
+        return next((m for m in read_metrics(run_dir / "metrics.jsonl") if m.get("event") == "straggler"), None)
+    line = wait_until(straggler_line, 300, "a straggler line in metrics.jsonl")
+    assert (line["rank"], line["host"]) == (1, "n2") and line["ratio"] >= 2.0, line
+    assert main(["queue", "--once", "--json", "--run-root", str(run_dir.parents[1])]) == EXIT_OK
+    data = json.loads(capsys.readouterr().out)
+    row = next(r for r in data["runs"] if r["run_dir"] == str(run_dir))
+    assert "straggler: rank 1 (n2)" in row["alert"], row
+    rows = runs.wait_for(runs.resolve_target(str(run_dir)), max_poll_s=3)
+    assert [r.slurm_state for r in rows] == ["COMPLETED"]
+    assert not (run_dir / "hangs").exists() or not list((run_dir / "hangs").glob("*/report.md"))
+    assert train_steps(run_dir) == list(range(1, 31))
+
+
+def test_a_save_longer_than_hang_timeout_is_not_a_hang(slurm_cluster: str, write_spec, tiny_qwen3_dir: Path,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPCQWEN_TEST_SAVE_PAUSE_S", str(HANG_S + 8))  # every save pauses past hang_timeout_s
+    job, run_dir = submit(capsys, sft_spec(write_spec, "wd14-save", tiny_qwen3_dir, steps=8, save_steps=4))
+    rows = runs.wait_for(runs.resolve_target(str(run_dir)), max_poll_s=3)
+    log = log_of(run_dir)
+    assert [r.slurm_state for r in rows] == ["COMPLETED"], log[-3000:]
+    assert "hpcqwen watchdog:" not in log and not list((run_dir / "hangs").glob("*/report.md"))
+    markers = [json.loads((run_dir / "checkpoints" / f"checkpoint-{s}" / "hpcqwen-complete.json").read_text())
+               for s in (4, 8)]
+    assert all(m["save_s"] > HANG_S for m in markers), markers  # the saves really outlasted hang_timeout_s
+    assert nodes_of(log) == [nodes_of(log)[0]]  # one attempt
+
