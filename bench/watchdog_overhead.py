@@ -9,7 +9,7 @@
    after the first 5 steps. A tiny model has millisecond steps, so this is the watchdog's worst case.
 2. Detection latency: two launchers on this machine (SLURM_NODEID 0 and 1; `hpcqwen.examples.beating`, a
    gloo all_reduce loop), rank 1 hangs at step 20 (test-only hook); latency = the watcher's verdict time
-   (WATCHDOG.json `detected_wall`) minus the moment the rank started to hang (`.fault-hang-1.json`), with
+   (`hangs/<time>/verdict.json`) minus the moment the rank started to hang (`.fault-hang-1.json`), with
    hang_timeout_s 3 and poll_interval_s 0.5: the bound is hang_timeout + one poll (3.5 s).
 """
 
@@ -102,7 +102,7 @@ def one_hang(root: Path, n: int) -> float:
     for p in procs:
         p.wait(timeout=180)
     hang = json.loads((run_dir / ".fault-hang-1.json").read_text())["wall"]
-    detected = json.loads((run_dir / "WATCHDOG.json").read_text())["detected_wall"]
+    detected = json.loads(next((run_dir / "hangs").glob("*/verdict.json")).read_text())["detected_wall"]
     return float(detected) - float(hang)
 
 

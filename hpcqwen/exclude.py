@@ -43,8 +43,10 @@ def exclude(job: str, nodes: list[str], wait_s: float = WAIT_S) -> int:
             print(f"exclude: job {job} is {state or 'gone'}; nothing to do", flush=True)
             return 1
         if state in ("PENDING", "REQUEUE_HOLD"):
-            current = [n for n in field(show, "ExcNodeList").split(",") if n]
-            wanted = ",".join(dict.fromkeys(current + nodes))
+            wanted = ",".join(keep_runnable(show, nodes, partition_nodes(field(show, "Partition").split(",")[0])))
+            if not wanted:
+                print(f"exclude: excluding {','.join(nodes)} would leave job {job} too few nodes; not excluded")
+                return release(job, 1)
             out = scontrol("update", f"JobId={job}", f"ExcNodeList={wanted}")
             if out.returncode == 0:
                 print(f"exclude: job {job}: ExcNodeList={wanted}", flush=True)
@@ -52,6 +54,23 @@ def exclude(job: str, nodes: list[str], wait_s: float = WAIT_S) -> int:
         time.sleep(1.0)
     print(f"exclude: job {job} did not become pending within {wait_s:.0f} s", flush=True)
     return release(job, 1)
+
+
+def keep_runnable(show: str, nodes: list[str], total: int | None) -> list[str]:
+    """Pure: the job's excluded nodes plus `nodes`, as long as its partition (`total` nodes) keeps enough for it;
+    else only `nodes` (an older exclusion is dropped); else none (a job that can never start is worse)."""
+    current = [n for n in field(show, "ExcNodeList").split(",") if n]
+    needed = int(field(show, "NumNodes").split("-")[0] or 1)
+    for candidate in (list(dict.fromkeys(current + nodes)), nodes):
+        if total is None or total - len(candidate) >= needed:
+            return candidate
+    return []
+
+
+def partition_nodes(partition: str) -> int | None:
+    """TotalNodes of a partition (None when it cannot be read)."""
+    m = re.search(r"\bTotalNodes=(\d+)", scontrol("show", "partition", partition).stdout) if partition else None
+    return int(m.group(1)) if m else None
 
 
 def release(job: str, code: int) -> int:

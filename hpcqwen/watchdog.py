@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import shutil
 import statistics
 import threading
 import time
@@ -257,6 +258,18 @@ class Watcher(threading.Thread):
             "stragglers": self.current_stragglers, "verdict": verdict.detail if verdict else None,
             "report": str(self.report) if self.report else None, "detected_wall": self.detected_wall}, durable=False)
 
+    def resolved(self) -> bool:
+        """Look once more after the dumps: a rank that moved meanwhile was slow, not hung (no report, no action;
+        e.g. a start that reached its first step while the stacks were taken)."""
+        now = self.clock()
+        beats = heartbeat.read_all(self.task.heartbeats, self.layout.job_id, self.layout.restart)
+        self.tracker.update(beats, now)
+        if assess(self.tracker, beats, self.layout, self.cfg, self.since, now) is not None:
+            return False
+        print("hpcqwen watchdog: the ranks moved on while their stacks were taken: no hang, no action", flush=True)
+        self.acted = False
+        return True
+
     def on_verdict(self, verdict: Verdict, beats: dict[int, dict[str, Any]], now: float) -> None:
         """Stacks of every rank, the report, then the action."""
         self.detected_wall = time.time()
@@ -264,7 +277,13 @@ class Watcher(threading.Thread):
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         out = self.task.hangs / stamp
         out.mkdir(parents=True, exist_ok=True)
+        fs.write_json_atomic(out / "verdict.json", {"kind": verdict.kind, "ranks": list(verdict.ranks),
+                                                    "detail": verdict.detail, "detected_wall": self.detected_wall,
+                                                    "job_id": self.layout.job_id, "restart": self.layout.restart})
         answered = request_dumps(self.task.hangs, stamp, self.layout, self.cfg.poll_s)
+        if self.resolved():
+            shutil.rmtree(out, ignore_errors=True)  # no hang after all: no report to list
+            return
         ranks = [with_stack(r, out) for r in rank_infos(beats, self.tracker, self.layout, now)]
         found, why = suspects(ranks, answered)
         bad = suspect_nodes(found, ranks) if self.cfg.exclude_bad_node else []

@@ -12,6 +12,7 @@ import datetime
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,7 @@ def main() -> None:
     heartbeat.start_rank(task_dir)
     timeout = datetime.timedelta(seconds=heartbeat.collective_timeout_s(1800))
     dist.init_process_group("gloo", timeout=timeout)
-    faults = None
+    faults: Any = None
     if os.environ.get("HPCQWEN_TEST_FAULT"):
         from hpcqwen import testing_faults as faults
     for step in range(1, args.steps + 1):

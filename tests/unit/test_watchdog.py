@@ -138,6 +138,10 @@ def test_the_exclusion_helper_refuses_odd_arguments() -> None:
     assert exclude.main(["77;rm", "n2"]) == 2 and exclude.main(["77", "n2 n3"]) == 2 and exclude.main(["77"]) == 2
     assert exclude.field("JobId=7 ExcNodeList=(null) JobState=PENDING", "ExcNodeList") == ""
     assert exclude.field("JobId=7 ExcNodeList=n3 JobState=PENDING", "JobState") == "PENDING"
+    show = "JobId=7 JobState=PENDING Partition=debug NumNodes=2 ExcNodeList=n3"
+    assert exclude.keep_runnable(show, ["n1"], 4) == ["n3", "n1"]
+    assert exclude.keep_runnable(show, ["n1"], 3) == ["n1"]  # n3 and n1 out would leave 1 node of 3 for 2
+    assert exclude.keep_runnable(show, ["n1", "n2"], 3) == []  # never a job that cannot start
 
 
 def test_heartbeats_are_rate_limited_but_save_is_written_at_once(tmp_path: Path) -> None:
