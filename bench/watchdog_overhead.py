@@ -7,6 +7,10 @@
    runner, callbacks, heartbeats and watcher) with `watchdog.enabled` true and false, interleaved (on, off,
    on, off, ...) so both see the same machine load; tokens/s is the median of the runs' logged `tokens_per_s`
    after the first 5 steps. A tiny model has millisecond steps, so this is the watchdog's worst case.
+   On a shared 2-core machine the runs' own spread (±20 %) hides a 1 % effect, so the same call also measures
+   the watchdog's cost per training step directly: the HeartbeatCallback's calls of one step (forward
+   hooks, optimizer, step end, with the heartbeat file written once per interval as in a run) timed over
+   20,000 steps, over the median step time of the `off` runs.
 2. Detection latency: two launchers on this machine (SLURM_NODEID 0 and 1; `hpcqwen.examples.beating`, a
    gloo all_reduce loop), rank 1 hangs at step 20 (test-only hook); latency = the watcher's verdict time
    (`hangs/<time>/verdict.json`) minus the moment the rank started to hang (`.fault-hang-1.json`), with
@@ -39,8 +43,8 @@ def env_for(root: Path) -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
-def sft_run(root: Path, model: Path, steps: int, enabled: bool, n: int) -> float:
-    """One SFT run; the median logged tokens/s after step 5."""
+def sft_run(root: Path, model: Path, steps: int, enabled: bool, n: int) -> tuple[float, float]:
+    """One SFT run; the median logged tokens/s after step 5 and the median seconds per step."""
     spec = root / f"sft-{n}-{'on' if enabled else 'off'}.yaml"
     spec.write_text(textwrap.dedent(f"""
         name: wdbench-{n}-{'on' if enabled else 'off'}
@@ -56,21 +60,46 @@ def sft_run(root: Path, model: Path, steps: int, enabled: bool, n: int) -> float
         raise SystemExit(f"SFT run failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
     run_dir = Path(out.stdout.split("run dir: ")[1].split()[0])
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [x["tokens_per_s"] for x in lines if x.get("tokens_per_s") and x.get("step", 0) > 5]
-    return statistics.median(rates)
+    train = [x for x in lines if x.get("tokens_per_s") and x.get("step", 0) > 5]
+    step_s = [b["time"] - a["time"] for a, b in zip(train, train[1:], strict=False) if b["step"] == a["step"] + 1]
+    return statistics.median(x["tokens_per_s"] for x in train), statistics.median(step_s)
 
 
-def overhead(root: Path, repeats: int, steps: int) -> tuple[list[float], list[float]]:
-    """tokens/s with the watchdog on and off, interleaved."""
+def step_cost_s(root: Path, steps: int = 20_000) -> float:
+    """Seconds the watchdog adds to one training step on the rank (the callback's calls, the file writes)."""
+    os.environ.update({"HPCQWEN_WATCHDOG": "1", "HPCQWEN_HEARTBEAT_INTERVAL_S": "1", "RANK": "0",
+                       "HPCQWEN_NODE_NAME": "bench", "HPCQWEN_JOB_ID": "bench"})
+    from types import SimpleNamespace
+
+    from hpcqwen import heartbeat
+    from hpcqwen.runners.callbacks import HeartbeatCallback
+
+    heartbeat.start_rank(root / "cost")
+    cb = HeartbeatCallback("eval")
+    state, control = SimpleNamespace(global_step=0), SimpleNamespace(should_save=False, should_evaluate=False)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        cb._before_forward(None, ())
+        cb._after_forward(None, (), None)
+        cb.on_pre_optimizer_step(None, state, control)
+        state.global_step = i
+        cb.on_step_end(None, state, control)
+    return (time.perf_counter() - t0) / steps
+
+
+def overhead(root: Path, repeats: int, steps: int) -> tuple[list[float], list[float], list[float]]:
+    """tokens/s with the watchdog on and off, interleaved, and the off runs' step seconds."""
     model = root / "qwen3-tiny"
     subprocess.run([sys.executable, "-m", "hpcqwen.testing", "tiny-qwen3", str(model)], env=env_for(root),
                    check=True, capture_output=True, timeout=600)
-    on, off = [], []
+    on, off, step_s = [], [], []
     for i in range(repeats):
-        on.append(sft_run(root, model, steps, True, i))
-        off.append(sft_run(root, model, steps, False, i))
+        on.append(sft_run(root, model, steps, True, i)[0])
+        rate, seconds = sft_run(root, model, steps, False, i)
+        off.append(rate)
+        step_s.append(seconds)
         print(f"  repeat {i + 1}: on {on[-1]:.1f} tokens/s, off {off[-1]:.1f} tokens/s", flush=True)
-    return on, off
+    return on, off, step_s
 
 
 def free_port() -> int:
@@ -118,10 +147,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="wdbench-") as tmp:
         root = Path(tmp)
         t0 = time.time()
-        on, off = overhead(root, repeats, steps)
+        on, off, step_s = overhead(root, repeats, steps)
         ratio = statistics.median(on) / statistics.median(off)
+        cost = step_cost_s(root)
         latencies = [one_hang(root, i) for i in range(hangs)]
         print(json.dumps({"tokens_per_s_on": on, "tokens_per_s_off": off, "on_over_off": round(ratio, 4),
+                          "step_s_off": round(statistics.median(step_s), 4), "watchdog_s_per_step": round(cost, 7),
+                          "watchdog_share_of_step": round(cost / statistics.median(step_s), 6),
                           "latencies_s": [round(x, 2) for x in latencies],
                           "latency_median_s": round(statistics.median(latencies), 2),
                           "latency_max_s": round(max(latencies), 2), "bound_s": HANG_S + POLL_S,

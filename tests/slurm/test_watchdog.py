@@ -212,3 +212,20 @@ def test_a_save_longer_than_hang_timeout_is_not_a_hang(slurm_cluster: str, write
     assert all(m["save_s"] > HANG_S for m in markers), markers  # the saves really outlasted hang_timeout_s
     assert len(nodes_of(log)) == 1  # one attempt
 
+
+
+def test_two_node_grpo_with_a_tight_watchdog_never_fires(slurm_cluster: str, tiny_qwen3_dir: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """GRPO's rollouts (forwards without gradients: phase `generate`) and saves keep the heartbeats moving."""
+    spec = Path(__file__).resolve().parents[2] / "jobspecs" / "qwen3-tiny-grpo.yaml"
+    sets = [f"task.model={tiny_qwen3_dir}", "resources.nodes=2", "resources.nproc_per_node=1", "task.max_steps=6",
+            "task.save_steps=3", "task.max_completion_length=8", f"watchdog.hang_timeout_s={HANG_S}",
+            f"watchdog.poll_interval_s={POLL_S}", "watchdog.startup_timeout_s=150", "watchdog.save_timeout_s=120"]
+    rc = main(["submit", str(spec), "--wait", *[x for s in sets for x in ("--set", s)]])
+    out, err = capsys.readouterr()
+    run_dir = Path(out.splitlines()[0].split("  run dir: ")[1])
+    log = log_of(run_dir)
+    assert rc == EXIT_OK, err + log[-3000:]
+    assert "hpcqwen watchdog:" not in log and not list((run_dir / "hangs").glob("*/report.md"))
+    beats = [json.loads(p.read_text()) for p in (run_dir / "heartbeats").glob("*.json")]
+    assert sorted((b["rank"], b["phase"], b["step"]) for b in beats) == [(0, "exited", 6), (1, "exited", 6)]
