@@ -10,6 +10,7 @@ earlier attempts (the launch lease guarantees none of them is alive).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from collections.abc import Sequence
 
@@ -59,8 +60,9 @@ class NodeWatch:
             b.beat(name, force=True)
 
     def env(self) -> dict[str, str]:
-        """What every rank of this node gets."""
-        return {**rank_env(self.cfg, self.host), "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+        """What every rank of this node gets (a site's or user's own NCCL error handling is kept)."""
+        nccl = {} if "TORCH_NCCL_ASYNC_ERROR_HANDLING" in os.environ else {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+        return {**rank_env(self.cfg, self.host), **nccl}
 
     def start(self) -> None:
         """After the ranks started: their `loading` heartbeat, the responder, and node 0's watcher."""

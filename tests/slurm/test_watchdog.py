@@ -229,3 +229,32 @@ def test_two_node_grpo_with_a_tight_watchdog_never_fires(slurm_cluster: str, tin
     assert "hpcqwen watchdog:" not in log and not list((run_dir / "hangs").glob("*/report.md"))
     beats = [json.loads(p.read_text()) for p in (run_dir / "heartbeats").glob("*.json")]
     assert sorted((b["rank"], b["phase"], b["step"]) for b in beats) == [(0, "exited", 6), (1, "exited", 6)]
+
+
+@pytest.mark.parametrize(("policy", "why"), [
+    ("on_hang: cancel", "on_hang: cancel"),
+    ("on_hang: requeue", "restart limit reached (0 of 0)"),  # with requeue.max_restarts 0: the same count
+])
+def test_a_hang_that_is_not_requeued_reads_hung(slurm_cluster: str, write_spec, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch, policy: str, why: str) -> None:
+    """A `command` module that beats (hpcqwen.examples.beating) on 2 nodes; rank 1 hangs at step 20."""
+    monkeypatch.setenv("HPCQWEN_TEST_FAULT", "hang:rank=1:step=20")
+    spec = write_spec(f"""
+        name: wd14-hung
+        resources: {{nodes: 2, nproc_per_node: 1, time_limit_min: 10}}
+        requeue: {{max_restarts: 0}}
+        watchdog: {{hang_timeout_s: 5, poll_interval_s: 0.5, {policy}}}
+        task: {{kind: command, module: hpcqwen.examples.beating, args: ['--steps', '100000']}}
+    """, "hung.yaml")
+    rc = main(["submit", str(spec), "--wait"])
+    out, err = capsys.readouterr()
+    run_dir = Path(out.split("run dir: ")[1].split()[0])
+    assert rc == 3, err + log_of(run_dir)[-3000:]  # not COMPLETED: `submit --wait` says the job failed
+    [report] = list((run_dir / "hangs").glob("*/report.md"))
+    final = (run_dir / "FINAL").read_text()
+    assert final == f"HUNG hang: {why}; report: {report}\n"
+    assert (run_dir / "OUTCOME").read_text().startswith("hung hang ")
+    assert main(["status", str(run_dir), "--json"]) == EXIT_OK
+    status = json.loads(capsys.readouterr().out)
+    assert [t["state"] for t in status["tasks"]] == ["HUNG"] and status["hang_reports"] == [str(report)]
+    assert f"the job was cancelled ({why}); its state reads HUNG." in report.read_text()
