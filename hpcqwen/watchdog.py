@@ -208,6 +208,7 @@ class Watcher(threading.Thread):
         self.current_stragglers: list[dict[str, Any]] = []
         self.acted = False
         self.detected_wall: float | None = None  # when the verdict came (for the benchmark's latency)
+        self.dump_wait_s = min(90.0, 3 * cfg.poll_s + 30.0)  # py-spy on many ranks of a loaded node takes a while
 
     def run(self) -> None:
         while not self.stopped.wait(self.cfg.poll_s):
@@ -280,7 +281,7 @@ class Watcher(threading.Thread):
         fs.write_json_atomic(out / "verdict.json", {"kind": verdict.kind, "ranks": list(verdict.ranks),
                                                     "detail": verdict.detail, "detected_wall": self.detected_wall,
                                                     "job_id": self.layout.job_id, "restart": self.layout.restart})
-        answered = request_dumps(self.task.hangs, stamp, self.layout, self.cfg.poll_s)
+        answered = request_dumps(self.task.hangs, stamp, self.layout, self.dump_wait_s)
         if self.resolved():
             shutil.rmtree(out, ignore_errors=True)  # no hang after all: no report to list
             return
@@ -299,16 +300,16 @@ class Watcher(threading.Thread):
         self.outcome = hangaction.carry_out(action, self.task, self.layout, verdict, self.report, self.kill_local)
 
 
-def request_dumps(hangs: Path, stamp: str, layout: Layout, poll_s: float) -> set[str]:
-    """Ask every node's launcher for its ranks' stacks; wait for their answers (bounded); who answered."""
+def request_dumps(hangs: Path, stamp: str, layout: Layout, wait_s: float) -> set[str]:
+    """Ask every node's launcher for its ranks' stacks; wait up to `wait_s` for their answers; who answered."""
     fs.write_json_atomic(hangs / stacks.REQUEST, {"id": stamp, "job_id": layout.job_id, "restart": layout.restart},
                          durable=False)
     wanted = set(layout.hosts)
-    end = time.monotonic() + min(90.0, 3 * poll_s + 30.0)
+    end = time.monotonic() + wait_s
     answered: set[str] = set()
     while time.monotonic() < end and answered != wanted:
+        time.sleep(0.2)
         answered = {h for h in wanted if (hangs / stamp / f".done-{h}.json").exists()}
-        time.sleep(min(0.5, poll_s))
     return answered
 
 

@@ -284,3 +284,37 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_no_report_and_no_action_when_the_ranks_move_on_while_their_stacks_are_taken(tmp_path: Path) -> None:
+    """A slow phase, not a hang: the verdict comes, but the re-check after the dumps sees progress."""
+    from hpcqwen.paths import TaskPaths
+    from hpcqwen.watchdog import Watcher
+
+    task = TaskPaths(tmp_path)
+    task.heartbeats.mkdir()
+    task.hangs.mkdir()
+    beats = [heartbeat.Heartbeat(task.heartbeats / f"n{r + 1}-{r}.json", "77", 0, r, f"n{r + 1}", 60.0)
+             for r in (0, 1)]
+    for b in beats:
+        b.beat("data", 5, force=True)
+    now = [0.0]
+    killed: list[int] = []
+
+    def move_on() -> list[stacks.LocalRank]:  # this node's "ranks" progress while the dumps are asked for
+        for b in beats:
+            b.beat("forward", 6, force=True)
+        now[0] += 0.5
+        return []
+    responder = stacks.Responder(task.hangs, "n1", "77", 0, move_on, lambda: killed.append(1), 0.05)
+    responder.start()
+    w = Watcher(CFG, LAYOUT, task, lambda: killed.append(1), "n1", clock=lambda: now[0])
+    w.dump_wait_s = 1.0
+    try:
+        for t in range(1, 13):
+            now[0] = float(t)
+            w.poll()
+    finally:
+        responder.stopped.set()
+    assert killed == [] and w.outcome is None and not task.outcome.exists()
+    assert list(task.hangs.glob("*/report.md")) == [] and not w.acted
