@@ -318,3 +318,13 @@ def test_no_report_and_no_action_when_the_ranks_move_on_while_their_stacks_are_t
         responder.stopped.set()
     assert killed == [] and w.outcome is None and not task.outcome.exists()
     assert list(task.hangs.glob("*/report.md")) == [] and not w.acted
+
+
+def test_a_prepare_job_is_not_watched(write_spec, tiny_qwen3_dir: Path) -> None:
+    """`hpcqwen prepare` runs the runner until its data cache is built: no training step ever comes."""
+    from hpcqwen.cli.prepare import prepare_spec
+    from hpcqwen.spec import load_spec
+
+    data = Path(__file__).resolve().parents[2] / "jobspecs" / "data" / "sft-tiny.jsonl"
+    spec = load_spec(write_spec(f"name: p\ntask: {{kind: sft, model: {tiny_qwen3_dir}, dataset: [{data}]}}\n"))
+    assert spec.watchdog.enabled and not prepare_spec(spec).watchdog.enabled
