@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from hpcqwen import fs
+from hpcqwen.paths import TaskPaths
 
 STARTUP_PHASES = ("starting", "rendezvous", "loading")
 STEP_PHASES = ("data", "forward", "backward", "optimizer", "eval", "generate", "save", "finishing")
@@ -143,7 +144,7 @@ def start_rank(task_dir: Path) -> Heartbeat | None:
         return _RANK
     host = os.environ.get(ENV_HOST) or socket.gethostname()
     rank = int(os.environ.get("RANK", "0"))
-    folder = task_dir / "heartbeats"
+    folder = TaskPaths(task_dir).heartbeats
     folder.mkdir(parents=True, exist_ok=True)
     dump_signal = None
     try:
