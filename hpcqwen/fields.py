@@ -35,6 +35,7 @@ MAX_LORA = 1 << 16  # LoRA rank and alpha
 MAX_LR = 10.0
 MAX_FACTOR = 1e6  # clipping norms, loss and KL coefficients, weight decay, reward weights
 MAX_TEMPERATURE = 100.0
+MAX_WATCH_S = 7 * 24 * 3600  # watchdog timeouts: a week
 
 # ---- shapes ----------------------------------------------------------------------------------------------------
 JOB_ID_RE = re.compile(r"[0-9]{1,10}(?:_[0-9]{1,10})?")

@@ -10,7 +10,8 @@ spec in, decisions out) and unit-tested over dicts; `main`:
    when a rank crashes the others are killed at once (their collectives would hang on the dead
    peer) and the launcher exits with the crash's code, so `srun --kill-on-bad-exit` ends the job;
 4. node 0 writes `TASK_DIR/OUTCOME` (done | stopped | failed), which the batch script reads to
-   decide between exit and requeue.
+   decide between exit and requeue; when the watchdog ended the attempt (`hpcqwen.nodewatch`: heartbeats,
+   stack dumps, node 0's watcher), its OUTCOME (`requeued` or `hung`) stays and the launcher exits 124.
 The launcher exits 0 when its ranks ended done or stopped: a non-zero exit would make
 `--kill-on-bad-exit` kill the other nodes while they finish their part of the last save.
 
@@ -35,9 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcqwen import __version__, cost, fs, lease, rollout, supervisor
+from hpcqwen.nodewatch import NodeWatch
 from hpcqwen.paths import RunPaths, TaskPaths
 from hpcqwen.pipeline.outputs import resolve_on_node
 from hpcqwen.spec import JobSpec, read_frozen_spec
+from hpcqwen.watchdog import EXIT_HUNG
 
 PORT_BASE, PORT_SPAN = 15000, 15000  # 15000-29999: unprivileged, below Linux's ephemeral range (32768+)
 RENDEZVOUS_TIMEOUT_S = 300.0
@@ -223,6 +226,23 @@ def _lost_server(sup: supervisor.Supervisor, why: str) -> None:
     sup.kill_all(signal.SIGKILL)
 
 
+def node_watch(spec: JobSpec, le: LaunchEnv, task: TaskPaths, host: str, sup: supervisor.Supervisor,
+               environ: Mapping[str, str]) -> NodeWatch | None:
+    """This launcher's watchdog duties, when the spec turns the watchdog on."""
+    if not spec.watchdog.enabled:
+        return None
+    from hpcqwen.watchdog import Layout, WatchConfig
+
+    in_slurm = "SLURM_JOB_ID" in environ
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or ""
+    hosts = expand_nodelist(nodelist) if in_slurm and nodelist else [host]
+    slurm_job = environ.get("SLURM_JOB_ID", "")
+    if environ.get("SLURM_ARRAY_JOB_ID") and le.array_index is not None:
+        slurm_job = f"{environ['SLURM_ARRAY_JOB_ID']}_{le.array_index}"
+    layout = Layout(le.job_id, le.restart_count, le.nproc_per_node, tuple(hosts[: le.nnodes]), slurm_job)
+    return NodeWatch(WatchConfig.from_spec(spec), layout, task, le.node_rank, host, sup)
+
+
 def main(run_dir: str) -> int:
     """Start this node's ranks, supervise them, report the outcome; returns the launcher's exit code."""
     paths = RunPaths(Path(run_dir).resolve())
@@ -230,6 +250,10 @@ def main(run_dir: str) -> int:
     raw = paths.spec_json.read_bytes()
     spec = read_frozen_spec(paths.spec_json)
     le = launch_env(os.environ, spec, str(paths.root))
+    if os.environ.get("HPCQWEN_TEST_FAULT"):
+        from hpcqwen import testing_faults
+
+        testing_faults.launch_delay(le.node_rank, le.restart_count)  # test only: a node that starts late
     task = spec.task_for(le.array_index)
     task_paths = TaskPaths(Path(le.env["HPCQWEN_TASK_DIR"]))
     task_paths.dir.mkdir(parents=True, exist_ok=True)
@@ -241,30 +265,39 @@ def main(run_dir: str) -> int:
                                                          le.restart_count, cohost=role == "cohost")
     sup = supervisor.Supervisor(task_paths.stop)
     sup.install_handlers()  # from here a TERM is a stop request, also during the rendezvous
-    held = None
+    held, watch, watched = None, None, None
     if le.node_rank == 0:
         held = lease.acquire(task_paths.lease, le.job_id, le.restart_count, what=f"task dir {task_paths.dir}")
     try:
+        watch = node_watch(spec, le, task_paths, host, sup, os.environ)
+        if watch is not None and le.nnodes > 1 and le.node_rank > 0:
+            watch.phase("rendezvous")
         port = choose_port(le, task_paths, os.environ)
         argv = [sys.executable, "-m", task.runner_module(), *task.runner_args(str(paths.root))]
         print(summary_line(le, hashlib.sha256(raw).hexdigest(), os.environ, argv, port), flush=True)
         if le.node_rank == 0:
             record_launch(task_paths, le, host, port)
         extra = link.connect(os.environ, le.nproc_per_node) if link else {}  # waits until the server is healthy
-        envs = [{**os.environ, **worker_env(le, r, port), **extra} for r in range(le.nproc_per_node)]
+        if watch is not None:
+            extra = {**extra, **watch.env()}
+        envs = [{**os.environ, **extra, **worker_env(le, r, port)} for r in range(le.nproc_per_node)]
         sup.start(argv, envs)
         if link is not None:
             link.start_watch(lambda why: _lost_server(sup, why))
         if held is not None:
             held.start_refreshing()
+        if watch is not None:
+            watch.start()
         result = sup.wait()
     finally:
+        watched = watch.stop() if watch is not None else None
         if link is not None:
             link.close()
         if held is not None:
             held.release()
-    if le.node_rank == 0:
+    if le.node_rank == 0 and watched is None:
         fs.write_atomic(task_paths.outcome, result.outcome_line(le.restart_count))
         cost.write_task_cost(paths.root, task_paths.dir, le.array_index)  # what is known now (hpcqwen cost redoes it)
-    print(f"hpcqwen launch: node {le.node_rank}: ranks ended {result.describe()}", flush=True)
-    return result.launcher_exit_code
+    print(f"hpcqwen launch: node {le.node_rank}: ranks ended {result.describe()}"
+          + (f"; the watchdog ended the attempt: {watched.split()[0]}" if watched else ""), flush=True)
+    return EXIT_HUNG if watched else result.launcher_exit_code

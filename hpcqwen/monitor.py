@@ -38,6 +38,7 @@ from hpcqwen.progress import (
     refine_state,
     restarts_of,
 )
+from hpcqwen.watchview import watch_alert
 
 __all__ = ["DEFAULT_RECENT_H", "PollStatus", "Progress", "RunRow", "Snapshot", "TaskRow", "Watch", "array_state",
            "build_row", "default_run_root", "fetch_rows", "gpus_of", "parse_duration", "profile_run_roots",
@@ -62,6 +63,7 @@ class TaskRow:
     restarts: int = 0
     label: str = ""  # a pipeline stage's name (shown instead of "task N")
     gpu_hours: float | None = None
+    alert: str = ""  # the hang watchdog's word while it runs (hpcqwen.watchview)
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class RunRow:
     submitted_at: float | None = None
     gpu_hours: float | None = None  # hpcqwen.pipeline.rows: cost.json, else elapsed × GPUs
     note: str = ""  # a pipeline's blocked-on or running stages
+    alert: str = ""  # the hang watchdog's word while it runs: STALLED, stragglers (hpcqwen.watchview)
 
     @property
     def state(self) -> slurm.JobState:
@@ -223,7 +226,8 @@ def build_row(run_dir: Path, info: dict[str, Any], rows: list[slurm.JobRow], fet
                   dependency=job.dependency, nodes=job.nodes, gpus_per_node=gpus_of(job.gres), nodelist=job.nodelist,
                   elapsed_s=elapsed, elapsed_at=fetched_at if running and elapsed is not None else None,
                   time_limit_s=parse_duration(job.time_limit), restarts=max(restarts.values(), default=0),
-                  progress=progress, checkpoint_step=ck[0], checkpoint_at=ck[1], source=job.source)
+                  progress=progress, checkpoint_step=ck[0], checkpoint_at=ck[1], source=job.source,
+                  alert=watch_alert(paths.root) if running else "")
 
 
 def fresh_state(job: slurm.JobRow, progress: Progress | None, fetched_at: float | None,
@@ -277,7 +281,8 @@ def _task_row(i: int, r: slurm.JobRow | None, paths: RunPaths, job_id: str, rest
         return TaskRow(i, f"{job_id}_{i}", "UNKNOWN", unseen_reason(unseen, tdir), None, progress, ck[0], ck[1],
                        restarts.get(i, 0))
     state, reason, took = fresh_state(r, progress, fetched_at, refine_state(r.slurm_state, tdir))
-    return TaskRow(i, r.job_id, state, reason, took, progress, ck[0], ck[1], restarts.get(i, 0))
+    alert = watch_alert(tdir) if r.state == slurm.JobState.RUNNING else ""
+    return TaskRow(i, r.job_id, state, reason, took, progress, ck[0], ck[1], restarts.get(i, 0), alert=alert)
 
 
 def unseen_reason(unseen: str, task_dir: Path) -> str:

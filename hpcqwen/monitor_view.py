@@ -225,6 +225,8 @@ def _detail(row: RunRow, task: TaskRow | None, now: float, elapsed: float | None
         style = "red" if item.reason == "DependencyNeverSatisfied" else "yellow" if state == JobState.PENDING else ""
         return Text(words, style=style)
     if state == JobState.RUNNING:
+        if item.alert:  # the hang watchdog: STALLED, stragglers, a reported hang
+            return Text(item.alert, style="bold red" if item.alert.startswith(("STALLED", "hang")) else "yellow")
         if will_overrun(item, row.time_limit_s, elapsed):
             left = (row.time_limit_s or 0) - (elapsed or 0)
             return Text(f"⚠ won't finish: {fmt_age(left)} left", style="bold red")

@@ -31,6 +31,9 @@ METRICS = "metrics.jsonl"
 PLOT = "metrics.png"
 CHECKPOINTS = "checkpoints"
 LOCAL_RC = "local.rc"
+HEARTBEATS = "heartbeats"
+HANGS = "hangs"
+WATCHDOG = "WATCHDOG.json"
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,21 @@ class TaskPaths:
     def progress(self) -> Path:
         """Touched by rank 0 after the attempt's first step (a crash after it may be requeued)."""
         return self.dir / PROGRESS
+
+    @property
+    def heartbeats(self) -> Path:
+        """`<host>-<rank>.json` per rank of the current attempt (hpcqwen.heartbeat), and its faulthandler file."""
+        return self.dir / HEARTBEATS
+
+    @property
+    def hangs(self) -> Path:
+        """`<UTC time>/` per hang the watchdog found: `<host>-<rank>.txt` stacks and `report.md`."""
+        return self.dir / HANGS
+
+    @property
+    def watchdog(self) -> Path:
+        """The watcher's latest view (ages, phases, stragglers, the hang it acted on), for the monitor."""
+        return self.dir / WATCHDOG
 
     @property
     def lease(self) -> Path:

@@ -3,10 +3,10 @@
 `read_progress` summarises the tail of a metrics.jsonl (the format of hpcqwen.metrics),
 `restarts_of` the launchers' launches.jsonl files, `checkpoint_of` the newest complete checkpoint,
 `refine_state` turns Slurm's FAILED into STOPPED when the batch script ended a saved, resumable
-run without requeue (the task's FINAL file), `ending_of` says how a task ended when Slurm no longer
-knows its job (FINAL, else OUTCOME). File reads are memoized on the file's (mtime, size),
-so an unchanged file costs one stat (cheap on NFS); unreadable or half-written files give
-"nothing known", never an exception.
+run without requeue (the task's FINAL file), FAILED or CANCELLED into HUNG when the hang watchdog
+ended it (FINAL again), `ending_of` says how a task ended when Slurm no longer knows its job (FINAL,
+else OUTCOME). File reads are memoized on the file's (mtime, size), so an unchanged file costs one
+stat (cheap on NFS); unreadable or half-written files give "nothing known", never an exception.
 """
 
 from __future__ import annotations
@@ -180,6 +180,8 @@ def refine_state(slurm_state: str, task_dir: Path | None) -> str:
     Slurm says FAILED (exit 75), the work says STOPPED. CANCELLED stays CANCELLED."""
     if slurm_state == "FAILED" and task_dir is not None and final_of(task_dir).startswith("STOPPED"):
         return "STOPPED"
+    if slurm_state in ("FAILED", "CANCELLED") and task_dir is not None and final_of(task_dir).startswith("HUNG"):
+        return "HUNG"  # the hang watchdog ended it (hangaction.py): not a crash, not a user's cancel
     return slurm_state
 
 

@@ -6,7 +6,10 @@ Python for the submitit backend, and tests/unit/test_requeue.py checks that both
 - OUTCOME `stopped` (the ranks saved a complete checkpoint)  -> requeue while restarts remain;
   otherwise exit 75 and write FINAL `STOPPED <why>` (restart limit, requeue refused, requeue off);
 - anything else is a failure -> requeue when `requeue.on_failure`, the attempt got past its first
-  step (TASK_DIR/PROGRESS) and restarts remain; otherwise exit with the failure's code.
+  step (TASK_DIR/PROGRESS) and restarts remain; otherwise exit with the failure's code;
+- OUTCOME `requeued` (the hang watchdog requeued the job itself, `hpcqwen.hangaction`) -> exit 0, never a
+  second requeue; OUTCOME `hung` (the watchdog ended the job and wrote FINAL `HUNG ...`) -> exit with the
+  launcher's code, no requeue.
 A requeue is asked for only while Slurm still says the job is RUNNING: after `scancel` the job is
 COMPLETING, and `scontrol requeue` would bring a cancelled job back (it does, in Slurm 22.05).
 `SubmititLaunch` is what the submitit backend runs on every node: the launcher as a child process,
@@ -42,23 +45,23 @@ class Decision:
 
 
 def read_outcome(task: TaskPaths) -> str:
-    """done | stopped | failed (a missing or unreadable OUTCOME is a failure)."""
+    """done | stopped | requeued | hung | failed (a missing or unreadable OUTCOME is a failure)."""
     try:
         words = task.outcome.read_text(encoding="utf-8").split()
     except OSError:
         return "failed"
-    return words[0] if words and words[0] in ("done", "stopped") else "failed"
+    return words[0] if words and words[0] in ("done", "stopped", "requeued", "hung") else "failed"
 
 
 def decide(outcome: str, rc: int, restarts: int, max_restarts: int, *, enabled: bool, on_failure: bool,
            progress: bool) -> Decision:
     """The rule above, before any requeue was tried (a refused requeue then ends as `refused`)."""
-    if rc != 0:
+    if rc != 0 and outcome in ("done", "stopped"):
         outcome = "failed"
-    if outcome == "done":
+    if outcome in ("done", "requeued"):
         return Decision(False, 0)
     code = EXIT_STOPPED if outcome == "stopped" else (rc or 1)
-    eligible = enabled and (outcome == "stopped" or (on_failure and progress))
+    eligible = enabled and (outcome == "stopped" or (on_failure and progress and outcome == "failed"))
     if eligible and restarts < max_restarts:
         return Decision(True, 0)
     if outcome != "stopped":

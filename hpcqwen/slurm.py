@@ -48,6 +48,7 @@ SLURM_STATES: dict[str, JobState] = {
     # hpcqwen's own (progress.refine_state): FAILED with exit 75 and a FINAL file. Slurm's rare STOPPED
     # (SIGSTOP sent to a job) reads the same; it is a terminal state here.
     "STOPPED": JobState.STOPPED,
+    "HUNG": JobState.FAILED,  # hpcqwen's own: the hang watchdog ended the job (FINAL `HUNG ...`)
     "COMPLETED": JobState.SUCCEEDED,
     **dict.fromkeys(["FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
                      "REVOKED"], JobState.FAILED),

@@ -29,12 +29,14 @@ from hpcqwen.fields import (
     JOB_ID_RE,
     MAX_ARRAY,
     MAX_CPUS,
+    MAX_FACTOR,
     MAX_GPUS_PER_NODE,
     MAX_MEM_GB,
     MAX_NODES,
     MAX_PROCS_PER_NODE,
     MAX_RESTARTS,
     MAX_TIME_MIN,
+    MAX_WATCH_S,
     SPEC_CONFIG,
     check_path_shape,
 )
@@ -131,6 +133,33 @@ class Requeue(_Section):
     )
 
 
+class Watchdog(_Section):
+    """Hang and straggler watchdog (DESIGN.md, the watchdog): heartbeats of every rank, watched by node 0."""
+
+    enabled: bool = Field(True, description="Watch the ranks' heartbeats; off: no heartbeats, no watcher.")
+    hang_timeout_s: int = Field(
+        900, ge=1, le=MAX_WATCH_S, description="A rank that made no progress (no heartbeat) for this long after its "
+        "first step is hung: its stacks are dumped, a report written and `on_hang` applied. Must exceed the longest "
+        "step phase (a forward, an evaluation, a generation) plus `poll_interval_s`.")
+    startup_timeout_s: int = Field(
+        3600, ge=1, le=MAX_WATCH_S, description="Every rank must reach its first training step this long after "
+        "node 0's launcher started (model loading and data tokenization included), else the start is stuck; run "
+        "`hpcqwen prepare` first for a dataset that takes longer to tokenize.")
+    save_timeout_s: int = Field(
+        3600, ge=1, le=MAX_WATCH_S, description="The allowance of a rank in the `save` phase (replaces "
+        "hang_timeout_s while it saves a checkpoint), so a slow save is not a hang.")
+    on_hang: Literal["requeue", "cancel", "report"] = Field(
+        "requeue", description="requeue: end the attempt and requeue it (same restart count as requeue.max_restarts; "
+        "cancel when none remain); cancel: end the job; report: only write the report (the job runs on).")
+    exclude_bad_node: bool = Field(True, description="On requeue, keep the suspect node out of the next attempt "
+                                   "(ExcNodeList, set by a small helper job while the requeued job is held).")
+    straggler_ratio: float | None = Field(
+        2.0, ge=1.1, le=MAX_FACTOR, description="Report a rank whose work per step (its forward passes: the part of "
+        "a step with no collective) takes this many times the median of the other ranks'; null: off.")
+    poll_interval_s: float = Field(10.0, ge=0.1, le=600, description="Seconds between two looks of the watcher "
+                                   "(and the longest a rank's heartbeat waits before it is written).")
+
+
 class JobSpec(_Section):
     """A whole job: where it runs, what it asks for, and what it does."""
 
@@ -143,6 +172,7 @@ class JobSpec(_Section):
     depends_on: list[Dependency] = Field(default_factory=list, description="Jobs this one waits for.")
     env: dict[EnvName, str] = Field(default_factory=dict, description="Extra environment (no secrets).")
     requeue: Requeue = Field(default_factory=Requeue)
+    watchdog: Watchdog = Field(default_factory=Watchdog)
     task: TaskSpec = Field(description="What runs: a mapping with `kind:` and its knobs.")
 
     @field_validator("depends_on", mode="before")
@@ -332,6 +362,7 @@ def _cross_checks(spec: JobSpec, doc: YamlDoc, overridden: dict[Loc, str]) -> li
                                 f"must come inside the time limit ({r.time_limit_min} min = {r.time_limit_min * 60} s)",
                                 got=str(spec.requeue.signal_lead_s), expected=f"< {r.time_limit_min * 60}",
                                 hint="raise resources.time_limit_min or lower requeue.signal_lead_s"))
+    problems += _watchdog_checks(spec.watchdog)
     if a is not None:
         problems += _array_checks(spec, a)
     problems += _dependency_checks(spec)
@@ -344,6 +375,25 @@ def _cross_checks(spec: JobSpec, doc: YamlDoc, overridden: dict[Loc, str]) -> li
         problems += [Problem(f"array.tasks[{i}]." + p.key.removeprefix("task."), p.message, p.got, p.expected,
                              p.hint) for p in task.check(spec)]
     return [_problem_issue(p, doc, overridden) for p in problems]
+
+
+def _watchdog_checks(w: Watchdog) -> list[Problem]:
+    """The watcher must look more often than the allowances it enforces, and a save may take longer than a step."""
+    if not w.enabled:
+        return []
+    problems = []
+    for key in ("hang_timeout_s", "startup_timeout_s", "save_timeout_s"):
+        value = getattr(w, key)
+        if w.poll_interval_s >= value:
+            problems.append(Problem(f"watchdog.{key}", f"({value} s) must be longer than watchdog.poll_interval_s "
+                                    f"({w.poll_interval_s:g} s): the watcher looks every poll_interval_s",
+                                    got=str(value), expected=f"> {w.poll_interval_s:g}",
+                                    hint="raise the timeout or lower watchdog.poll_interval_s"))
+    if w.save_timeout_s < w.hang_timeout_s:
+        problems.append(Problem("watchdog.save_timeout_s", f"({w.save_timeout_s} s) must be at least "
+                                f"watchdog.hang_timeout_s ({w.hang_timeout_s} s): the save phase extends the allowance",
+                                got=str(w.save_timeout_s), expected=f">= {w.hang_timeout_s}"))
+    return problems
 
 
 def _dependency_checks(spec: JobSpec) -> list[Problem]:

@@ -106,8 +106,15 @@ def cpu_group() -> Any:
     global _CPU_GROUP
     import torch.distributed as dist
 
-    if _CPU_GROUP is None:
-        _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    if _CPU_GROUP is None and dist.get_backend() == "gloo":
+        _CPU_GROUP = dist.group.WORLD
+    elif _CPU_GROUP is None:
+        import datetime
+
+        from hpcqwen.heartbeat import collective_timeout_s
+
+        # new_group does not inherit the world's timeout: longer than every watchdog allowance (DESIGN.md)
+        _CPU_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=collective_timeout_s(1800)))
     return _CPU_GROUP
 
 

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "cancel": ("cancel", "cancel a job or the job of a run dir (its ranks save first)"),
     "resume": ("resume", "submit an existing run dir again: its unfinished tasks continue from their checkpoints"),
     "queue": ("queue", "live view of hpcqwen runs: states, pending reasons, training progress"),
+    "hangs": ("hangs", "list the hang reports of a run (stacks of every rank, the suspect node, the action)"),
     "plot": ("plot", "write loss / lr / tokens/s (and reward) curves of a run dir as a PNG"),
     "prepare": ("prepare", "build the tokenization/packing cache of a training spec as its own CPU job"),
     "export": ("export", "write a checkpoint as a Hugging Face model (--merge-lora), optionally push it"),

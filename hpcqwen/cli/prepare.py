@@ -28,6 +28,8 @@ def prepare_spec(spec: JobSpec) -> JobSpec:
     resources = spec.resources.model_copy(update={"nodes": 1, "gpus_per_node": 0, "nproc_per_node": 1,
                                                   "cpus_per_task": cpus})
     return spec.model_copy(update={"name": f"{spec.name}-prepare", "resources": resources, "array": None,
+                                   # a data build has no training steps: nothing for the hang watchdog to watch
+                                   "watchdog": spec.watchdog.model_copy(update={"enabled": False}),
                                    "env": {**spec.env, "HPCQWEN_PREPARE_ONLY": "1"}})
 
 

@@ -7,6 +7,7 @@ import json
 
 from hpcqwen import runs, slurm
 from hpcqwen.cli._common import add_target_argument
+from hpcqwen.hangreport import list_reports
 from hpcqwen.paths import RunPaths
 from hpcqwen.progress import final_of, restarts_of
 
@@ -24,6 +25,14 @@ def restarts(ref: runs.RunRef) -> int:
     return max(restarts_of(ref.run_dir, ref.array_size).values(), default=0)
 
 
+def hang_reports(ref: runs.RunRef) -> list[str]:
+    """The newest hang report of each task (the watchdog's report.md), if any."""
+    if ref.run_dir is None:
+        return []
+    found = (list_reports(t.hangs) for t in RunPaths(ref.run_dir).task_dirs(ref.array_size))
+    return [str(reports[-1].path) for reports in found if reports]
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the state (exit 0 whatever the state; the state is data, not an error)."""
     ref = runs.resolve_target(args.target)
@@ -35,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         return final_of(paths.task(r.array_task_id if ref.array_size else None).dir) if paths else ""
     if args.json:
         print(json.dumps({"job_id": ref.job_id, "run_dir": str(ref.run_dir) if ref.run_dir else None,
-                          "backend": ref.backend, "restarts": restarts(ref),
+                          "backend": ref.backend, "restarts": restarts(ref), "hang_reports": hang_reports(ref),
                           "tasks": [{"job_id": r.job_id, "state": r.slurm_state, "folded": r.state.value,
                                      "reason": r.reason, "final": final(r), "elapsed": r.elapsed,
                                      "source": r.source} for r in rows]}, indent=2))
@@ -48,7 +57,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"state     {r.job_id:<12} {r.slurm_state:<11}{timing}{reason}  [{r.source}]")
         if r.slurm_state == "STOPPED":
             print(f"          {final(r)}; continue with `hpcqwen resume {ref.run_dir}`")
+        if r.slurm_state == "HUNG":
+            print(f"          {final(r)}")
     print(f"restarts  {restarts(ref)}")
+    for report in hang_reports(ref):
+        print(f"hang      {report}")
     logs = runs.log_files(ref) if ref.run_dir else []
     if logs:
         print(f"log       {logs[-1]}")

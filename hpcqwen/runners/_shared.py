@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcqwen import checkpoints, stopping
+from hpcqwen import checkpoints, heartbeat, stopping
 from hpcqwen.errors import HpcqwenError
 from hpcqwen.metrics import MetricsWriter, drop_after
 from hpcqwen.paths import RunPaths, TaskPaths
@@ -46,6 +46,7 @@ def load_context(run_dir: str) -> RunContext:
     task_dir = os.environ.get("HPCQWEN_TASK_DIR")
     task_paths = TaskPaths(Path(task_dir)) if task_dir else paths.task(array_index)
     stopping.install_handlers(task_paths.stop)
+    heartbeat.start_rank(task_paths.dir)  # phase "loading" until the runner's first step (watchdog on only)
     return RunContext(spec, spec.task_for(array_index), paths, task_paths, int(os.environ.get("RANK", "0")),
                       int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
@@ -77,6 +78,7 @@ def finish_training(ctx: RunContext, trainer: Any, stop: Any, pruner: Any, name:
                     extra: dict[str, Any] | None = None) -> int:
     """End of a Trainer run: the last metrics line (done or stopped) and one summary line from rank 0,
     then every rank waits for the others; returns 0 (done) or EXIT_STOPPED (saved, resumable)."""
+    heartbeat.beat("finishing", force=True)
     step, total = trainer.state.global_step, trainer.state.max_steps
     stopped = stop.stopped_at is not None and step < total
     pruner.join()

@@ -10,6 +10,8 @@
   (a slow rmtree of 100 GB must not sit between two collectives). Saving also happens at the last step.
 - `MetricsCallback`: rank 0 appends one line per logging step to metrics.jsonl.
 - `RunCounters`: tokens seen and training seconds, continued across resumes from the marker.
+- `HeartbeatCallback`: the hang watchdog's heartbeat (step and phase, forward time per step; no GPU sync)
+  and, only when a test sets them, the test-only fault hooks (`hpcqwen.testing_faults`).
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from hpcqwen import checkpoints, fs, stopping
+from hpcqwen import checkpoints, fs, heartbeat, stopping
 from hpcqwen.metrics import MetricsWriter
 from hpcqwen.paths import TaskPaths
 
 EVAL_FLAG = "_hpcqwen_eval"  # a column of evaluation rows: their tokens are not training tokens
+FAULTS: Any = None
+if os.environ.get("HPCQWEN_TEST_FAULT") or os.environ.get("HPCQWEN_TEST_SAVE_PAUSE_S"):
+    from hpcqwen import testing_faults as FAULTS  # noqa: N812 - test-only hooks, imported only when a test sets them
 # Test hook, not a knob: seconds every save pauses before its marker (the preemption soak kills a rank there).
-TEST_SAVE_PAUSE_S = float(os.environ.get("HPCQWEN_TEST_SAVE_PAUSE_S", "0") or 0)
+TEST_SAVE_PAUSE_S = FAULTS.save_pause_s() if FAULTS is not None else 0.0
 
 
 class TokenCounter:
@@ -189,6 +194,72 @@ class MetricsCallback(TrainerCallback):
                 record["tokens_per_s"] = round((tokens - tok0) / (now - t0), 1)
         record["peak_mem_gb"] = peak_memory_gb()
         self.writer.write(record)
+        return control
+
+
+class HeartbeatCallback(TrainerCallback):
+    """Progress for the watchdog (`hpcqwen.heartbeat`): phases from the Trainer's events and the model's forward
+    hooks; a training forward's time is this rank's work (straggler detection). Put it LAST in the callback
+    list: at `on_step_end` it must see the `should_save` the other callbacks set (save extends the allowance)."""
+
+    def __init__(self, no_grad_phase: str = "eval") -> None:
+        self.no_grad_phase = no_grad_phase  # a forward without gradients: evaluation (SFT) or rollouts (GRPO)
+        self.slow = FAULTS.slow_factor() if FAULTS is not None else 1.0
+        self._t0: float | None = None
+
+    @staticmethod
+    def beat(phase: str, step: int | None = None, force: bool = False) -> None:
+        heartbeat.beat(phase, step, force=force)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
+        if model is not None and (heartbeat.current() is not None or self.slow != 1.0):
+            inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+            inner.register_forward_pre_hook(self._before_forward)  # every forward: training, eval, generation
+            inner.register_forward_hook(self._after_forward)
+        self.beat("data", state.global_step, force=True)
+        return control
+
+    def _before_forward(self, module: Any, inputs: Any) -> None:
+        training = torch.is_grad_enabled()
+        self.beat("forward" if training else self.no_grad_phase)
+        self._t0 = time.monotonic() if training else None
+
+    def _after_forward(self, module: Any, inputs: Any, output: Any) -> None:
+        if self._t0 is None:
+            return
+        if self.slow != 1.0:
+            time.sleep((self.slow - 1.0) * (time.monotonic() - self._t0))  # test-only: a straggler
+        hb = heartbeat.current()
+        if hb is not None:
+            hb.add_work(time.monotonic() - self._t0)
+        self._t0 = None
+        self.beat("backward")
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.beat("optimizer")
+        return control
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        hb = heartbeat.current()
+        if hb is not None:
+            hb.end_step()
+        if FAULTS is not None:
+            FAULTS.maybe_hang(state.global_step)  # test-only: this rank stops before the step's collectives
+        phase = "save" if control.should_save and not control.should_evaluate else \
+            "eval" if control.should_evaluate else "data"
+        self.beat(phase, state.global_step)
+        return control
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.beat("save" if control.should_save else "data", state.global_step)
+        return control
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.beat("data", state.global_step)
+        return control
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.beat("finishing", state.global_step, force=True)
         return control
 
 

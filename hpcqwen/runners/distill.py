@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpcqwen import stopping
+from hpcqwen import heartbeat, stopping
 from hpcqwen.metrics import MetricsWriter
 from hpcqwen.runners._shared import RunContext, load_context, log0, run_main
 from hpcqwen.shards import (
@@ -163,6 +163,7 @@ def generate_shards(ctx: RunContext, generator: Any, tokenizer: Any, work: Plan)
                 print(f"distill: stop requested; shard {s} stops with {work.written[s]} prompts written", flush=True)
                 return False
             batch = pending[start:start + size]
+            heartbeat.beat("generate", sum(work.written.values()))
             t0 = time.time()
             try:
                 records, generated = generate_batch(ctx, generator, tokenizer, work.rows, batch)
@@ -172,7 +173,9 @@ def generate_shards(ctx: RunContext, generator: Any, tokenizer: Any, work: Plan)
                           flush=True)
                     return False
                 raise
+            heartbeat.beat("save", sum(work.written.values()))
             work.written[s] = sf.append(records)
+            heartbeat.beat("generate", sum(work.written.values()))
             stopping.mark_progress(ctx.task_paths.progress)
             dt = max(time.time() - t0, 1e-9)
             done = sum(work.written.values())

@@ -347,14 +347,21 @@ def build_trainer(ctx: RunContext, args: Any, model: Any, tokenizer: Any, train:
     """GRPOTrainer with the rewards and the run-dir callbacks (stop, checkpoints, metrics)."""
     from trl import GRPOTrainer  # type: ignore[attr-defined]
 
-    from hpcqwen.runners.callbacks import CheckpointCallback, MetricsCallback, RunCounters, StopCallback
+    from hpcqwen.runners.callbacks import (
+        CheckpointCallback,
+        HeartbeatCallback,
+        MetricsCallback,
+        RunCounters,
+        StopCallback,
+    )
 
     t = ctx.task
     log_cb = grpo_log_callback(ctx.task_paths.dir / COMPLETIONS if t.log_completions else None, ctx.is_rank0)
     counters = RunCounters(None)  # TRL counts num_input_tokens_seen (prompt + completion) itself
     callbacks = [StopCallback(ctx.task_paths, ctx.is_rank0),
                  CheckpointCallback(ctx.task_paths.checkpoints, t.save_total_limit, ctx.is_rank0, counters),
-                 log_cb, MetricsCallback(ctx.task_paths.metrics, ctx.is_rank0, counters, extra_keys=GRPO_LOG_KEYS)]
+                 log_cb, MetricsCallback(ctx.task_paths.metrics, ctx.is_rank0, counters, extra_keys=GRPO_LOG_KEYS),
+                 HeartbeatCallback("generate")]
     started = time.perf_counter()
     trainer = GRPOTrainer(model=model, reward_funcs=load_rewards(t), args=args, train_dataset=train,
                           processing_class=tokenizer, callbacks=callbacks, peft_config=lora_config(t))
@@ -402,7 +409,9 @@ def setup_process(ctx: RunContext) -> bool:
 
         # As in the SFT runner: before GRPOConfig, so that ZeRO-3's zero.Init sees the real world size
         # (else it asserts train_batch_size != micro_batch × accumulation × 1), with gloo on CPU.
-        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+        from hpcqwen.runners.sft import collective_timeout
+
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", timeout=collective_timeout())
     return use_gpu
 
 

@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from hpcqwen import stopping
+from hpcqwen import heartbeat, stopping
 from hpcqwen.checkpoints import Pruner
 from hpcqwen.metrics import MetricsWriter
 from hpcqwen.runners._shared import RunContext, load_context, log0, run_main
@@ -126,11 +126,14 @@ def init_parallel(ctx: RunContext) -> Any:
     from megatron.core import tensor_parallel
 
     t = ctx.task
+    import datetime
+
+    timeout = datetime.timedelta(seconds=heartbeat.collective_timeout_s(1800))  # > every watchdog allowance
     if device() == "cuda":
         torch.cuda.set_device(ctx.local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", ctx.local_rank))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", ctx.local_rank), timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     ps.initialize_model_parallel(tensor_model_parallel_size=t.tensor_model_parallel_size,
                                  pipeline_model_parallel_size=t.pipeline_model_parallel_size,
                                  context_parallel_size=t.context_parallel_size,
@@ -138,7 +141,7 @@ def init_parallel(ctx: RunContext) -> Any:
     if device() == "cuda":
         tensor_parallel.model_parallel_cuda_manual_seed(t.seed)
     torch.manual_seed(t.seed)
-    return dist.new_group(backend="gloo")
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def build_options(ctx: RunContext, dims: Any) -> Any:
@@ -298,8 +301,14 @@ def forward_step(data_iterator: Any, model: Any) -> tuple[Any, Any]:
                                  max_seqlen_kv=b.max_seqlen)
     elif ps.get_context_parallel_world_size() > 1:
         tensors = get_batch_on_this_cp_rank(tensors)
+    heartbeat.beat("forward" if model.training else "eval")
+    t0 = time.monotonic()
     output = model(input_ids=tensors["tokens"], position_ids=tensors["position_ids"], attention_mask=None,
                    labels=tensors["labels"], packed_seq_params=packed)
+    hb = heartbeat.current()
+    if hb is not None and model.training:  # the watchdog's straggler measure (no collective with TP = PP = 1)
+        hb.add_work(time.monotonic() - t0)
+    heartbeat.beat("backward" if model.training else "eval")
     return output, partial(loss_func, tensors["loss_mask"])
 
 
@@ -335,6 +344,7 @@ def train_step(ctx: RunContext, state: State, n_micro: int) -> tuple[Any, float 
     state.model.zero_grad_buffer()
     state.optimizer.zero_grad()
     total = run_schedule(ctx, state, batches, forward_only=False)
+    heartbeat.beat("optimizer")
     _, grad_norm, _ = state.optimizer.step()
     state.scheduler.step(increment=1)
     state.iteration += 1
@@ -466,12 +476,18 @@ def train(ctx: RunContext, state: State) -> str:
     log.write({"step": state.iteration, "total_steps": state.train_iters, "phase": "train"})
     eval_every = t.eval_interval or t.save_interval
     saved_at = state.iteration
+    heartbeat.beat("data", state.iteration, force=True)
     while state.iteration < state.train_iters:
         if stop_requested(ctx, state.cpu_group):
             if saved_at != state.iteration:
+                heartbeat.beat("save", state.iteration)
                 save(ctx, state)
             return "stopped"
+        heartbeat.beat("data", state.iteration)
         loss, grad_norm, tokens = train_step(ctx, state, n_micro)
+        hb = heartbeat.current()
+        if hb is not None:
+            hb.end_step()
         if ctx.is_rank0:
             stopping.mark_progress(ctx.task_paths.progress)
         log.add(loss, tokens)
@@ -483,7 +499,9 @@ def train(ctx: RunContext, state: State) -> str:
                 log.write({"step": state.iteration, "total_steps": state.train_iters, "phase": "eval",
                            "eval_loss": eval_loss})
         if state.iteration % t.save_interval == 0 or state.iteration == state.train_iters:
+            heartbeat.beat("save", state.iteration)
             save(ctx, state)
+            heartbeat.beat("data", state.iteration)
             saved_at = state.iteration
     return "done"
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hpcqwen import checkpoints
+from hpcqwen import checkpoints, heartbeat
 from hpcqwen.runners._shared import (
     RunContext,
     callback,
@@ -124,6 +124,8 @@ def shared_training_kwargs(t: Any, cls: Any, output_dir: str, use_gpu: bool) -> 
         dataloader_num_workers=t.dataloader_num_workers,
         seed=t.seed,
         data_seed=t.seed,
+        # longer than every watchdog allowance: the watchdog dumps the stacks of a hang first (DESIGN.md)
+        ddp_timeout=int(heartbeat.collective_timeout_s(1800)),
     )
 
 
@@ -133,6 +135,13 @@ def warmup_kwargs(cls: Any, ratio: float) -> dict[str, float]:
 
     names = {f.name for f in dataclasses.fields(cls)}
     return {"warmup_ratio": ratio} if "warmup_ratio" in names else {"warmup_steps": ratio}
+
+
+def collective_timeout() -> Any:
+    """torch.distributed's timeout as a timedelta (see heartbeat.collective_timeout_s)."""
+    import datetime
+
+    return datetime.timedelta(seconds=heartbeat.collective_timeout_s(1800))
 
 
 def load_model(ctx: RunContext, use_gpu: bool) -> Any:
@@ -162,6 +171,7 @@ def build_trainer(ctx: RunContext, args: Any, model: Any, tokenizer: Any, train:
     from hpcqwen.runners.callbacks import (
         EVAL_FLAG,
         CheckpointCallback,
+        HeartbeatCallback,
         MetricsCallback,
         RunCounters,
         StopCallback,
@@ -177,7 +187,7 @@ def build_trainer(ctx: RunContext, args: Any, model: Any, tokenizer: Any, train:
     counters = RunCounters(counter)
     callbacks = [StopCallback(ctx.task_paths, ctx.is_rank0),
                  CheckpointCallback(ctx.task_paths.checkpoints, t.save_total_limit, ctx.is_rank0, counters),
-                 MetricsCallback(ctx.task_paths.metrics, ctx.is_rank0, counters)]
+                 MetricsCallback(ctx.task_paths.metrics, ctx.is_rank0, counters), HeartbeatCallback("eval")]
     return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                    data_collator=counter or collator, processing_class=tokenizer, callbacks=callbacks)
 
@@ -220,7 +230,7 @@ def main(run_dir: str) -> int:
 
         # Before TrainingArguments: ZeRO-3's zero.Init must see the real world size (else it
         # asserts train_batch_size != micro_batch × accumulation × 1), and gloo on CPU.
-        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", timeout=collective_timeout())
     args = training_arguments(ctx, use_gpu)  # joins the process group
     from transformers import set_seed
 

@@ -30,7 +30,7 @@ rc=; while :; do  # a trapped signal cuts `wait` short (rc 128+n): wait again fo
   rc=$r; [ "$trapped" = 1 ] || break
 done
 { read -r outcome _ < "$TASK_DIR/OUTCOME"; } 2>/dev/null || outcome=failed
-[ "$rc" = 0 ] || outcome=failed
-case "$outcome" in done) exit 0 ;; stopped) code=75 ;; *) code=$rc; [ "$code" = 0 ] && code=1 ;; esac
+case "$outcome" in done|stopped) [ "$rc" = 0 ] || outcome=failed ;; requeued|hung) ;; *) outcome=failed ;; esac
+case "$outcome" in done|requeued) exit 0 ;; stopped) code=75 ;; *) code=$rc; [ "$code" = 0 ] && code=1 ;; esac  # requeued, hung: by the hang watchdog
 [ "$outcome" = stopped ] && echo "STOPPED requeue is off" > "$TASK_DIR/FINAL"
 exit "$code"

@@ -30,10 +30,10 @@ rc=; while :; do  # a trapped signal cuts `wait` short (rc 128+n): wait again fo
   rc=$r; [ "$trapped" = 1 ] || break
 done
 { read -r outcome _ < "$TASK_DIR/OUTCOME"; } 2>/dev/null || outcome=failed
-[ "$rc" = 0 ] || outcome=failed
-case "$outcome" in done) exit 0 ;; stopped) code=75 ;; *) code=$rc; [ "$code" = 0 ] && code=1 ;; esac
+case "$outcome" in done|stopped) [ "$rc" = 0 ] || outcome=failed ;; requeued|hung) ;; *) outcome=failed ;; esac
+case "$outcome" in done|requeued) exit 0 ;; stopped) code=75 ;; *) code=$rc; [ "$code" = 0 ] && code=1 ;; esac  # requeued, hung: by the hang watchdog
 restarts=${SLURM_RESTART_COUNT:-0}; requeue_id="$SLURM_JOB_ID"
-if [ "$outcome" = stopped ] || { true && [ -e "$TASK_DIR/PROGRESS" ]; }; then
+if [ "$outcome" = stopped ] || { true && [ "$outcome" = failed ] && [ -e "$TASK_DIR/PROGRESS" ]; }; then
   state=$(scontrol show job "$requeue_id" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | head -n1)
   if [ "$restarts" -ge 3 ]; then
     why="restart limit reached ($restarts of 3)"

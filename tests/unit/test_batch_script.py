@@ -80,7 +80,8 @@ def _spec_text(enabled: bool, on_failure: bool, max_restarts: int = 2) -> str:
 
 
 # outcome the launcher reports (None: no OUTCOME written) and the launcher's exit code
-OUTCOMES = [("done", 0), ("stopped", 0), ("failed", 1), (None, 0), (None, 137), ("done", 2)]
+OUTCOMES = [("done", 0), ("stopped", 0), ("failed", 1), (None, 0), (None, 137), ("done", 2),
+            ("requeued", 124), ("hung", 124), ("hung", 0)]  # the last three: the hang watchdog (hangaction.py)
 
 
 @pytest.mark.parametrize(("enabled", "on_failure"), [(True, True), (True, False), (False, True)])

@@ -18,7 +18,8 @@ BASE = "name: t\ntask:\n  kind: command\n  module: m\n"
 CASES = [
     ('unknown_top_key', 'nmae: t\ntask:\n  kind: command\n  module: m\n', [], [
         '{f}: name: required key is missing — add `name:` to the spec',
-        "{f}:1: nmae: unknown key — did you mean 'name'? valid keys: array, cluster, depends_on, env, name, requeue, resources, sweep, task",
+        "{f}:1: nmae: unknown key — did you mean 'name'? valid keys: array, cluster, depends_on, env, name, requeue, resources, sweep, "
+        "task, watchdog",
     ]),
     ('wrong_type', BASE + 'resources:\n  nodes: two\n', [], [
         "{f}:6: resources.nodes: must be a whole number (got 'two'; expected an integer such as 2)",
