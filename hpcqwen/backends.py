@@ -18,7 +18,7 @@ from typing import Protocol
 from hpcqwen import slurm
 from hpcqwen.errors import ControllerUnreachable, HpcqwenError
 from hpcqwen.paths import RunPaths
-from hpcqwen.render import cpus_per_task, launcher_argv
+from hpcqwen.render import cpus_per_task, launcher_argv, setup_lines
 from hpcqwen.spec import JobSpec
 from hpcqwen.stopping import EXIT_STOPPED
 
@@ -82,7 +82,8 @@ class SubmititBackend:
             job_name=spec.name, nodes=r.nodes, ntasks_per_node=1, cpus_per_task=cpus_per_task(spec),
             time=r.time_limit_min, gpus_per_node=spec.gpus_per_node or None,
             partition=r.partition or c.partition, mem=f"{int(r.mem_gb * 1024)}M" if r.mem_gb else None,
-            setup=list(c.setup) + [f"export {k}={shlex.quote(v)}" for k, v in sorted({**c.env, **spec.env}.items())],
+            setup=setup_lines(c.setup) + [f"export {k}={shlex.quote(v)}"
+                                          for k, v in sorted({**c.env, **spec.env}.items())],
             stderr_to_stdout=True, signal_delay_s=spec.requeue.signal_lead_s,
             array_parallelism=(spec.array.throttle or spec.array.count) if spec.array else 256,
             additional_parameters=extra,

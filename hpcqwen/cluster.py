@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -48,6 +49,27 @@ def _cache_mode(value: object) -> object:
 CacheMode = Annotated[str | None, BeforeValidator(_cache_mode)]
 
 
+def _setup_line(value: object) -> object:
+    """One complete shell command on one line: the batch script checks each line's exit status right after
+    it, which a continued (`\\`), multi-line or unfinished (`if ...; then`) line would swallow."""
+    if isinstance(value, str) and ("\n" in value or "\r" in value or value.rstrip().endswith("\\")
+                                   or not _parses_in_bash(value)):
+        raise ValueError("must be one complete shell command on one line (the batch script checks its exit "
+                         "status before the next line runs)")
+    return value
+
+
+def _parses_in_bash(line: str) -> bool:
+    """`bash -n` accepts the line on its own (True where bash is missing here: the nodes' bash then decides)."""
+    try:
+        return subprocess.run(["bash", "-n", "-c", line], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+
+
+SetupLine = Annotated[str, BeforeValidator(_setup_line)]
+
+
 class Container(BaseModel):
     """Run the launcher inside a container on every node."""
 
@@ -71,10 +93,12 @@ class ClusterProfile(BaseModel):
                                description="GPUs in one node; the default for resources.gpus_per_node.")
     cpus_per_gpu: int = Field(8, ge=1, le=MAX_CPUS,
                               description="CPU cores given per GPU when resources.cpus_per_task is unset.")
-    setup: list[str] = Field(
+    setup: list[SetupLine] = Field(
         default_factory=list,
-        description="Shell lines run by the batch script before srun (module load, source a venv). "
-        "Site only: allowed in profile files, refused in job specs and --set (the lines are not quoted).",
+        description="Shell lines run by the batch script before srun (module load, source a venv), each one "
+        "complete command, run without `set -u`; the job ends (FAILED, nothing started) at the first that exits "
+        "non-zero, naming it. Site only: allowed in profile files, refused in job specs and --set (the lines are "
+        "not quoted).",
     )
     python: str | None = Field(
         None, description="Python interpreter on the nodes; default: the interpreter that submits the job."

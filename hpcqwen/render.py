@@ -161,6 +161,22 @@ def srun_argv(spec: JobSpec, run_dir: Path) -> list[str]:
     return argv + launcher_argv(spec, run_dir)
 
 
+def setup_lines(setup: Sequence[str]) -> list[str]:
+    """The profile's setup lines, each followed by a check of its exit status.
+
+    They run before `set -u` (site scripts read unset variables: module init, conda activate), and the
+    first that fails ends the batch script with its code before anything starts; a failing `module load`
+    would otherwise be ignored and the job fail later, far from the cause. Used by the sbatch template and
+    the submitit backend alike.
+    """
+    out = []
+    for number, line in enumerate(setup, 1):
+        said = shlex.quote(f"hpcqwen: profile setup line {number} failed (exit ")
+        why = shlex.quote(f"); nothing was started: {line}")
+        out += [line, f'rc=$?; [ "$rc" = 0 ] || {{ echo {said}"$rc"{why} >&2; exit "$rc"; }}']
+    return out
+
+
 def task_lines(spec: JobSpec) -> list[str]:
     """`key: value` for every task knob the spec sets (what the node reads from spec.json), so the
     script shows the job's settings next to its resources."""
@@ -188,7 +204,7 @@ def sbatch_context(spec: JobSpec, paths: RunPaths, source: SpecSource,
         "sbatch_path": str(paths.sbatch),
         "task_lines": task_lines(spec),
         "sbatch_flags": sbatch_flags(spec, paths, dependencies or {}, array_tasks),
-        "setup": list(spec.cluster.setup),
+        "setup": setup_lines(spec.cluster.setup),
         "run_dir": str(paths.root),
         "env": sorted({**spec.cluster.env, **spec.env}.items()),
         "task_dir": run_dir_q + '/tasks/"$SLURM_ARRAY_TASK_ID"' if is_array else '"$HPCQWEN_RUN_DIR"',

@@ -16,9 +16,11 @@
 #SBATCH --partition=gpu
 #SBATCH --requeue
 #SBATCH --signal=B:USR2@120
-set -u
 module load cuda/12.4
+rc=$?; [ "$rc" = 0 ] || { echo 'hpcqwen: profile setup line 1 failed (exit '"$rc"'); nothing was started: module load cuda/12.4' >&2; exit "$rc"; }
 source /shared/venvs/hpcqwen/bin/activate
+rc=$?; [ "$rc" = 0 ] || { echo 'hpcqwen: profile setup line 2 failed (exit '"$rc"'); nothing was started: source /shared/venvs/hpcqwen/bin/activate' >&2; exit "$rc"; }
+set -u
 export HPCQWEN_RUN_DIR=/shared/runs/site/20260101T000000Z-abcdef
 export NCCL_ASYNC_ERROR_HANDLING=1
 export NCCL_IB_HCA=mlx5
