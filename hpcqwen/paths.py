@@ -29,6 +29,7 @@ METRICS = "metrics.jsonl"
 PLOT = "metrics.png"
 CHECKPOINTS = "checkpoints"
 LOCAL_RC = "local.rc"
+INPUTS = "inputs"
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,11 @@ class RunPaths:
     def git_diff(self) -> Path:
         """Uncommitted changes of the submitting project, when there are any."""
         return self.root / GIT_DIFF
+
+    @property
+    def inputs(self) -> Path:
+        """Copies of the files the spec names that the nodes read (reward plugins, DeepSpeed configs)."""
+        return self.root / INPUTS
 
     @property
     def launches(self) -> Path:

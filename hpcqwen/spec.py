@@ -246,12 +246,43 @@ def parse_spec(source: SpecSource) -> JobSpec:
         spec = JobSpec.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as e:
         issues += specfile.issues_from_validation(e, JobSpec, doc, overridden=overridden)
+    if spec is not None:
+        spec = _resolve_array_tasks(spec, base_dir)
     if spec is not None and profile is not None:
         issues += _cross_checks(spec, doc, overridden)
     if issues:
         raise SpecError(file, _dedupe(issues))
     assert spec is not None
     return spec
+
+
+def _resolve_array_tasks(spec: JobSpec, base_dir: Path) -> JobSpec:
+    """`array.tasks` values of path fields resolved as the task's own are (relative to the spec's folder,
+    `~` and `${VAR}` expanded), so a sweep over data files or DeepSpeed configs means the same files on the
+    login node and on the nodes. An override that does not validate is kept as written (reported elsewhere)."""
+    if spec.array is None or not spec.array.tasks:
+        return spec
+    resolved = []
+    for overrides in spec.array.tasks:
+        data = spec.task.model_dump(mode="json")
+        for key, value in overrides.items():
+            specfile.apply_override(data, str(key).split("."), value)
+        try:
+            task = _TASK_ADAPTER.validate_python(data, context={"base_dir": base_dir}).model_dump(mode="json")
+        except ValidationError:
+            resolved.append(overrides)
+            continue
+        resolved.append({key: _dotted(task, str(key), value) for key, value in overrides.items()})
+    return spec.model_copy(update={"array": spec.array.model_copy(update={"tasks": resolved})})
+
+
+def _dotted(data: Any, key: str, default: Any) -> Any:
+    """data[a][b] for key 'a.b', or `default` where the path does not exist."""
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return default
+        data = data[part]
+    return data
 
 
 def _dedupe(issues: list[SpecIssue]) -> list[SpecIssue]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcqwen import __version__, fs
+from hpcqwen import __version__, fs, inputs
 from hpcqwen.backends import Backend
 from hpcqwen.errors import RunDirError
 from hpcqwen.fields import JOB_ID_RE
@@ -97,8 +97,9 @@ def git_state(cwd: Path) -> tuple[dict[str, Any], str]:
     return {"root": root, "sha": sha, "dirty": bool(diff)}, diff
 
 
-def manifest(spec: JobSpec, source: SpecSource, backend: str, git: dict[str, Any]) -> dict[str, Any]:
-    """The run's provenance: versions, interpreter, git state, backend (job ids come later)."""
+def manifest(spec: JobSpec, source: SpecSource, backend: str, git: dict[str, Any],
+             files: list[inputs.InputFile] | None = None) -> dict[str, Any]:
+    """The run's provenance: versions, interpreter, git state, backend, copied inputs (job ids come later)."""
     versions = {"hpcqwen": __version__, "python": platform.python_version()}
     for name in PACKAGES:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
@@ -118,18 +119,26 @@ def manifest(spec: JobSpec, source: SpecSource, backend: str, git: dict[str, Any
         "git": git,
         "backend": backend,
         "array_size": spec.array.count if spec.array else None,
+        "inputs": inputs.manifest_entries(spec, files or []),
         "job_ids": [],
     }
 
 
 def prepare_run_dir(spec: JobSpec, source: SpecSource, backend: str,
                     dependencies: dict[str, list[str]]) -> RunPaths:
-    """Write spec.yaml, spec.json, job.sbatch, manifest.json (and git.diff) into a new run dir."""
+    """Write spec.yaml, spec.json, job.sbatch, manifest.json (and git.diff, inputs/) into a new run dir.
+
+    The files the nodes would read by path (reward plugins, DeepSpeed configs) are copied into inputs/ and
+    the frozen spec names the copies; copied plugins are imported here once, as the nodes will.
+    """
     final = new_run_dir(spec.cluster.run_root, spec.name, source.sha256)
     staging = final.with_name(f".{final.name}.staging")
     paths = RunPaths(final)
+    spec, files = inputs.freeze_inputs(spec, final, source.path)
     staging.mkdir(parents=True)
     try:
+        inputs.write_inputs(staging, files)
+        inputs.import_plugins(spec, staging, files, source.path)
         (staging / paths.logs.name).mkdir()
         (staging / paths.spec_yaml.name).write_text(source.text, encoding="utf-8")
         (staging / paths.spec_json.name).write_text(spec.model_dump_json(indent=2) + "\n", encoding="utf-8")
@@ -137,7 +146,7 @@ def prepare_run_dir(spec: JobSpec, source: SpecSource, backend: str,
         git, diff = git_state(Path.cwd())
         if diff:
             (staging / paths.git_diff.name).write_text(diff, encoding="utf-8")
-        info = manifest(spec, source, backend, git)
+        info = manifest(spec, source, backend, git, files)
         (staging / paths.manifest.name).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         os.chmod(staging / paths.sbatch.name, 0o755)
         staging.rename(final)

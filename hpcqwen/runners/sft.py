@@ -32,9 +32,12 @@ DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
 def zero_config(preset: str) -> dict[str, Any]:
-    """DeepSpeed config for zero2 / zero3 / zero3_offload; "auto" values are filled by transformers."""
-    if preset.endswith(".json"):
-        config: dict[str, Any] = json.loads(Path(preset).read_text())
+    """DeepSpeed config for zero2 / zero3 / zero3_offload ("auto" values are filled by transformers), or
+    the config file's (any other value: the run dir's copy, whatever its name)."""
+    from hpcqwen.tasks._common import ZERO_PRESETS
+
+    if preset not in ZERO_PRESETS:
+        config: dict[str, Any] = json.loads(Path(preset).read_text(encoding="utf-8"))
         return config
     stage = 2 if preset == "zero2" else 3
     zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,

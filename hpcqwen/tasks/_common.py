@@ -10,6 +10,7 @@ already be in the local Hugging Face cache, since the nodes could not download i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -215,6 +216,55 @@ def dataset_files(path: Path, limit: int = MAX_CHECK_ENTRIES) -> list[Path] | No
 def is_sample_count(text: str) -> bool:
     """`N` of `name#N`: a positive whole number of at most 9 digits."""
     return re.fullmatch(r"[0-9]{1,9}", text.strip()) is not None and int(text) > 0
+
+
+ZERO_PRESETS = ("zero2", "zero3", "zero3_offload")
+DEEPSPEED_HELP = ("zero2, zero3 or zero3_offload (hpcqwen's presets), or a DeepSpeed JSON config file of any name "
+                  "(relative to the spec's folder); the file is copied into the run dir at submit.")
+MAX_DEEPSPEED_BYTES = 1 << 20
+
+
+def resolve_deepspeed_ref(value: str | None, base_dir: Path | None) -> str | None:
+    """A preset name as written, any other value a file path made absolute (relative to the spec's folder).
+
+    Raises:
+        ValueError: a preset name that is also a file in the spec's folder (say which one is meant).
+    """
+    if value is None:
+        return None
+    if value in ZERO_PRESETS:
+        twin = Path(base_dir or ".") / value
+        if twin.is_file():
+            raise ValueError(f"names both the preset {value} and the file {twin}: write ./{value} for the file, "
+                             "or rename the file")
+        return value
+    return specfile.expand_path(value, base_dir)
+
+
+DeepSpeedRef = Annotated[str | None, WrapValidator(_with_context(resolve_deepspeed_ref))]
+"""A ZeRO preset or a DeepSpeed config file (absolute after load)."""
+
+
+def check_deepspeed(key: str, value: str | None) -> list[Problem]:
+    """A preset, or an existing file holding a JSON object (whatever its name: a file is never taken for a preset)."""
+    from hpcqwen.spec import Problem
+
+    if value is None or value in ZERO_PRESETS:
+        return []
+    path = Path(value)
+    expected = f"one of {', '.join(ZERO_PRESETS)} or a DeepSpeed JSON config file"
+    if not path.is_file():
+        return [Problem(key, f"is neither a preset ({', '.join(ZERO_PRESETS)}) nor an existing file", got=value,
+                        expected=expected, hint="a relative path is relative to the spec's folder")]
+    try:
+        with path.open("rb") as f:
+            data = json.loads(f.read(MAX_DEEPSPEED_BYTES + 1))
+    except (OSError, ValueError) as e:
+        return [Problem(key, f"is not a readable JSON file: {str(e)[:200]}", got=value, expected=expected)]
+    if not isinstance(data, dict):
+        return [Problem(key, "is not a JSON object (a DeepSpeed config is a mapping of settings)", got=value,
+                        expected=expected)]
+    return []
 
 
 class ModelKnobs(BaseModel):

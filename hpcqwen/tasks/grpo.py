@@ -1,9 +1,11 @@
 """`task.kind: grpo` — GRPO with verifiable rewards on TRL's GRPOTrainer, ms-swift's (the guide's) knob names.
 
 Reward plugins (`path/to/file.py:function`) are resolved against the spec's folder at load and
-imported and signature-checked here, on the login node, so a bad one fails `hpcqwen submit`, not
-the job. Defaults are ms-swift's where they differ from TRL's (beta 0.04, loss_type grpo,
-temperature 0.9, top_p 0.9, top_k 50), so a guide command without a flag means what it meant there.
+checked here without running them (`hpcqwen.rewards.static`: the file, its syntax, the function's
+parameters), so a bad one fails `hpcqwen render` and `submit`, not the job; submit copies plugin files
+into the run dir and imports the copy (`hpcqwen.inputs`). Defaults are ms-swift's where they differ from
+TRL's (beta 0.04, loss_type grpo, temperature 0.9, top_p 0.9, top_k 50), so a guide command without a flag
+means what it meant there.
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ from hpcqwen.fields import (
     SPEC_CONFIG,
 )
 from hpcqwen.tasks._common import (
+    DEEPSPEED_HELP,
     DatasetRefs,
+    DeepSpeedRef,
     ModelKnobs,
     _listify,
     _with_context,
     check_datasets,
+    check_deepspeed,
     check_model_dir,
     dataset_files,
     is_hub_id,
@@ -47,7 +52,6 @@ from hpcqwen.tasks.scan import SCAN_FILE_BYTES
 if TYPE_CHECKING:
     from hpcqwen.spec import JobSpec, Problem
 
-ZERO_PRESETS = ("zero2", "zero3", "zero3_offload")
 
 
 def resolve_reward_ref(ref: str, base_dir: Path | None) -> str:
@@ -119,7 +123,7 @@ class GrpoTask(ModelKnobs):
                                           "one per tensor-parallel group, so it must be nproc/tensor_parallel_size.")
     vllm_server_host: str | None = Field(None, description="vllm_mode server: host of `trl vllm-serve`.")
     vllm_server_port: int = Field(8000, ge=1, le=65535, description="vllm_mode server: its port.")
-    deepspeed: str | None = Field(None, description="zero2, zero3, zero3_offload, or a DeepSpeed JSON file.")
+    deepspeed: DeepSpeedRef = Field(None, description=DEEPSPEED_HELP)
     gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory.")
     enable_thinking: bool | None = Field(None, description="Render prompts with (True) or without (False) thinking.")
     save_steps: int = Field(500, ge=1, le=MAX_STEPS, description="Save a complete checkpoint every N steps.")
@@ -151,7 +155,7 @@ class GrpoTask(ModelKnobs):
         """Cross-field checks on the login node, with the numbers."""
         p = check_model_dir("task.model", self.model) + check_datasets("task.dataset", self.dataset)
         p += self._check_batch(spec.world_size) + self._check_rewards() + self._check_vllm(spec)
-        p += self._check_deepspeed()
+        p += check_deepspeed("task.deepspeed", self.deepspeed)
         return p
 
     def _check_batch(self, world: int) -> list[Problem]:
@@ -169,7 +173,8 @@ class GrpoTask(ModelKnobs):
                         hint=f"set per_device_train_batch_size to a multiple of {fix}")]
 
     def _check_rewards(self) -> list[Problem]:
-        from hpcqwen.rewards import check_reward, required_columns
+        from hpcqwen.rewards import required_columns
+        from hpcqwen.rewards.static import check_reward_ref
         from hpcqwen.spec import Problem
 
         p: list[Problem] = []
@@ -182,7 +187,7 @@ class GrpoTask(ModelKnobs):
                              expected=f"one weight per reward_funcs entry ({n})"))
         columns = dataset_columns(self.dataset)
         for i, ref in enumerate(self.reward_funcs):
-            problems = check_reward(ref, "/", None if columns is None else columns - set(CONSUMED_COLUMNS))
+            problems = check_reward_ref(ref, "/", None if columns is None else columns - set(CONSUMED_COLUMNS))
             if problems:
                 p.append(Problem(f"task.reward_funcs[{i}]", f"{ref}: " + "; ".join(problems),
                                  hint="see jobspecs/plugins/example_reward.py"))
@@ -222,14 +227,6 @@ class GrpoTask(ModelKnobs):
                              f"max_completion_length ({self.max_completion_length}) = {need} tokens",
                              got=str(self.vllm_max_model_len), expected=f">= {need}"))
         return p
-
-    def _check_deepspeed(self) -> list[Problem]:
-        from hpcqwen.spec import Problem
-
-        if self.deepspeed and self.deepspeed not in ZERO_PRESETS and not Path(self.deepspeed).is_file():
-            return [Problem("task.deepspeed", "is neither a preset nor a file", got=self.deepspeed,
-                            expected=f"one of {', '.join(ZERO_PRESETS)} or a DeepSpeed JSON file")]
-        return []
 
 
 def dataset_columns(refs: list[str]) -> set[str] | None:

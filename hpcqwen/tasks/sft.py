@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
@@ -19,13 +18,16 @@ from hpcqwen.fields import (
     SPEC_CONFIG,
 )
 from hpcqwen.tasks._common import (
+    DEEPSPEED_HELP,
     MULTI_TURN_HELP,
     TRUNCATION_HELP,
     DatasetRefs,
+    DeepSpeedRef,
     ModelKnobs,
     MultiTurnMode,
     TruncationStrategy,
     check_datasets,
+    check_deepspeed,
     check_model_dir,
     split_dataset_ref,
 )
@@ -36,7 +38,6 @@ if TYPE_CHECKING:
 # Attention implementations that honour the per-sequence position_ids of a packed row (varlen), so
 # packed sequences do not attend to each other (see tests/cpu_train/test_data_packing.py).
 VARLEN_ATTN = ("flash_attn", "sdpa", "eager")
-ZERO_PRESETS = ("zero2", "zero3", "zero3_offload")
 
 
 class SftTask(ModelKnobs):
@@ -71,7 +72,7 @@ class SftTask(ModelKnobs):
         "sdpa", description="Attention kernel; flash_attn is varlen FlashAttention-2 (the flash-attn package, else "
         "torch's own varlen kernel), the fast choice with packing."
     )
-    deepspeed: str | None = Field(None, description="zero2, zero3, zero3_offload, or a DeepSpeed JSON file.")
+    deepspeed: DeepSpeedRef = Field(None, description=DEEPSPEED_HELP)
     use_liger_kernel: bool = Field(False, description="Liger's fused kernels (GPU only).")
     gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory.")
     dataloader_num_workers: int = Field(0, ge=0, le=MAX_PROCS_PER_NODE, description="DataLoader worker processes.")
@@ -116,9 +117,7 @@ class SftTask(ModelKnobs):
         if self.use_liger_kernel and not gpu:
             p.append(Problem("task.use_liger_kernel", "Liger's Triton kernels need GPUs but resources.gpus_per_node "
                              "is 0", got="true", expected="false on CPU"))
-        if self.deepspeed and self.deepspeed not in ZERO_PRESETS and not Path(self.deepspeed).is_file():
-            p.append(Problem("task.deepspeed", "is neither a preset nor a file", got=self.deepspeed,
-                             expected=f"one of {', '.join(ZERO_PRESETS)} or a DeepSpeed JSON file"))
+        p += check_deepspeed("task.deepspeed", self.deepspeed)
         if self.save_only_model and spec.requeue.enabled:
             zero3 = (" (with ZeRO-3, not even the optimizer shards)"
                      if (self.deepspeed or "").startswith("zero3") else "")
