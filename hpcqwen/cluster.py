@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, ValidationInfo, field_validator
 
 from hpcqwen import specfile, yamldoc
 from hpcqwen.errors import SpecIssue
@@ -70,15 +70,39 @@ def _parses_in_bash(line: str) -> bool:
 SetupLine = Annotated[str, BeforeValidator(_setup_line)]
 
 
+def _mount_entry(value: object) -> object:
+    """A bind mount as both runtimes read it: `SRC[:DST[:ro|rw]]`, absolute paths, no `,` (the list separator)."""
+    if not isinstance(value, str):
+        return value
+    parts = value.split(":")
+    if "," in value or any(c.isspace() for c in value) or len(parts) > 3 or \
+            not all(p.startswith("/") for p in parts[:2]) or parts[2:] not in ([], ["ro"], ["rw"]):
+        raise ValueError("must be SRC, SRC:DST or SRC:DST:ro|rw with absolute paths, without ',' or spaces")
+    return value
+
+
 class Container(BaseModel):
-    """Run the launcher inside a container on every node."""
+    """Run the launcher inside a container on every node (hpcqwen.containers: mounts and interpreter)."""
 
     model_config = SPEC_CONFIG
-    image: str = Field(description="Image reference (pyxis) or .sif path (apptainer).")
     runtime: Literal["pyxis", "apptainer"] = Field(
-        "pyxis", description="pyxis: `srun --container-image`; apptainer: `apptainer exec --nv`."
+        "pyxis", description="pyxis: `srun --container-image`; apptainer: `apptainer exec` (`--nv` with GPUs)."
     )
-    mounts: list[str] = Field(default_factory=list, description="SRC:DST bind mounts (the run root is added).")
+    image: str = Field(min_length=1, max_length=4096,
+                       description="Image reference (pyxis, e.g. nvcr.io#nvidia/pytorch:25.01-py3) or an absolute "
+                       ".sif path or URI such as docker://... (apptainer). It must hold hpcqwen and its "
+                       "dependencies; the interpreter is the profile's `python`, else `python3` from its PATH.")
+    mounts: list[Annotated[str, BeforeValidator(_mount_entry)]] = Field(
+        default_factory=list, description="More bind mounts, SRC[:DST[:ro|rw]]; the run and cache roots, model, "
+        "data, checkpoint and cache folders the job touches are mounted without being listed.")
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("runtime") == "apptainer" and not value.startswith("/") and "://" not in value:
+            raise ValueError("an apptainer image is an absolute .sif path (or a URI such as docker://...): the "
+                             "nodes run in the job's folder, not in the one hpcqwen was called from")
+        return value
 
 
 class ClusterProfile(BaseModel):
@@ -101,7 +125,8 @@ class ClusterProfile(BaseModel):
         "not quoted).",
     )
     python: str | None = Field(
-        None, description="Python interpreter on the nodes; default: the interpreter that submits the job."
+        None, description="Python interpreter on the nodes; default: the interpreter that submits the job, or "
+        "with a container `python3` from the image's PATH."
     )
     container: Container | None = Field(None, description="Run the launcher inside this container.")
     env: dict[EnvName, str] = Field(

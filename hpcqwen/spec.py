@@ -335,6 +335,7 @@ def _cross_checks(spec: JobSpec, doc: YamlDoc, overridden: dict[Loc, str]) -> li
                                     hint="use fewer, larger tasks (shards)"))
     problems += _dependency_checks(spec)
     problems += _task_checks(spec)
+    problems += _container_checks(spec)
     for i in range(len(a.tasks) if a is not None else 0):
         try:
             task = spec.task_for(i)
@@ -343,6 +344,13 @@ def _cross_checks(spec: JobSpec, doc: YamlDoc, overridden: dict[Loc, str]) -> li
         problems += [Problem(f"array.tasks[{i}]." + p.key.removeprefix("task."), p.message, p.got, p.expected,
                              p.hint) for p in task.check(spec)]
     return [_problem_issue(p, doc, overridden) for p in problems]
+
+
+def _container_checks(spec: JobSpec) -> list[Problem]:
+    """Every path the job touches can be mounted into the profile's container (none: nothing to check)."""
+    from hpcqwen.containers import container_problems
+
+    return container_problems(spec)
 
 
 def _dependency_checks(spec: JobSpec) -> list[Problem]:

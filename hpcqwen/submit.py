@@ -15,13 +15,13 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hpcqwen import __version__, fs, inputs
 from hpcqwen.backends import Backend
+from hpcqwen.containers import make_missing_folders, node_python
 from hpcqwen.errors import RunDirError
 from hpcqwen.fields import JOB_ID_RE
 from hpcqwen.paths import RunPaths, is_run_dir, new_run_dir
@@ -113,7 +113,7 @@ def manifest(spec: JobSpec, source: SpecSource, backend: str, git: dict[str, Any
         "submitted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "user": getpass.getuser(),
         "host": platform.node(),
-        "interpreter": spec.cluster.python or sys.executable,
+        "interpreter": node_python(spec),
         "container": container.image if container else None,
         "versions": versions,
         "git": git,
@@ -159,6 +159,7 @@ def prepare_run_dir(spec: JobSpec, source: SpecSource, backend: str,
 def submit(spec: JobSpec, source: SpecSource, backend: Backend) -> Submission:
     """Prepare the run dir and submit it; on any failure remove the run dir again."""
     dependencies = resolve_dependencies(spec, source.path)
+    make_missing_folders(spec)  # a container mounts them: they must exist when the job starts
     paths = prepare_run_dir(spec, source, backend.name, dependencies)
     try:
         job_ids = backend.submit(spec, paths, dependencies)
@@ -199,6 +200,7 @@ def resubmit(run_dir: Path, backend: Backend, tasks: list[int] | None = None) ->
     text = paths.spec_yaml.read_text(encoding="utf-8") if paths.spec_yaml.is_file() else ""
     source = SpecSource(str(info.get("spec") or paths.spec_yaml), text, str(info.get("spec_sha256") or "0" * 64),
                         tuple(info.get("overrides") or ()))
+    make_missing_folders(spec)
     fs.write_atomic(again.sbatch, render_sbatch(spec, again, source, {}, tasks))
     os.chmod(again.sbatch, 0o755)
     try:

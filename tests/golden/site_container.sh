@@ -33,7 +33,7 @@ mkdir -p "$TASK_DIR" && rm -f "$TASK_DIR/STOP" "$TASK_DIR/OUTCOME" "$TASK_DIR/FI
 # shell only: it touches STOP), TERM on preemption or scancel (to every process of the step as well).
 trap 'trapped=1; touch "$TASK_DIR/STOP"; echo "hpcqwen: USR2: time limit in 120 s: saving" >&2' USR2
 trap 'trapped=1; touch "$TASK_DIR/STOP"; echo "hpcqwen: TERM: saving" >&2' TERM
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=96 --container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/shared/runs:/shared/runs,/data:/data python -m hpcqwen launch /shared/runs/site/20260101T000000Z-abcdef &
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=96 --container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/data:/data,/shared/hpcqwen-cache:/shared/hpcqwen-cache,/shared/runs:/shared/runs --container-workdir=/shared/runs/site/20260101T000000Z-abcdef python -m hpcqwen launch /shared/runs/site/20260101T000000Z-abcdef &
 launcher=$!
 rc=; while :; do  # a trapped signal cuts `wait` short (rc 128+n): wait again for the launcher's own status
   trapped=0; wait "$launcher"; r=$?; [ "$r" = 127 ] && [ -n "$rc" ] && break  # reaped by the previous wait
