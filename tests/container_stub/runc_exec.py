@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
     config = _config(os.path.join(image, "rootfs"), command, workdir, image_binds + binds)
     with open(os.path.join(bundle, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
-    os.execvp("runc", ["runc", "--log-level", "error", "run", "--bundle", bundle, os.path.basename(bundle)])
+    os.execvp("runc", ["runc", "run", "--bundle", bundle, os.path.basename(bundle)])
 
 
 def _config(rootfs: str, command: list[str], workdir: str, binds: list[dict]) -> dict:
