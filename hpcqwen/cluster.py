@@ -20,11 +20,11 @@ import subprocess
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, ValidationInfo, field_validator
 
 from hpcqwen import specfile, yamldoc
 from hpcqwen.errors import SpecIssue
-from hpcqwen.fields import MAX_ARRAY, MAX_CPUS, MAX_GPUS_PER_NODE, SPEC_CONFIG, check_sbatch_path
+from hpcqwen.fields import MAX_ARRAY, MAX_CPUS, MAX_GPUS_PER_NODE, SECRET_RE, SPEC_CONFIG, check_sbatch_path
 from hpcqwen.specfile import SITE_ONLY, Loc, YamlDoc
 
 PKG_DIR = Path(__file__).resolve().parent
@@ -68,6 +68,13 @@ def _parses_in_bash(line: str) -> bool:
 
 
 SetupLine = Annotated[str, BeforeValidator(_setup_line)]
+
+
+def _not_a_secret(name: str) -> str:
+    if SECRET_RE.search(name):
+        raise ValueError("looks like a secret; secrets must not be written into profiles, specs or scripts: export "
+                         "it in the shell you submit from (Slurm passes it to the job)")
+    return name
 
 
 def _mount_entry(value: object) -> object:
@@ -129,8 +136,9 @@ class ClusterProfile(BaseModel):
         "with a container `python3` from the image's PATH."
     )
     container: Container | None = Field(None, description="Run the launcher inside this container.")
-    env: dict[EnvName, str] = Field(
-        default_factory=dict, description="Environment for every job (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, timeouts)."
+    env: dict[Annotated[EnvName, AfterValidator(_not_a_secret)], str] = Field(
+        default_factory=dict, description="Environment for every job (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, timeouts); "
+        "no credentials (names like *_TOKEN, *_API_KEY are refused: the job script is on the shared filesystem)."
     )
     run_root: str = Field(
         "${HPCQWEN_RUN_ROOT:-~/hpcqwen-runs}", description="Shared folder that holds one run dir per submission."

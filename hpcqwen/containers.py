@@ -3,9 +3,9 @@
 A profile's `container` runs the launcher in pyxis (`srun --container-image`) or Apptainer (`apptainer
 exec`). Inside, only the image and the bind mounts exist, so every path the job touches is mounted:
 - read-write: the run root, the cache root, Megatron's `save`, the folder of an absolute distill
-  `result_path`, and the caches the environment names (`ENV_PATHS`: the submitting shell's, which Slurm
-  exports to the job, then the profile's `env`, then the spec's); the Hugging Face cache when a task
-  names a hub id;
+  `result_path`, the cache and tracker folders the environment names (`ENV_PATHS`: the submitting
+  shell's, which Slurm exports to the job, then the profile's `env`, then the spec's; an MLflow
+  `file:` store); the Hugging Face cache when a task names a hub id;
 - read-only: model folders and dataset files or folders;
 - the profile's own `container.mounts`, as written.
 Reward plugins and DeepSpeed configs need no mount: they are copied into the run dir (`inputs.py`).
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 # Cache folders that libraries on the nodes write to when these are set.
 ENV_PATHS = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE",
-             "TORCH_EXTENSIONS_DIR", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR")
+             "TORCH_EXTENSIONS_DIR", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "WANDB_DIR", "MLFLOW_TRACKING_URI")
 CONTAINER_PYTHON = "python3"
 MOUNT_SEPARATORS = (",", ":")
 MAX_LINKS_SCANNED = 1000  # top-level entries of a folder looked at for links that lead outside it
@@ -112,7 +112,12 @@ def needs(spec: JobSpec, environ: Mapping[str, str]) -> list[Need]:
         out.append(Need("cluster.cache_root", c.cache_root, True))
     env = {**{k: (k, v) for k, v in environ.items()}, **{k: (f"cluster.env.{k}", v) for k, v in c.env.items()},
            **{k: (f"env.{k}", v) for k, v in spec.env.items()}}
-    out += [Need(env[name][0], env[name][1], True) for name in ENV_PATHS if env.get(name, ("", ""))[1]]
+    for name in ENV_PATHS:
+        key, value = env.get(name, ("", ""))
+        if name == "MLFLOW_TRACKING_URI":  # a server needs no mount; a file store does
+            value = value.removeprefix("file://").removeprefix("file:") if value.startswith("file:") else ""
+        if value:
+            out.append(Need(key, value, True))
     hub = False
     for prefix, task in _tasks(spec):
         task_needs, uses_hub = _task_needs(prefix, task)

@@ -32,15 +32,12 @@ from hpcqwen.fields import (
     MAX_PROCS_PER_NODE,
     MAX_RESTARTS,
     MAX_TIME_MIN,
+    SECRET_RE,
     SPEC_CONFIG,
     check_path_shape,
 )
 from hpcqwen.specfile import Loc, YamlDoc
 from hpcqwen.tasks import TASK_KINDS, TaskSpec
-
-# Names that look like credentials must come from the submitting shell (Slurm exports it to
-# the job), never from a spec: spec.yaml, spec.json and job.sbatch are written to disk.
-SECRET_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL)", re.I)
 
 
 @dataclass(frozen=True)

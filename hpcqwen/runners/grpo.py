@@ -118,6 +118,7 @@ def grpo_kwargs(task: Any, output_dir: str, use_gpu: bool) -> dict[str, Any]:
     from trl import GRPOConfig  # type: ignore[attr-defined]
 
     from hpcqwen.runners.sft import shared_training_kwargs  # the same translation as SFT
+    from hpcqwen.tracking import hf_report_to
 
     t = task
     return dict(
@@ -148,17 +149,17 @@ def grpo_kwargs(task: Any, output_dir: str, use_gpu: bool) -> dict[str, Any]:
         # hpcqwen's plumbing
         remove_unused_columns=False,  # the reward columns
         ddp_backend=None if use_gpu else "gloo",
-        report_to=["tensorboard"],  # into TENSORBOARD_LOGGING_DIR (set in setup_process)
+        report_to=hf_report_to(task.report_to),  # where each writes: tracking.apply_tracking_env (setup_process)
         disable_tqdm=True,
     )
 
 
-def grpo_config(ctx: RunContext, use_gpu: bool) -> Any:
+def grpo_config(ctx: RunContext, use_gpu: bool, run_name: str) -> Any:
     """The GRPOConfig, built before the model: with ZeRO-3, transformers' DeepSpeed config must be
     live when the model is created so that from_pretrained partitions the weights."""
     from trl import GRPOConfig  # type: ignore[attr-defined]
 
-    return GRPOConfig(**grpo_kwargs(ctx.task, str(ctx.task_paths.checkpoints), use_gpu))
+    return GRPOConfig(**grpo_kwargs(ctx.task, str(ctx.task_paths.checkpoints), use_gpu), run_name=run_name)
 
 
 def load_model(ctx: RunContext) -> Any:
@@ -250,6 +251,10 @@ def build_trainer(ctx: RunContext, args: Any, model: Any, tokenizer: Any, train:
     callbacks = [StopCallback(ctx.task_paths, ctx.is_rank0),
                  CheckpointCallback(ctx.task_paths.checkpoints, t.save_total_limit, ctx.is_rank0, counters),
                  log_cb, MetricsCallback(ctx.task_paths.metrics, ctx.is_rank0, counters, extra_keys=GRPO_LOG_KEYS)]
+    if "mlflow" in t.report_to:
+        from hpcqwen.tracking import mlflow_run_callback
+
+        callbacks.append(mlflow_run_callback(ctx.task_paths.dir))
     trainer = GRPOTrainer(model=model, reward_funcs=load_rewards(t), args=args, train_dataset=train,
                           processing_class=tokenizer, callbacks=callbacks, peft_config=lora_config(t))
     log_cb.trainer = trainer
@@ -274,13 +279,16 @@ def describe(ctx: RunContext, trainer: Any, n_prompts: int, dropped: int) -> Non
                   "(no offload around rollouts); sleep_level > 0 frees colocated vLLM memory instead")
 
 
-def setup_process(ctx: RunContext) -> bool:
-    """Environment, device and (for ZeRO) DeepSpeed's process group; True on a GPU node."""
+def setup_process(ctx: RunContext) -> tuple[bool, str]:
+    """Environment (trackers included), device and (for ZeRO) DeepSpeed's process group; (True on a GPU node,
+    the trackers' run name)."""
     import torch
+
+    from hpcqwen.tracking import apply_tracking_env
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(ctx.spec.cluster.cache_root or ctx.paths.root)
                                                       / "torch_extensions"))
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(ctx.task_paths.dir / "tensorboard"))
+    run_name = apply_tracking_env(ctx.task.report_to, ctx.spec.name, ctx.paths.root, ctx.task_paths.dir)
     use_gpu = torch.cuda.is_available()
     if use_gpu:
         torch.cuda.set_device(ctx.local_rank)
@@ -291,7 +299,7 @@ def setup_process(ctx: RunContext) -> bool:
         # As in the SFT runner: before GRPOConfig, so that ZeRO-3's zero.Init sees the real world size
         # (else it asserts train_batch_size != micro_batch × accumulation × 1), with gloo on CPU.
         deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
-    return use_gpu
+    return use_gpu, run_name
 
 
 def main(run_dir: str) -> int:
@@ -301,11 +309,11 @@ def main(run_dir: str) -> int:
     from hpcqwen.data import open_tokenizer
 
     ctx = load_context(run_dir)
-    use_gpu = setup_process(ctx)
+    use_gpu, run_name = setup_process(ctx)
     tokenizer, template_note = open_tokenizer(ctx.task.model, ctx.task.chat_template)
     log0(ctx, f"grpo: {template_note}")
     train, dropped = load_prompts(ctx, tokenizer)
-    args = grpo_config(ctx, use_gpu)
+    args = grpo_config(ctx, use_gpu, run_name)
     set_seed(ctx.task.seed)
     trainer = build_trainer(ctx, args, load_model(ctx), tokenizer, train)
     describe(ctx, trainer, len(train), dropped)

@@ -76,13 +76,15 @@ def load_data(ctx: RunContext, tokenizer_dir: str) -> tuple[Any, Any, dict[str, 
     return data, evaluation, train.stats
 
 
-def training_arguments(ctx: RunContext, use_gpu: bool) -> Any:
+def training_arguments(ctx: RunContext, use_gpu: bool, run_name: str) -> Any:
     """The guide's knobs translated into TrainingArguments, in one visible block.
 
     Built before the model: with ZeRO-3, transformers' DeepSpeed config must be live when the
     model is created so that from_pretrained partitions the weights.
     """
     from transformers import TrainingArguments
+
+    from hpcqwen.tracking import hf_report_to
 
     t = ctx.task
     return TrainingArguments(
@@ -95,7 +97,8 @@ def training_arguments(ctx: RunContext, use_gpu: bool) -> Any:
         # Counted by TokenCounter in the collator when it runs in this process (no per-step GPU sync).
         include_num_input_tokens_seen="no" if t.dataloader_num_workers == 0 else "non_padding",
         ddp_backend=None if use_gpu else "gloo",
-        report_to=["tensorboard"],  # into TENSORBOARD_LOGGING_DIR (set in main)
+        report_to=hf_report_to(t.report_to),  # where each writes: tracking.apply_tracking_env (in main)
+        run_name=run_name,
         disable_tqdm=True,
     )
 
@@ -181,6 +184,10 @@ def build_trainer(ctx: RunContext, args: Any, model: Any, tokenizer: Any, train:
     callbacks = [StopCallback(ctx.task_paths, ctx.is_rank0),
                  CheckpointCallback(ctx.task_paths.checkpoints, t.save_total_limit, ctx.is_rank0, counters),
                  MetricsCallback(ctx.task_paths.metrics, ctx.is_rank0, counters)]
+    if "mlflow" in t.report_to:
+        from hpcqwen.tracking import mlflow_run_callback
+
+        callbacks.append(mlflow_run_callback(ctx.task_paths.dir))
     return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                    data_collator=counter or collator, processing_class=tokenizer, callbacks=callbacks)
 
@@ -205,7 +212,9 @@ def main(run_dir: str) -> int:
     t = ctx.task
     cache_root = ctx.spec.cluster.cache_root or str(Path(ctx.spec.cluster.run_root) / ".cache")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(cache_root) / "torch_extensions"))
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(ctx.task_paths.dir / "tensorboard"))
+    from hpcqwen.tracking import apply_tracking_env
+
+    run_name = apply_tracking_env(t.report_to, ctx.spec.name, ctx.paths.root, ctx.task_paths.dir)
     from hpcqwen.data import open_tokenizer
 
     tokenizer, template_note = open_tokenizer(t.model, t.chat_template)
@@ -224,7 +233,7 @@ def main(run_dir: str) -> int:
         # Before TrainingArguments: ZeRO-3's zero.Init must see the real world size (else it
         # asserts train_batch_size != micro_batch × accumulation × 1), and gloo on CPU.
         deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
-    args = training_arguments(ctx, use_gpu)  # joins the process group
+    args = training_arguments(ctx, use_gpu, run_name)  # joins the process group
     from transformers import set_seed
 
     set_seed(t.seed)  # LoRA's initial A matrices (and a full model's nothing) come from this RNG

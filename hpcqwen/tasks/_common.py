@@ -13,17 +13,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationInfo, WrapValidator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationInfo, WrapValidator
 
 from hpcqwen import specfile
 from hpcqwen.data.formats import subset_error
 from hpcqwen.fields import MAX_LORA, SPEC_CONFIG
 
 if TYPE_CHECKING:
-    from hpcqwen.spec import Problem
+    from hpcqwen.spec import JobSpec, Problem
 
 # Data knobs that every task training on conversations shares (sft, grpo, megatron; distill reads prompts).
 ChatTemplateMode = Literal["auto", "qwen3", "model"]
@@ -216,6 +218,50 @@ def dataset_files(path: Path, limit: int = MAX_CHECK_ENTRIES) -> list[Path] | No
 def is_sample_count(text: str) -> bool:
     """`N` of `name#N`: a positive whole number of at most 9 digits."""
     return re.fullmatch(r"[0-9]{1,9}", text.strip()) is not None and int(text) > 0
+
+
+REPORT_TO_HELP = (
+    "Experiment trackers, as HF/ms-swift's report_to: tensorboard (default), wandb, mlflow, a list of them, or "
+    "none. Offline by default, under the task dir: tensorboard/, wandb/ (WANDB_MODE=offline unless set; `wandb "
+    "sync` later), mlruns/ (a file store unless MLFLOW_TRACKING_URI is set); run name = the spec's name, job id "
+    "as a tag. Keys (WANDB_API_KEY) come from the submitting shell, never from the spec.")
+
+
+Tracker = Literal["tensorboard", "wandb", "mlflow", "none"]
+
+
+def default_report_to() -> list[Tracker]:
+    """tensorboard, as before report_to existed (and as transformers' default when it is installed)."""
+    return ["tensorboard"]
+
+
+def _one_tracker_each(value: list[str]) -> list[str]:
+    if not value:
+        raise ValueError("needs at least one entry (none turns tracking off)")
+    if "none" in value and len(value) > 1:
+        raise ValueError("'none' turns tracking off: it cannot be combined with a tracker")
+    if len(set(value)) != len(value):
+        raise ValueError("names a tracker twice")
+    return value
+
+
+ReportTo = Annotated[list[Tracker], BeforeValidator(_listify),
+                     AfterValidator(_one_tracker_each)]
+"""`report_to`: one tracker or a list (a single string is a one-item list)."""
+
+
+def check_report_to(key: str, report_to: Sequence[str], spec: JobSpec) -> list[Problem]:
+    """wandb and mlflow are installed where the nodes run this interpreter (no profile python, no container:
+    elsewhere the site's environment decides)."""
+    import importlib.util
+
+    from hpcqwen.spec import Problem
+
+    if spec.cluster.python is not None or spec.cluster.container is not None:
+        return []
+    return [Problem(key, f"{name} is not installed in this Python ({sys.executable}), which the nodes run",
+                    got=name, hint="pip install 'hpcqwen[tracking]' (wandb, mlflow-skinny)")
+            for name in report_to if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None]
 
 
 ZERO_PRESETS = ("zero2", "zero3", "zero3_offload")

@@ -35,15 +35,19 @@ from hpcqwen.fields import (
 )
 from hpcqwen.tasks._common import (
     DEEPSPEED_HELP,
+    REPORT_TO_HELP,
     DatasetRefs,
     DeepSpeedRef,
     ModelKnobs,
+    ReportTo,
     _listify,
     _with_context,
     check_datasets,
     check_deepspeed,
     check_model_dir,
+    check_report_to,
     dataset_files,
+    default_report_to,
     is_hub_id,
     split_dataset_ref,
 )
@@ -131,6 +135,7 @@ class GrpoTask(ModelKnobs):
                                          description="Keep at most N checkpoints (never the newest).")
     logging_steps: int = Field(5, ge=1, le=MAX_STEPS, description="Write metrics every N steps.")
     dataloader_num_workers: int = Field(0, ge=0, le=MAX_PROCS_PER_NODE, description="DataLoader worker processes.")
+    report_to: ReportTo = Field(default_factory=default_report_to, description=REPORT_TO_HELP)
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for sampling, init and data order.")
 
     def runner_module(self) -> str:
@@ -156,6 +161,7 @@ class GrpoTask(ModelKnobs):
         p = check_model_dir("task.model", self.model) + check_datasets("task.dataset", self.dataset)
         p += self._check_batch(spec.world_size) + self._check_rewards() + self._check_vllm(spec)
         p += check_deepspeed("task.deepspeed", self.deepspeed)
+        p += check_report_to("task.report_to", self.report_to, spec)
         return p
 
     def _check_batch(self, world: int) -> list[Problem]:

@@ -29,15 +29,19 @@ from hpcqwen.fields import (
 from hpcqwen.tasks._common import (
     CHAT_TEMPLATE_HELP,
     MULTI_TURN_HELP,
+    REPORT_TO_HELP,
     TOKENIZER_FILES,
     TRUNCATION_HELP,
     ChatTemplateMode,
     DatasetRefs,
     ModelRef,
     MultiTurnMode,
+    ReportTo,
     TruncationStrategy,
     check_datasets,
     check_hub_ref,
+    check_report_to,
+    default_report_to,
     is_hub_id,
 )
 
@@ -127,6 +131,7 @@ class MegatronTask(BaseModel):
     dataset_num_proc: int = Field(1, ge=1, le=MAX_PROCS_PER_NODE,
                                   description="Processes for tokenization (cache build); also the CPU cores of "
                                   "the `hpcqwen prepare` job.")
+    report_to: ReportTo = Field(default_factory=default_report_to, description=REPORT_TO_HELP)
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for data order and initialisation.")
 
     def runner_module(self) -> str:
@@ -142,6 +147,7 @@ class MegatronTask(BaseModel):
         p = check_datasets("task.dataset", self.dataset) + check_datasets("task.val_dataset", self.val_dataset)
         config, problems = self._model_config()
         p += problems + self._check_layout(spec) + self._check_options(spec)
+        p += check_report_to("task.report_to", self.report_to, spec)
         if config is not None:
             p += self._check_model(config)
         return p

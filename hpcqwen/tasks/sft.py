@@ -20,15 +20,19 @@ from hpcqwen.fields import (
 from hpcqwen.tasks._common import (
     DEEPSPEED_HELP,
     MULTI_TURN_HELP,
+    REPORT_TO_HELP,
     TRUNCATION_HELP,
     DatasetRefs,
     DeepSpeedRef,
     ModelKnobs,
     MultiTurnMode,
+    ReportTo,
     TruncationStrategy,
     check_datasets,
     check_deepspeed,
     check_model_dir,
+    check_report_to,
+    default_report_to,
     split_dataset_ref,
 )
 
@@ -78,6 +82,7 @@ class SftTask(ModelKnobs):
     dataloader_num_workers: int = Field(0, ge=0, le=MAX_PROCS_PER_NODE, description="DataLoader worker processes.")
     dataset_num_proc: int = Field(1, ge=1, le=MAX_PROCS_PER_NODE,
                                   description="Processes for tokenization (cache build).")
+    report_to: ReportTo = Field(default_factory=default_report_to, description=REPORT_TO_HELP)
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for sampling, init and data order.")
     dataset: DatasetRefs = Field(description="Training data: 'path[:subset][#N]', one or a list.")
     val_dataset: DatasetRefs = Field(default_factory=list, description="Evaluation data, same syntax.")
@@ -118,6 +123,7 @@ class SftTask(ModelKnobs):
             p.append(Problem("task.use_liger_kernel", "Liger's Triton kernels need GPUs but resources.gpus_per_node "
                              "is 0", got="true", expected="false on CPU"))
         p += check_deepspeed("task.deepspeed", self.deepspeed)
+        p += check_report_to("task.report_to", self.report_to, spec)
         if self.save_only_model and spec.requeue.enabled:
             zero3 = (" (with ZeRO-3, not even the optimizer shards)"
                      if (self.deepspeed or "").startswith("zero3") else "")
