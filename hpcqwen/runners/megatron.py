@@ -565,6 +565,8 @@ def main(run_dir: str) -> int:
 
     ctx = load_context(run_dir)
     run_name = apply_tracking_env(ctx.task.report_to, ctx.spec.name, ctx.paths.root, ctx.task_paths.dir)
+    if ctx.task.sequence_parallel:  # TP's communication must be ordered before the compute it feeds (megatron)
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     prepare_only = os.environ.get("HPCQWEN_PREPARE_ONLY") == "1"
     model_dir = resolve_model(ctx, weights=not prepare_only)
     train_rows, eval_rows, stats = load_data(ctx, model_dir)

@@ -125,12 +125,34 @@ def shared_training_kwargs(t: Any, cls: Any, output_dir: str, use_gpu: bool) -> 
         fp16=use_gpu and t.torch_dtype == "float16",
         use_cpu=not use_gpu,
         deepspeed=zero_config(t.deepspeed) if t.deepspeed else None,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_kwargs(cls, t.gradient_checkpointing),
+        ddp_find_unused_parameters=has_experts(t.model),
         dataloader_num_workers=t.dataloader_num_workers,
         seed=t.seed,
         data_seed=t.seed,
     )
+
+
+def has_experts(model: str) -> bool:
+    """Whether DDP must search for unused parameters: only in a mixture-of-experts model (an expert no token was
+    routed to has no gradient in that step). A dense model, LoRA or full, uses every trainable parameter each
+    step; there the search costs an extra pass over the autograd graph, and torch warns about it on every rank."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError):
+        return True  # not readable here: keep DDP's safe search (loading the model reports the real problem)
+    return bool(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0))
+
+
+def checkpointing_kwargs(cls: Any, on: bool) -> dict[str, Any]:
+    """transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns)."""
+    import dataclasses
+
+    new = "activation_checkpointing" in {f.name for f in dataclasses.fields(cls)}
+    name = "activation_checkpointing" if new else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def warmup_kwargs(cls: Any, ratio: float) -> dict[str, float]:
