@@ -145,6 +145,19 @@ def import_plugins(spec: JobSpec, run_dir: Path, files: list[InputFile], spec_fi
         raise SpecError(spec_file, issues)
 
 
+def original_names(run_dir: Path) -> dict[str, str]:
+    """Each copy's path -> the path the spec named, from the run dir's manifest, so that messages on the nodes
+    name the user's file (empty when the manifest cannot be read: the copies' names are used then)."""
+    import json
+
+    try:
+        entries = json.loads((RunPaths(run_dir).manifest).read_text(encoding="utf-8")).get("inputs") or []
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(run_dir / e["copy"]): str(e["source"]) for e in entries
+            if isinstance(e, dict) and isinstance(e.get("copy"), str) and isinstance(e.get("source"), str)}
+
+
 def _tasks(spec: JobSpec) -> list[tuple[str, Any]]:
     """(key prefix, task) of the job, or of each array task when the array overrides task keys."""
     if spec.array is None or not spec.array.tasks:

@@ -183,13 +183,21 @@ def lora_config(task: Any) -> Any:
                       target_modules=task.target_modules, task_type="CAUSAL_LM")
 
 
-def load_rewards(task: Any) -> list[Any]:
-    """Reward functions for TRL, each wrapped so a failing one stops the step naming itself."""
+def load_rewards(task: Any, run_dir: Path | None = None) -> list[Any]:
+    """Reward functions for TRL, each wrapped so a failing one stops the step naming itself (a plugin by the
+    file the spec named; the run dir's copy is what runs)."""
+    from hpcqwen.inputs import original_names
     from hpcqwen.rewards import RewardOptions, resolve_rewards, trl_reward
 
     # ms-swift sets cosine_max_len to max_completion_length when it is unset.
     options = RewardOptions(cosine_max_len=task.max_completion_length)
-    return [trl_reward(name, fn) for name, fn in resolve_rewards(task.reward_funcs, "/", options)]
+    names = original_names(run_dir) if run_dir is not None else {}
+
+    def shown(ref: str) -> str:
+        path, colon, func = ref.rpartition(":")
+        return f"{names[path]}:{func}" if colon and path in names else ref
+
+    return [trl_reward(shown(name), fn) for name, fn in resolve_rewards(task.reward_funcs, "/", options)]
 
 
 # ---- callbacks and trainer -----------------------------------------------------------------
@@ -255,7 +263,7 @@ def build_trainer(ctx: RunContext, args: Any, model: Any, tokenizer: Any, train:
         from hpcqwen.tracking import mlflow_run_callback
 
         callbacks.append(mlflow_run_callback(ctx.task_paths.dir))
-    trainer = GRPOTrainer(model=model, reward_funcs=load_rewards(t), args=args, train_dataset=train,
+    trainer = GRPOTrainer(model=model, reward_funcs=load_rewards(t, ctx.paths.root), args=args, train_dataset=train,
                           processing_class=tokenizer, callbacks=callbacks, peft_config=lora_config(t))
     log_cb.trainer = trainer
     return trainer

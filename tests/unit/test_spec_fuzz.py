@@ -75,6 +75,8 @@ def _script_problem(script: str, profile_mutant: bool) -> str:
     site = setup_lines(["module load cuda/12.4", "source /shared/venvs/hpcqwen/bin/activate"])
     if setup and not profile_mutant and setup != site:
         return f"shell lines that no profile wrote: {setup[:2]}"
+    if setup != setup_lines(setup[0::2]):  # a mutated profile's own setup lines, each followed by its check
+        return f"a shell line that is not a checked setup line: {setup[:2]}"
     return ""
 
 
