@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Protocol
 
 from hpcqwen import slurm
+from hpcqwen.containers import node_python
 from hpcqwen.errors import ControllerUnreachable, HpcqwenError
 from hpcqwen.paths import RunPaths
-from hpcqwen.render import cpus_per_task, launcher_argv
+from hpcqwen.render import cpus_per_task, launcher_argv, pyxis_args, setup_lines
 from hpcqwen.spec import JobSpec
 from hpcqwen.stopping import EXIT_STOPPED
 
@@ -67,8 +68,11 @@ class SubmititBackend:
         from hpcqwen.requeue import SubmititLaunch
 
         r, c = spec.resources, spec.cluster
+        # In a pyxis container submitit's own job runner runs inside it too: the image's interpreter.
+        pyxis = pyxis_args(spec, paths.root)
         executor = submitit.SlurmExecutor(folder=str(paths.root / "submitit"),
-                                          max_num_timeout=spec.requeue.max_restarts)
+                                          max_num_timeout=spec.requeue.max_restarts,
+                                          python=shlex.quote(node_python(spec)) if pyxis else None)
         extra: dict[str, str] = {"open-mode": "append", "chdir": str(paths.root)}
         dep = ",".join(f"{k}:{':'.join(v)}" for k, v in dependencies.items() if v)
         if dep:
@@ -82,10 +86,11 @@ class SubmititBackend:
             job_name=spec.name, nodes=r.nodes, ntasks_per_node=1, cpus_per_task=cpus_per_task(spec),
             time=r.time_limit_min, gpus_per_node=spec.gpus_per_node or None,
             partition=r.partition or c.partition, mem=f"{int(r.mem_gb * 1024)}M" if r.mem_gb else None,
-            setup=list(c.setup) + [f"export {k}={shlex.quote(v)}" for k, v in sorted({**c.env, **spec.env}.items())],
+            setup=setup_lines(c.setup) + [f"export {k}={shlex.quote(v)}"
+                                          for k, v in sorted({**c.env, **spec.env}.items())],
             stderr_to_stdout=True, signal_delay_s=spec.requeue.signal_lead_s,
             array_parallelism=(spec.array.throttle or spec.array.count) if spec.array else 256,
-            additional_parameters=extra,
+            additional_parameters=extra, srun_args=pyxis,
         )
         if spec.requeue.enabled:
             executor.update_parameters(additional_parameters={**extra, "requeue": True})

@@ -157,6 +157,15 @@ def _build_once(
     return entry
 
 
+def make_cache_root(root: Path, settings: CacheSettings = CacheSettings()) -> None:
+    """Create the shared cache root as the first builder would (before a job that mounts it into a container).
+
+    Raises:
+        CacheError: When it exists but is not writable by this user.
+    """
+    _make_home(root, settings.mode, shared=True)
+
+
 def _is_mine(path: Path) -> bool:
     try:
         return path.lstat().st_uid == os.geteuid()

@@ -16,14 +16,15 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, ValidationInfo, field_validator
 
 from hpcqwen import specfile, yamldoc
 from hpcqwen.errors import SpecIssue
-from hpcqwen.fields import MAX_ARRAY, MAX_CPUS, MAX_GPUS_PER_NODE, SPEC_CONFIG, check_sbatch_path
+from hpcqwen.fields import MAX_ARRAY, MAX_CPUS, MAX_GPUS_PER_NODE, SECRET_RE, SPEC_CONFIG, check_sbatch_path
 from hpcqwen.specfile import SITE_ONLY, Loc, YamlDoc
 
 PKG_DIR = Path(__file__).resolve().parent
@@ -50,15 +51,67 @@ def _cache_mode(value: object) -> object:
 CacheMode = Annotated[str | None, BeforeValidator(_cache_mode)]
 
 
+def _setup_line(value: object) -> object:
+    """One complete shell command on one line: the batch script checks each line's exit status right after
+    it, which a continued (`\\`), multi-line or unfinished (`if ...; then`) line would swallow."""
+    if isinstance(value, str) and ("\n" in value or "\r" in value or value.rstrip().endswith("\\")
+                                   or not _parses_in_bash(value)):
+        raise ValueError("must be one complete shell command on one line (the batch script checks its exit "
+                         "status before the next line runs)")
+    return value
+
+
+def _parses_in_bash(line: str) -> bool:
+    """`bash -n` accepts the line on its own (True where bash is missing here: the nodes' bash then decides)."""
+    try:
+        return subprocess.run(["bash", "-n", "-c", line], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+
+
+SetupLine = Annotated[str, BeforeValidator(_setup_line)]
+
+
+def _not_a_secret(name: str) -> str:
+    if SECRET_RE.search(name):
+        raise ValueError("looks like a secret; secrets must not be written into profiles, specs or scripts: export "
+                         "it in the shell you submit from (Slurm passes it to the job)")
+    return name
+
+
+def _mount_entry(value: object) -> object:
+    """A bind mount as both runtimes read it: `SRC[:DST[:ro|rw]]`, absolute paths, no `,` (the list separator)."""
+    if not isinstance(value, str):
+        return value
+    parts = value.split(":")
+    if "," in value or any(c.isspace() for c in value) or len(parts) > 3 or \
+            not all(p.startswith("/") for p in parts[:2]) or parts[2:] not in ([], ["ro"], ["rw"]):
+        raise ValueError("must be SRC, SRC:DST or SRC:DST:ro|rw with absolute paths, without ',' or spaces")
+    return value
+
+
 class Container(BaseModel):
-    """Run the launcher inside a container on every node."""
+    """Run the launcher inside a container on every node (hpcqwen.containers: mounts and interpreter)."""
 
     model_config = SPEC_CONFIG
-    image: str = Field(description="Image reference (pyxis) or .sif path (apptainer).")
     runtime: Literal["pyxis", "apptainer"] = Field(
-        "pyxis", description="pyxis: `srun --container-image`; apptainer: `apptainer exec --nv`."
+        "pyxis", description="pyxis: `srun --container-image`; apptainer: `apptainer exec` (`--nv` with GPUs)."
     )
-    mounts: list[str] = Field(default_factory=list, description="SRC:DST bind mounts (the run root is added).")
+    image: str = Field(min_length=1, max_length=4096,
+                       description="Image reference (pyxis, e.g. nvcr.io#nvidia/pytorch:25.01-py3) or an absolute "
+                       ".sif path or URI such as docker://... (apptainer). It must hold hpcqwen and its "
+                       "dependencies; the interpreter is the profile's `python`, else `python3` from its PATH.")
+    mounts: list[Annotated[str, BeforeValidator(_mount_entry)]] = Field(
+        default_factory=list, description="More bind mounts, SRC[:DST[:ro|rw]]; the run and cache roots, model, "
+        "data, checkpoint and cache folders the job touches are mounted without being listed.")
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("runtime") == "apptainer" and not value.startswith("/") and "://" not in value:
+            raise ValueError("an apptainer image is an absolute .sif path (or a URI such as docker://...): the "
+                             "nodes run in the job's folder, not in the one hpcqwen was called from")
+        return value
 
 
 class ClusterProfile(BaseModel):
@@ -73,17 +126,21 @@ class ClusterProfile(BaseModel):
                                description="GPUs in one node; the default for resources.gpus_per_node.")
     cpus_per_gpu: int = Field(8, ge=1, le=MAX_CPUS,
                               description="CPU cores given per GPU when resources.cpus_per_task is unset.")
-    setup: list[str] = Field(
+    setup: list[SetupLine] = Field(
         default_factory=list,
-        description="Shell lines run by the batch script before srun (module load, source a venv). "
-        "Site only: allowed in profile files, refused in job specs and --set (the lines are not quoted).",
+        description="Shell lines run by the batch script before srun (module load, source a venv), each one "
+        "complete command, run without `set -u`; the job ends (FAILED, nothing started) at the first that exits "
+        "non-zero, naming it. Site only: allowed in profile files, refused in job specs and --set (the lines are "
+        "not quoted).",
     )
     python: str | None = Field(
-        None, description="Python interpreter on the nodes; default: the interpreter that submits the job."
+        None, description="Python interpreter on the nodes; default: the interpreter that submits the job, or "
+        "with a container `python3` from the image's PATH."
     )
     container: Container | None = Field(None, description="Run the launcher inside this container.")
-    env: dict[EnvName, str] = Field(
-        default_factory=dict, description="Environment for every job (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, timeouts)."
+    env: dict[Annotated[EnvName, AfterValidator(_not_a_secret)], str] = Field(
+        default_factory=dict, description="Environment for every job (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, timeouts); "
+        "no credentials (names like *_TOKEN, *_API_KEY are refused: the job script is on the shared filesystem)."
     )
     run_root: str = Field(
         "${HPCQWEN_RUN_ROOT:-~/hpcqwen-runs}", description="Shared folder that holds one run dir per submission."

@@ -38,6 +38,9 @@ MAX_TEMPERATURE = 100.0
 MAX_WATCH_S = 7 * 24 * 3600  # watchdog timeouts: a week
 
 # ---- shapes ----------------------------------------------------------------------------------------------------
+# Names that look like credentials must come from the submitting shell (Slurm exports it to the job), never
+# from a spec or a profile: spec.yaml, spec.json and job.sbatch are written to the shared filesystem.
+SECRET_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL)", re.I)
 JOB_ID_RE = re.compile(r"[0-9]{1,10}(?:_[0-9]{1,10})?")
 """A Slurm job id (uint32) with an optional array index: match with `fullmatch`."""
 SBATCH_SAFE_PATH_RE = re.compile(r"[\w./+,:@=-]+")

@@ -34,6 +34,7 @@ LOCAL_RC = "local.rc"
 HEARTBEATS = "heartbeats"
 HANGS = "hangs"
 WATCHDOG = "WATCHDOG.json"
+INPUTS = "inputs"
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,11 @@ class RunPaths:
     def git_diff(self) -> Path:
         """Uncommitted changes of the submitting project, when there are any."""
         return self.root / GIT_DIFF
+
+    @property
+    def inputs(self) -> Path:
+        """Copies of the files the spec names that the nodes read (reward plugins, DeepSpeed configs)."""
+        return self.root / INPUTS
 
     @property
     def launches(self) -> Path:

@@ -1,4 +1,4 @@
-"""Spec -> sbatch script. Pure: the same spec, paths and source give the same bytes.
+"""Spec -> sbatch script. Pure: the same spec, paths, source and environment give the same bytes.
 
 All decisions are made here in Python (`sbatch_context`); the Jinja template only writes them
 out. Jinja runs with StrictUndefined, and every value that a spec controls goes through
@@ -13,8 +13,7 @@ from __future__ import annotations
 import math
 import re
 import shlex
-import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import jinja2
 from hpcqwen import __version__
 from hpcqwen.arrays import OFFSET_ENV
 from hpcqwen.cluster import PKG_DIR
+from hpcqwen.containers import container_mounts, node_python
 from hpcqwen.errors import UnsafeValue
 from hpcqwen.fields import JOB_ID_RE
 from hpcqwen.paths import RunPaths
@@ -141,26 +141,49 @@ def check_flag(flag: str) -> None:
                           hint="a spec value with spaces, quotes, #, % or \\ got past validation; report it")
 
 
-def launcher_argv(spec: JobSpec, run_dir: Path) -> list[str]:
-    """`<python> -m hpcqwen launch RUN_DIR`, inside the profile's container when it has one."""
-    python = spec.cluster.python or sys.executable
-    argv = [python, "-m", LAUNCH_MODULE, "launch", str(run_dir)]
+def launcher_argv(spec: JobSpec, run_dir: Path, environ: Mapping[str, str] | None = None) -> list[str]:
+    """`<python> -m hpcqwen launch RUN_DIR`, inside the profile's Apptainer container when it has one
+    (`environ`: the environment the job gets, which names cache folders to mount; default: this process's)."""
+    argv = [node_python(spec), "-m", LAUNCH_MODULE, "launch", str(run_dir)]
     container = spec.cluster.container
     if container is not None and container.runtime == "apptainer":
-        binds = [f"{spec.cluster.run_root}:{spec.cluster.run_root}", *container.mounts]
-        argv = ["apptainer", "exec", "--nv", "--bind", ",".join(binds), container.image, *argv]
+        binds = ",".join(map(str, container_mounts(spec, environ)))
+        gpus = ["--nv"] if spec.gpus_per_node else []
+        argv = ["apptainer", "exec", *gpus, "--pwd", str(run_dir), "--bind", binds, container.image, *argv]
     return argv
 
 
-def srun_argv(spec: JobSpec, run_dir: Path) -> list[str]:
+def pyxis_args(spec: JobSpec, run_dir: Path, environ: Mapping[str, str] | None = None) -> list[str]:
+    """srun's pyxis options for the profile's pyxis container (none without one)."""
+    container = spec.cluster.container
+    if container is None or container.runtime != "pyxis":
+        return []
+    mounts = ",".join(map(str, container_mounts(spec, environ)))
+    return [f"--container-image={container.image}", f"--container-mounts={mounts}",
+            f"--container-workdir={run_dir}"]
+
+
+def srun_argv(spec: JobSpec, run_dir: Path, environ: Mapping[str, str] | None = None) -> list[str]:
     """The one step: one launcher per node, the job dies if one node's launcher fails."""
     # 23.11+ srun no longer inherits --cpus-per-task from sbatch: pass it explicitly.
     argv = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", f"--cpus-per-task={cpus_per_task(spec)}"]
-    container = spec.cluster.container
-    if container is not None and container.runtime == "pyxis":
-        mounts = [f"{spec.cluster.run_root}:{spec.cluster.run_root}", *container.mounts]
-        argv += [f"--container-image={container.image}", f"--container-mounts={','.join(mounts)}"]
-    return argv + launcher_argv(spec, run_dir)
+    return argv + pyxis_args(spec, run_dir, environ) + launcher_argv(spec, run_dir, environ)
+
+
+def setup_lines(setup: Sequence[str]) -> list[str]:
+    """The profile's setup lines, each followed by a check of its exit status.
+
+    They run before `set -u` (site scripts read unset variables: module init, conda activate), and the
+    first that fails ends the batch script with its code before anything starts; a failing `module load`
+    would otherwise be ignored and the job fail later, far from the cause. Used by the sbatch template and
+    the submitit backend alike.
+    """
+    out = []
+    for number, line in enumerate(setup, 1):
+        said = shlex.quote(f"hpcqwen: profile setup line {number} failed (exit ")
+        why = shlex.quote(f"); nothing was started: {line}")
+        out += [line, f'rc=$?; [ "$rc" = 0 ] || {{ echo {said}"$rc"{why} >&2; exit "$rc"; }}']
+    return out
 
 
 def task_lines(spec: JobSpec) -> list[str]:
@@ -176,8 +199,9 @@ def task_lines(spec: JobSpec) -> list[str]:
 def sbatch_context(spec: JobSpec, paths: RunPaths, source: SpecSource,
                    dependencies: dict[str, list[str]] | None = None,
                    array_tasks: Sequence[int] | None = None, *, preview: bool = False, array_offset: int = 0,
-                   array_count: int | None = None) -> dict[str, Any]:
-    """Everything the template writes, decided here (pure); `array_tasks`: a resubmission of some tasks;
+                   array_count: int | None = None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Everything the template writes, decided here (pure for a given `environ`, the environment the job
+    gets: its cache folders are mounted into a container); `array_tasks`: a resubmission of some tasks;
     `preview`: for `hpcqwen render` (no run dir); `array_offset`/`array_count`: one chunk of an array
     larger than MaxArraySize, whose local index i is task `array_offset + i` (hpcqwen.arrays)."""
     is_array = spec.array is not None
@@ -193,12 +217,12 @@ def sbatch_context(spec: JobSpec, paths: RunPaths, source: SpecSource,
         "sbatch_path": str(paths.sbatch),
         "task_lines": task_lines(spec),
         "sbatch_flags": sbatch_flags(spec, paths, dependencies or {}, array_tasks, array_count),
-        "setup": list(spec.cluster.setup),
+        "setup": setup_lines(spec.cluster.setup),
         "run_dir": str(paths.root),
         "env": sorted({**spec.cluster.env, **spec.env, **({OFFSET_ENV: str(int(array_offset))} if array_offset
                                                           else {})}.items()),
         "task_dir": run_dir_q + "/tasks/" + task_index if is_array else '"$HPCQWEN_RUN_DIR"',
-        "srun_command": shlex.join(srun_argv(spec, paths.root)),
+        "srun_command": shlex.join(srun_argv(spec, paths.root, environ)),
         "requeue": spec.requeue.enabled,
         "signal_lead_s": spec.requeue.signal_lead_s,
         "max_restarts": spec.requeue.max_restarts,
@@ -223,9 +247,11 @@ def _environment(spec: JobSpec) -> jinja2.Environment:
 
 def render_sbatch(spec: JobSpec, paths: RunPaths, source: SpecSource,
                   dependencies: dict[str, list[str]] | None = None, array_tasks: Sequence[int] | None = None,
-                  *, preview: bool = False, array_offset: int = 0, array_count: int | None = None) -> str:
+                  *, preview: bool = False, array_offset: int = 0, array_count: int | None = None,
+                  environ: Mapping[str, str] | None = None) -> str:
     """The batch script for `spec` running in `paths` (`array_tasks`: a resubmission of some tasks;
-    `preview`: the header says no run dir exists yet; `array_offset`/`array_count`: a chunk)."""
+    `preview`: the header says no run dir exists yet; `array_offset`/`array_count`: a chunk; `environ`:
+    the job's environment, default this process's)."""
     context = sbatch_context(spec, paths, source, dependencies, array_tasks, preview=preview,
-                             array_offset=array_offset, array_count=array_count)
+                             array_offset=array_offset, array_count=array_count, environ=environ)
     return _environment(spec).get_template(TEMPLATE).render(**context)

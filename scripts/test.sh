@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # scripts/test.sh: set up (scripts/setup.sh) and run the whole test suite; extra args go to pytest.
-# "no tests collected" (pytest exit code 5) is a failure like any other.
+# "no tests collected" (pytest exit code 5) is a failure like any other. It ends with the 25 slowest
+# tests and a count and time per tier (unit, slurm, cpu_dist, cpu_train, slow: tests/conftest.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh || exit 1
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=25 "$@"
 rc=$?
 [ "$rc" = 5 ] && echo "scripts/test.sh: pytest collected no tests: failing" >&2
 exit "$rc"

@@ -65,3 +65,34 @@ def slurm_cluster() -> str:
         pytest.fail(f"the local Slurm cluster does not answer `scontrol ping` ({out.stdout.strip()} "
                     f"{out.stderr.strip()}): start it with cluster/local/up")
     return os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
+
+
+# ---- the end of a run: a count and time per tier (scripts/test.sh also asks for --durations=25) ----------------
+TIERS = ("slurm", "cpu_dist", "cpu_train", "slow", "gpu")  # the first a test has names its tier; none: unit
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """`tests per tier`: outcomes and seconds per marker tier, so a 25-minute run says where the time went."""
+    counts: dict[str, dict[str, int]] = {}
+    seconds: dict[str, float] = {}
+    for outcome in ("passed", "failed", "error", "skipped", "xfailed", "xpassed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            keywords = getattr(report, "keywords", {})
+            if not hasattr(report, "when"):
+                continue  # a collection error: pytest reports it above
+            tier = next((t for t in TIERS if t in keywords), "unit")
+            if report.when == "call" or outcome in ("error", "skipped"):
+                counts.setdefault(tier, {}).setdefault(outcome, 0)
+                counts[tier][outcome] += 1
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if hasattr(report, "when") and hasattr(report, "duration"):
+                tier = next((t for t in TIERS if t in getattr(report, "keywords", {})), "unit")
+                seconds[tier] = seconds.get(tier, 0.0) + report.duration
+    if not counts:
+        return
+    terminalreporter.write_sep("=", "tests per tier")
+    for tier in ("unit", *TIERS):
+        if tier in counts:
+            parts = ", ".join(f"{n} {outcome}" for outcome, n in counts[tier].items())
+            terminalreporter.write_line(f"{tier}: {parts} in {seconds.get(tier, 0.0):.0f} s")

@@ -15,6 +15,9 @@ from pathlib import Path
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hpcqwen.runners.noise import quiet_library_noise
+
+    quiet_library_noise()  # as run_main does before the runner imports megatron (the shims import it here)
     from megatron_helpers import apply_training_shims
 
     apply_training_shims()

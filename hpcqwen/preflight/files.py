@@ -23,13 +23,13 @@ from hpcqwen.tasks import CommandTask, DistillTask, GrpoTask, MegatronTask, SftT
 from hpcqwen.tasks._common import (
     TOKENIZER_FILES,
     check_datasets,
+    check_deepspeed,
     check_hub_ref,
     check_model_dir,
     dataset_files,
     is_hub_id,
     split_dataset_ref,
 )
-from hpcqwen.tasks.sft import ZERO_PRESETS
 
 
 def file_problems(spec: JobSpec) -> list[Problem]:
@@ -65,10 +65,7 @@ def _datasets(key: str, refs: list[str]) -> list[Problem]:
 
 
 def _deepspeed(value: str | None) -> list[Problem]:
-    if value and value not in ZERO_PRESETS and not Path(value).is_file():
-        return [Problem("task.deepspeed", "is neither a preset nor a file", got=value,
-                        expected=f"one of {', '.join(ZERO_PRESETS)} or a DeepSpeed JSON file")]
-    return []
+    return check_deepspeed("task.deepspeed", value)
 
 
 # ---- sft ----------------------------------------------------------------------------------------
@@ -89,20 +86,22 @@ def sft_files(task: SftTask, spec: JobSpec) -> list[Problem]:
 # ---- grpo ---------------------------------------------------------------------------------------
 
 def grpo_files(task: GrpoTask, spec: JobSpec) -> list[Problem]:
-    """Model folder, datasets, DeepSpeed file, and every reward plugin imported and signature-checked."""
+    """Model folder, datasets, DeepSpeed file, and every reward plugin checked without running it (the file,
+    its syntax, the function's parameters: `hpcqwen.rewards.static`; submit imports the run dir's copy)."""
     return (_model("task.model", task.model) + _datasets("task.dataset", task.dataset) + _rewards(task)
             + _deepspeed(task.deepspeed))
 
 
 def _rewards(task: GrpoTask) -> list[Problem]:
     from hpcqwen.data.formats import CONSUMED_COLUMNS
-    from hpcqwen.rewards import check_reward, required_columns
+    from hpcqwen.rewards import required_columns
+    from hpcqwen.rewards.static import check_reward_ref
     from hpcqwen.tasks.grpo import dataset_columns
 
     p: list[Problem] = []
     columns = dataset_columns(task.dataset)
     for i, ref in enumerate(task.reward_funcs):
-        problems = check_reward(ref, "/", None if columns is None else columns - set(CONSUMED_COLUMNS))
+        problems = check_reward_ref(ref, "/", None if columns is None else columns - set(CONSUMED_COLUMNS))
         if problems:
             p.append(Problem(f"task.reward_funcs[{i}]", f"{ref}: " + "; ".join(problems),
                              hint="see jobspecs/plugins/example_reward.py"))

@@ -79,7 +79,7 @@ def is_plugin_ref(ref: str) -> bool:
     return ":" in ref
 
 
-def _split(ref: str, base_dir: Path) -> tuple[Path | str, str]:
+def split_plugin_ref(ref: str, base_dir: Path) -> tuple[Path | str, str]:
     """Return (resolved file path or module name, function name); ValueError if malformed."""
     target, _, func = ref.rpartition(":")  # rpartition: an absolute Windows path keeps its drive
     if not target or not func:
@@ -116,7 +116,7 @@ def _import_file(path: Path) -> ModuleType:
 def _load(ref: str, base_dir: Path) -> tuple[Any, list[str]]:
     """Import the plugin's attribute; return (object or None, problems)."""
     try:
-        target, func = _split(ref, base_dir)
+        target, func = split_plugin_ref(ref, base_dir)
     except ValueError as e:
         return None, [str(e)]
     try:
@@ -141,13 +141,23 @@ def _load(ref: str, base_dir: Path) -> tuple[Any, list[str]]:
 def _signature_problems(fn: Any, columns: Collection[str] | None) -> list[str]:
     name = getattr(fn, "__name__", type(fn).__name__)
     if inspect.isclass(fn):
-        return [f"{name!r} is a class; point at a function or an instance (`x = {name}()`)"]
+        return [class_problem(name)]
     if not callable(fn):
         return [f"the plugin names a {type(fn).__name__}, not a function"]
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return []  # callables without a signature (C builtins): nothing to check
+    return parameter_problems(name, params, columns)
+
+
+def class_problem(name: str) -> str:
+    """What is wrong with a plugin that names a class."""
+    return f"{name!r} is a class; point at a function or an instance (`x = {name}()`)"
+
+
+def parameter_problems(name: str, params: Sequence[inspect.Parameter], columns: Collection[str] | None) -> list[str]:
+    """What TRL's keyword-only call would trip over in a reward function with these parameters."""
     problems = []
     if not any(p.kind == p.VAR_KEYWORD for p in params):
         problems.append(

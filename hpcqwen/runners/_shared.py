@@ -39,6 +39,9 @@ class RunContext:
 def load_context(run_dir: str) -> RunContext:
     """Read spec.json and the launcher's environment (HPCQWEN_*, RANK/LOCAL_RANK/WORLD_SIZE), and
     catch stop signals from here on (they become a save-and-stop request, `hpcqwen.stopping`)."""
+    from hpcqwen.runners.noise import quiet_library_noise
+
+    quiet_library_noise()  # before transformers, datasets and DeepSpeed load
     paths = RunPaths(Path(run_dir))
     spec = read_frozen_spec(paths.spec_json)
     index = os.environ.get("HPCQWEN_ARRAY_TASK_ID") or None
@@ -102,6 +105,9 @@ def stop_before_training(ctx: RunContext, name: str) -> bool:
 
 def run_main(main: Callable[[str], int | None]) -> None:
     """`if __name__ == "__main__"` body: run, and turn user errors into one clear message."""
+    from hpcqwen.runners.noise import quiet_library_noise
+
+    quiet_library_noise()  # before a runner's main imports transformers
     try:
         code = main(sys.argv[1])
     except HpcqwenError as e:

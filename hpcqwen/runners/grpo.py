@@ -126,6 +126,7 @@ def grpo_kwargs(task: Any, output_dir: str, use_gpu: bool, server: tuple[str, in
     from trl import GRPOConfig  # type: ignore[attr-defined]
 
     from hpcqwen.runners.sft import shared_training_kwargs  # the same translation as SFT
+    from hpcqwen.tracking import hf_report_to
 
     t = task
     return dict(
@@ -162,17 +163,19 @@ def grpo_kwargs(task: Any, output_dir: str, use_gpu: bool, server: tuple[str, in
         # hpcqwen's plumbing
         remove_unused_columns=False,  # the reward columns
         ddp_backend=None if use_gpu else "gloo",
-        report_to=["tensorboard"],  # into TENSORBOARD_LOGGING_DIR (set in setup_process)
+        report_to=hf_report_to(task.report_to),  # where each writes: tracking.apply_tracking_env (setup_process)
         disable_tqdm=True,
     )
 
 
-def grpo_config(ctx: RunContext, use_gpu: bool, server: tuple[str, int, int] | None, longest_prompt: int) -> Any:
+def grpo_config(ctx: RunContext, use_gpu: bool, server: tuple[str, int, int] | None, longest_prompt: int,
+                run_name: str) -> Any:
     """The GRPOConfig, built before the model: with ZeRO-3, transformers' DeepSpeed config must be
     live when the model is created so that from_pretrained partitions the weights."""
     from trl import GRPOConfig  # type: ignore[attr-defined]
 
-    return GRPOConfig(**grpo_kwargs(ctx.task, str(ctx.task_paths.checkpoints), use_gpu, server, longest_prompt))
+    return GRPOConfig(**grpo_kwargs(ctx.task, str(ctx.task_paths.checkpoints), use_gpu, server, longest_prompt),
+                      run_name=run_name)
 
 
 def longest_prompt(ctx: RunContext, tokenizer: Any, train: Any) -> int:
@@ -227,13 +230,21 @@ def lora_config(task: Any) -> Any:
                       target_modules=task.target_modules, task_type="CAUSAL_LM")
 
 
-def load_rewards(task: Any) -> list[Any]:
-    """Reward functions for TRL, each wrapped so a failing one stops the step naming itself."""
+def load_rewards(task: Any, run_dir: Path | None = None) -> list[Any]:
+    """Reward functions for TRL, each wrapped so a failing one stops the step naming itself (a plugin by the
+    file the spec named; the run dir's copy is what runs)."""
+    from hpcqwen.inputs import original_names
     from hpcqwen.rewards import RewardOptions, resolve_rewards, trl_reward
 
     # ms-swift sets cosine_max_len to max_completion_length when it is unset.
     options = RewardOptions(cosine_max_len=task.max_completion_length)
-    return [trl_reward(name, fn) for name, fn in resolve_rewards(task.reward_funcs, "/", options)]
+    names = original_names(run_dir) if run_dir is not None else {}
+
+    def shown(ref: str) -> str:
+        path, colon, func = ref.rpartition(":")
+        return f"{names[path]}:{func}" if colon and path in names else ref
+
+    return [trl_reward(shown(name), fn) for name, fn in resolve_rewards(task.reward_funcs, "/", options)]
 
 
 # ---- callbacks and trainer -----------------------------------------------------------------
@@ -362,8 +373,12 @@ def build_trainer(ctx: RunContext, args: Any, model: Any, tokenizer: Any, train:
                  CheckpointCallback(ctx.task_paths.checkpoints, t.save_total_limit, ctx.is_rank0, counters),
                  log_cb, MetricsCallback(ctx.task_paths.metrics, ctx.is_rank0, counters, extra_keys=GRPO_LOG_KEYS),
                  HeartbeatCallback("generate")]
+    if "mlflow" in t.report_to:
+        from hpcqwen.tracking import mlflow_run_callback
+
+        callbacks.append(mlflow_run_callback(ctx.task_paths.dir))
     started = time.perf_counter()
-    trainer = GRPOTrainer(model=model, reward_funcs=load_rewards(t), args=args, train_dataset=train,
+    trainer = GRPOTrainer(model=model, reward_funcs=load_rewards(t, ctx.paths.root), args=args, train_dataset=train,
                           processing_class=tokenizer, callbacks=callbacks, peft_config=lora_config(t))
     log0(ctx, f"grpo: trainer built in {time.perf_counter() - started:.1f} s"
               + (f" (vLLM {t.vllm_mode} engine included)" if t.use_vllm and t.vllm_mode == "colocate" else ""))
@@ -392,13 +407,16 @@ def describe(ctx: RunContext, trainer: Any, n_prompts: int, dropped: int) -> Non
                   "(no offload around rollouts); sleep_level > 0 frees colocated vLLM memory instead")
 
 
-def setup_process(ctx: RunContext) -> bool:
-    """Environment, device and (for ZeRO) DeepSpeed's process group; True on a GPU node."""
+def setup_process(ctx: RunContext) -> tuple[bool, str]:
+    """Environment (trackers included), device and (for ZeRO) DeepSpeed's process group; (True on a GPU node,
+    the trackers' run name)."""
     import torch
+
+    from hpcqwen.tracking import apply_tracking_env
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(ctx.spec.cluster.cache_root or ctx.paths.root)
                                                       / "torch_extensions"))
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(ctx.task_paths.dir / "tensorboard"))
+    run_name = apply_tracking_env(ctx.task.report_to, ctx.spec.name, ctx.paths.root, ctx.task_paths.dir)
     set_compile_cache_env(str(Path(ctx.spec.cluster.cache_root or ctx.paths.root)))  # vLLM, torch.compile
     use_gpu = torch.cuda.is_available()
     if use_gpu:
@@ -412,7 +430,7 @@ def setup_process(ctx: RunContext) -> bool:
         from hpcqwen.runners.sft import collective_timeout
 
         deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", timeout=collective_timeout())
-    return use_gpu
+    return use_gpu, run_name
 
 
 def main(run_dir: str) -> int:
@@ -422,11 +440,11 @@ def main(run_dir: str) -> int:
     from hpcqwen.data import open_tokenizer
 
     ctx = load_context(run_dir)
-    use_gpu = setup_process(ctx)
+    use_gpu, run_name = setup_process(ctx)
     tokenizer, template_note = open_tokenizer(ctx.task.model, ctx.task.chat_template)
     log0(ctx, f"grpo: {template_note}")
     train, dropped = load_prompts(ctx, tokenizer)
-    args = grpo_config(ctx, use_gpu, rollout_server(ctx, use_gpu), longest_prompt(ctx, tokenizer, train))
+    args = grpo_config(ctx, use_gpu, rollout_server(ctx, use_gpu), longest_prompt(ctx, tokenizer, train), run_name)
     set_seed(ctx.task.seed)
     trainer = build_trainer(ctx, args, load_model(ctx), tokenizer, train)
     describe(ctx, trainer, len(train), dropped)

@@ -400,9 +400,14 @@ def save(ctx: RunContext, state: State) -> Path | None:
 class Logger:
     """Accumulates loss, tokens and time between log lines; writes metrics.jsonl on one rank."""
 
-    def __init__(self, ctx: RunContext, state: State) -> None:
+    def __init__(self, ctx: RunContext, state: State, run_name: str) -> None:
+        from hpcqwen.tracking import TRACKERS, Tracker
+
         self.ctx, self.state = ctx, state
         self.writer = MetricsWriter(ctx.task_paths.metrics) if is_metrics_rank() else None
+        trackers = [r for r in ctx.task.report_to if r in TRACKERS]  # tensorboard, wandb, mlflow: same rank
+        self.tracker = Tracker(trackers, run_name, ctx.task_paths.dir, ctx.task.model_dump(mode="json")) \
+            if trackers and self.writer is not None else None
         self.reset()
 
     def reset(self) -> None:
@@ -419,9 +424,16 @@ class Logger:
         self.iters += 1
 
     def write(self, record: dict[str, Any]) -> None:
-        """One metrics line (metrics rank only)."""
+        """One metrics line, also to the trackers of report_to (metrics rank only)."""
         if self.writer is not None:
             self.writer.write(record)
+        if self.tracker is not None:
+            self.tracker.log(record)
+
+    def close(self) -> None:
+        """Finish the trackers."""
+        if self.tracker is not None:
+            self.tracker.close()
 
     def flush(self, grad_norm: float | None, n_micro: int) -> None:
         """Reduce over the data-parallel ranks and write a train line (collective)."""
@@ -466,13 +478,21 @@ def peak_memory_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
-def train(ctx: RunContext, state: State) -> str:
+def train(ctx: RunContext, state: State, run_name: str) -> str:
     """Iterate until train_iters or a STOP; save on the intervals, at the end and on STOP."""
+    log = Logger(ctx, state, run_name)
+    try:
+        return train_loop(ctx, state, log)
+    finally:
+        log.close()
+
+
+def train_loop(ctx: RunContext, state: State, log: Logger) -> str:
+    """The iterations of `train`: "done" or "stopped"."""
     from megatron.core import parallel_state as ps
 
     t = ctx.task
     n_micro = t.global_batch_size // (t.micro_batch_size * ps.get_data_parallel_world_size())
-    log = Logger(ctx, state)
     log.write({"step": state.iteration, "total_steps": state.train_iters, "phase": "train"})
     eval_every = t.eval_interval or t.save_interval
     saved_at = state.iteration
@@ -560,8 +580,12 @@ def main(run_dir: str) -> int:
     from megatron.core import parallel_state as ps
 
     from hpcqwen.megatron import checkpoint
+    from hpcqwen.tracking import apply_tracking_env
 
     ctx = load_context(run_dir)
+    run_name = apply_tracking_env(ctx.task.report_to, ctx.spec.name, ctx.paths.root, ctx.task_paths.dir)
+    if ctx.task.sequence_parallel:  # TP's communication must be ordered before the compute it feeds (megatron)
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     prepare_only = os.environ.get("HPCQWEN_PREPARE_ONLY") == "1"
     model_dir = resolve_model(ctx, weights=not prepare_only)
     train_rows, eval_rows, stats = load_data(ctx, model_dir)
@@ -572,7 +596,7 @@ def main(run_dir: str) -> int:
     try:
         state = setup(ctx, model_dir, train_rows, eval_rows)
         describe(ctx, state, restore(ctx, state))
-        phase = train(ctx, state)
+        phase = train(ctx, state, run_name)
         state.pruner.join()
         if is_metrics_rank():
             MetricsWriter(ctx.task_paths.metrics).write({"step": state.iteration, "total_steps": state.train_iters,

@@ -32,9 +32,12 @@ DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
 def zero_config(preset: str) -> dict[str, Any]:
-    """DeepSpeed config for zero2 / zero3 / zero3_offload; "auto" values are filled by transformers."""
-    if preset.endswith(".json"):
-        config: dict[str, Any] = json.loads(Path(preset).read_text())
+    """DeepSpeed config for zero2 / zero3 / zero3_offload ("auto" values are filled by transformers), or
+    the config file's (any other value: the run dir's copy, whatever its name)."""
+    from hpcqwen.tasks._common import ZERO_PRESETS
+
+    if preset not in ZERO_PRESETS:
+        config: dict[str, Any] = json.loads(Path(preset).read_text(encoding="utf-8"))
         return config
     stage = 2 if preset == "zero2" else 3
     zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
@@ -73,13 +76,15 @@ def load_data(ctx: RunContext, tokenizer_dir: str) -> tuple[Any, Any, dict[str, 
     return data, evaluation, train.stats
 
 
-def training_arguments(ctx: RunContext, use_gpu: bool) -> Any:
+def training_arguments(ctx: RunContext, use_gpu: bool, run_name: str) -> Any:
     """The guide's knobs translated into TrainingArguments, in one visible block.
 
     Built before the model: with ZeRO-3, transformers' DeepSpeed config must be live when the
     model is created so that from_pretrained partitions the weights.
     """
     from transformers import TrainingArguments
+
+    from hpcqwen.tracking import hf_report_to
 
     t = ctx.task
     return TrainingArguments(
@@ -92,7 +97,8 @@ def training_arguments(ctx: RunContext, use_gpu: bool) -> Any:
         # Counted by TokenCounter in the collator when it runs in this process (no per-step GPU sync).
         include_num_input_tokens_seen="no" if t.dataloader_num_workers == 0 else "non_padding",
         ddp_backend=None if use_gpu else "gloo",
-        report_to=["tensorboard"],  # into TENSORBOARD_LOGGING_DIR (set in main)
+        report_to=hf_report_to(t.report_to),  # where each writes: tracking.apply_tracking_env (in main)
+        run_name=run_name,
         disable_tqdm=True,
     )
 
@@ -119,14 +125,36 @@ def shared_training_kwargs(t: Any, cls: Any, output_dir: str, use_gpu: bool) -> 
         fp16=use_gpu and t.torch_dtype == "float16",
         use_cpu=not use_gpu,
         deepspeed=zero_config(t.deepspeed) if t.deepspeed else None,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_kwargs(cls, t.gradient_checkpointing),
+        ddp_find_unused_parameters=has_experts(t.model),
         dataloader_num_workers=t.dataloader_num_workers,
         seed=t.seed,
         data_seed=t.seed,
         # longer than every watchdog allowance: the watchdog dumps the stacks of a hang first (DESIGN.md)
         ddp_timeout=int(heartbeat.collective_timeout_s(1800)),
     )
+
+
+def has_experts(model: str) -> bool:
+    """Whether DDP must search for unused parameters: only in a mixture-of-experts model (an expert no token was
+    routed to has no gradient in that step). A dense model, LoRA or full, uses every trainable parameter each
+    step; there the search costs an extra pass over the autograd graph, and torch warns about it on every rank."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError):
+        return True  # not readable here: keep DDP's safe search (loading the model reports the real problem)
+    return bool(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0))
+
+
+def checkpointing_kwargs(cls: Any, on: bool) -> dict[str, Any]:
+    """transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns)."""
+    import dataclasses
+
+    new = "activation_checkpointing" in {f.name for f in dataclasses.fields(cls)}
+    name = "activation_checkpointing" if new else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def warmup_kwargs(cls: Any, ratio: float) -> dict[str, float]:
@@ -188,6 +216,10 @@ def build_trainer(ctx: RunContext, args: Any, model: Any, tokenizer: Any, train:
     callbacks = [StopCallback(ctx.task_paths, ctx.is_rank0),
                  CheckpointCallback(ctx.task_paths.checkpoints, t.save_total_limit, ctx.is_rank0, counters),
                  MetricsCallback(ctx.task_paths.metrics, ctx.is_rank0, counters), HeartbeatCallback("eval")]
+    if "mlflow" in t.report_to:
+        from hpcqwen.tracking import mlflow_run_callback
+
+        callbacks.append(mlflow_run_callback(ctx.task_paths.dir))
     return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                    data_collator=counter or collator, processing_class=tokenizer, callbacks=callbacks)
 
@@ -212,7 +244,9 @@ def main(run_dir: str) -> int:
     t = ctx.task
     cache_root = ctx.spec.cluster.cache_root or str(Path(ctx.spec.cluster.run_root) / ".cache")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(cache_root) / "torch_extensions"))
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(ctx.task_paths.dir / "tensorboard"))
+    from hpcqwen.tracking import apply_tracking_env
+
+    run_name = apply_tracking_env(t.report_to, ctx.spec.name, ctx.paths.root, ctx.task_paths.dir)
     from hpcqwen.data import open_tokenizer
 
     tokenizer, template_note = open_tokenizer(t.model, t.chat_template)
@@ -231,7 +265,7 @@ def main(run_dir: str) -> int:
         # Before TrainingArguments: ZeRO-3's zero.Init must see the real world size (else it
         # asserts train_batch_size != micro_batch × accumulation × 1), and gloo on CPU.
         deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", timeout=collective_timeout())
-    args = training_arguments(ctx, use_gpu)  # joins the process group
+    args = training_arguments(ctx, use_gpu, run_name)  # joins the process group
     from transformers import set_seed
 
     set_seed(t.seed)  # LoRA's initial A matrices (and a full model's nothing) come from this RNG

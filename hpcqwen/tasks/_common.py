@@ -10,19 +10,22 @@ already be in the local Hugging Face cache, since the nodes could not download i
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationInfo, WrapValidator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationInfo, WrapValidator
 
 from hpcqwen import specfile
 from hpcqwen.data.formats import subset_error
 from hpcqwen.fields import MAX_LORA, SPEC_CONFIG
 
 if TYPE_CHECKING:
-    from hpcqwen.spec import Problem
+    from hpcqwen.spec import JobSpec, Problem
 
 # Data knobs that every task training on conversations shares (sft, grpo, megatron; distill reads prompts).
 ChatTemplateMode = Literal["auto", "qwen3", "model"]
@@ -215,6 +218,99 @@ def dataset_files(path: Path, limit: int = MAX_CHECK_ENTRIES) -> list[Path] | No
 def is_sample_count(text: str) -> bool:
     """`N` of `name#N`: a positive whole number of at most 9 digits."""
     return re.fullmatch(r"[0-9]{1,9}", text.strip()) is not None and int(text) > 0
+
+
+REPORT_TO_HELP = (
+    "Experiment trackers, as HF/ms-swift's report_to: tensorboard (default), wandb, mlflow, a list of them, or "
+    "none. Offline by default, under the task dir: tensorboard/, wandb/ (WANDB_MODE=offline unless set; `wandb "
+    "sync` later), mlruns/ (a file store unless MLFLOW_TRACKING_URI is set); run name = the spec's name, job id "
+    "as a tag. Keys (WANDB_API_KEY) come from the submitting shell, never from the spec.")
+
+
+Tracker = Literal["tensorboard", "wandb", "mlflow", "none"]
+
+
+def default_report_to() -> list[Tracker]:
+    """tensorboard, as before report_to existed (and as transformers' default when it is installed)."""
+    return ["tensorboard"]
+
+
+def _one_tracker_each(value: list[str]) -> list[str]:
+    if not value:
+        raise ValueError("needs at least one entry (none turns tracking off)")
+    if "none" in value and len(value) > 1:
+        raise ValueError("'none' turns tracking off: it cannot be combined with a tracker")
+    if len(set(value)) != len(value):
+        raise ValueError("names a tracker twice")
+    return value
+
+
+ReportTo = Annotated[list[Tracker], BeforeValidator(_listify),
+                     AfterValidator(_one_tracker_each)]
+"""`report_to`: one tracker or a list (a single string is a one-item list)."""
+
+
+def check_report_to(key: str, report_to: Sequence[str], spec: JobSpec) -> list[Problem]:
+    """wandb and mlflow are installed where the nodes run this interpreter (no profile python, no container:
+    elsewhere the site's environment decides)."""
+    import importlib.util
+
+    from hpcqwen.spec import Problem
+
+    if spec.cluster.python is not None or spec.cluster.container is not None:
+        return []
+    return [Problem(key, f"{name} is not installed in this Python ({sys.executable}), which the nodes run",
+                    got=name, hint="pip install 'hpcqwen[tracking]' (wandb, mlflow-skinny)")
+            for name in report_to if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None]
+
+
+ZERO_PRESETS = ("zero2", "zero3", "zero3_offload")
+DEEPSPEED_HELP = ("zero2, zero3 or zero3_offload (hpcqwen's presets), or a DeepSpeed JSON config file of any name "
+                  "(relative to the spec's folder); the file is copied into the run dir at submit.")
+MAX_DEEPSPEED_BYTES = 1 << 20
+
+
+def resolve_deepspeed_ref(value: str | None, base_dir: Path | None) -> str | None:
+    """A preset name as written, any other value a file path made absolute (relative to the spec's folder).
+
+    Raises:
+        ValueError: a preset name that is also a file in the spec's folder (say which one is meant).
+    """
+    if value is None:
+        return None
+    if value in ZERO_PRESETS:
+        twin = Path(base_dir or ".") / value
+        if twin.is_file():
+            raise ValueError(f"names both the preset {value} and the file {twin}: write ./{value} for the file, "
+                             "or rename the file")
+        return value
+    return specfile.expand_path(value, base_dir)
+
+
+DeepSpeedRef = Annotated[str | None, WrapValidator(_with_context(resolve_deepspeed_ref))]
+"""A ZeRO preset or a DeepSpeed config file (absolute after load)."""
+
+
+def check_deepspeed(key: str, value: str | None) -> list[Problem]:
+    """A preset, or an existing file holding a JSON object (whatever its name: a file is never taken for a preset)."""
+    from hpcqwen.spec import Problem
+
+    if value is None or value in ZERO_PRESETS:
+        return []
+    path = Path(value)
+    expected = f"one of {', '.join(ZERO_PRESETS)} or a DeepSpeed JSON config file"
+    if not path.is_file():
+        return [Problem(key, f"is neither a preset ({', '.join(ZERO_PRESETS)}) nor an existing file", got=value,
+                        expected=expected, hint="a relative path is relative to the spec's folder")]
+    try:
+        with path.open("rb") as f:
+            data = json.loads(f.read(MAX_DEEPSPEED_BYTES + 1))
+    except (OSError, ValueError) as e:
+        return [Problem(key, f"is not a readable JSON file: {str(e)[:200]}", got=value, expected=expected)]
+    if not isinstance(data, dict):
+        return [Problem(key, "is not a JSON object (a DeepSpeed config is a mapping of settings)", got=value,
+                        expected=expected)]
+    return []
 
 
 class ModelKnobs(BaseModel):

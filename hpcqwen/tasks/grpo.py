@@ -1,10 +1,12 @@
 """`task.kind: grpo` — GRPO with verifiable rewards on TRL's GRPOTrainer, ms-swift's (the guide's) knob names.
 
 Reward plugins (`path/to/file.py:function`) are resolved against the spec's folder at load; they are
-imported and signature-checked by `hpcqwen.preflight` on the login node (check and submit), so a bad
-one fails `hpcqwen submit`, not the job; `dataset_columns` is the bounded look at the data it uses.
-Defaults are ms-swift's where they differ from TRL's (beta 0.04, loss_type grpo, temperature 0.9,
-top_p 0.9, top_k 50), so a guide command without a flag means what it meant there.
+checked by `hpcqwen.preflight` on the login node (check and submit) without running them
+(`hpcqwen.rewards.static`: the file, its syntax, the function's parameters), so a bad one fails
+`hpcqwen submit`, not the job; submit copies plugin files into the run dir and imports the copy
+(`hpcqwen.inputs`); `dataset_columns` is the bounded look at the data it uses. Defaults are ms-swift's
+where they differ from TRL's (beta 0.04, loss_type grpo, temperature 0.9, top_p 0.9, top_k 50), so a
+guide command without a flag means what it meant there.
 """
 
 from __future__ import annotations
@@ -33,11 +35,17 @@ from hpcqwen.fields import (
     SPEC_CONFIG,
 )
 from hpcqwen.tasks._common import (
+    DEEPSPEED_HELP,
+    REPORT_TO_HELP,
     DatasetRefs,
+    DeepSpeedRef,
     ModelKnobs,
+    ReportTo,
     _listify,
     _with_context,
+    check_report_to,
     dataset_files,
+    default_report_to,
     is_hub_id,
     split_dataset_ref,
 )
@@ -47,7 +55,6 @@ from hpcqwen.tasks.scan import SCAN_FILE_BYTES
 if TYPE_CHECKING:
     from hpcqwen.spec import JobSpec, Problem
 
-ZERO_PRESETS = ("zero2", "zero3", "zero3_offload")
 
 
 def resolve_reward_ref(ref: str, base_dir: Path | None) -> str:
@@ -126,7 +133,7 @@ class GrpoTask(ModelKnobs):
                                         "them (vllm_mode server): nodes, tensor_parallel_size, data_parallel_size.")
     vllm_server_host: str | None = Field(None, description="vllm_mode server: host of `trl vllm-serve`.")
     vllm_server_port: int = Field(8000, ge=1, le=65535, description="vllm_mode server: its port.")
-    deepspeed: str | None = Field(None, description="zero2, zero3, zero3_offload, or a DeepSpeed JSON file.")
+    deepspeed: DeepSpeedRef = Field(None, description=DEEPSPEED_HELP)
     gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory.")
     enable_thinking: bool | None = Field(None, description="Render prompts with (True) or without (False) thinking.")
     save_steps: int = Field(500, ge=1, le=MAX_STEPS, description="Save a complete checkpoint every N steps.")
@@ -134,6 +141,7 @@ class GrpoTask(ModelKnobs):
                                          description="Keep at most N checkpoints (never the newest).")
     logging_steps: int = Field(5, ge=1, le=MAX_STEPS, description="Write metrics every N steps.")
     dataloader_num_workers: int = Field(0, ge=0, le=MAX_PROCS_PER_NODE, description="DataLoader worker processes.")
+    report_to: ReportTo = Field(default_factory=default_report_to, description=REPORT_TO_HELP)
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for sampling, init and data order.")
 
     def runner_module(self) -> str:
@@ -167,6 +175,7 @@ class GrpoTask(ModelKnobs):
                              f"function{'s' if n != 1 else ''}", got=str(self.reward_weights),
                              expected=f"one weight per reward_funcs entry ({n})"))
         p += self._check_generation() + check_rollout(self, spec)
+        p += check_report_to("task.report_to", self.report_to, spec)
         return p
 
     @staticmethod

@@ -29,12 +29,16 @@ from hpcqwen.fields import (
 from hpcqwen.tasks._common import (
     CHAT_TEMPLATE_HELP,
     MULTI_TURN_HELP,
+    REPORT_TO_HELP,
     TRUNCATION_HELP,
     ChatTemplateMode,
     DatasetRefs,
     ModelRef,
     MultiTurnMode,
+    ReportTo,
     TruncationStrategy,
+    check_report_to,
+    default_report_to,
 )
 
 if TYPE_CHECKING:
@@ -125,6 +129,7 @@ class MegatronTask(BaseModel):
     dataset_num_proc: int = Field(1, ge=1, le=MAX_PROCS_PER_NODE,
                                   description="Processes for tokenization (cache build); also the CPU cores of "
                                   "the `hpcqwen prepare` job.")
+    report_to: ReportTo = Field(default_factory=default_report_to, description=REPORT_TO_HELP)
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for data order and initialisation.")
 
     def runner_module(self) -> str:
@@ -137,7 +142,8 @@ class MegatronTask(BaseModel):
 
     def check(self, spec: JobSpec) -> list[Problem]:
         """Cross-field checks (no files read: the model folder and its shapes are hpcqwen.preflight's)."""
-        return self._check_layout(spec) + self._check_options(spec)
+        return (self._check_layout(spec) + self._check_options(spec)
+                + check_report_to("task.report_to", self.report_to, spec))
 
     def warnings(self, spec: JobSpec) -> list[Problem]:
         """Settings that are valid but do nothing (printed on submit, not errors)."""

@@ -18,12 +18,18 @@ from hpcqwen.fields import (
     SPEC_CONFIG,
 )
 from hpcqwen.tasks._common import (
+    DEEPSPEED_HELP,
     MULTI_TURN_HELP,
+    REPORT_TO_HELP,
     TRUNCATION_HELP,
     DatasetRefs,
+    DeepSpeedRef,
     ModelKnobs,
     MultiTurnMode,
+    ReportTo,
     TruncationStrategy,
+    check_report_to,
+    default_report_to,
     split_dataset_ref,
 )
 
@@ -33,7 +39,6 @@ if TYPE_CHECKING:
 # Attention implementations that honour the per-sequence position_ids of a packed row (varlen), so
 # packed sequences do not attend to each other (see tests/cpu_train/test_data_packing.py).
 VARLEN_ATTN = ("flash_attn", "sdpa", "eager")
-ZERO_PRESETS = ("zero2", "zero3", "zero3_offload")
 
 
 class SftTask(ModelKnobs):
@@ -68,12 +73,13 @@ class SftTask(ModelKnobs):
         "sdpa", description="Attention kernel; flash_attn is varlen FlashAttention-2 (the flash-attn package, else "
         "torch's own varlen kernel), the fast choice with packing."
     )
-    deepspeed: str | None = Field(None, description="zero2, zero3, zero3_offload, or a DeepSpeed JSON file.")
+    deepspeed: DeepSpeedRef = Field(None, description=DEEPSPEED_HELP)
     use_liger_kernel: bool = Field(False, description="Liger's fused kernels (GPU only).")
     gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory.")
     dataloader_num_workers: int = Field(0, ge=0, le=MAX_PROCS_PER_NODE, description="DataLoader worker processes.")
     dataset_num_proc: int = Field(1, ge=1, le=MAX_PROCS_PER_NODE,
                                   description="Processes for tokenization (cache build).")
+    report_to: ReportTo = Field(default_factory=default_report_to, description=REPORT_TO_HELP)
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for sampling, init and data order.")
     dataset: DatasetRefs = Field(description="Training data: 'path[:subset][#N]', one or a list.")
     val_dataset: DatasetRefs = Field(default_factory=list, description="Evaluation data, same syntax.")
@@ -112,6 +118,7 @@ class SftTask(ModelKnobs):
         if self.use_liger_kernel and not gpu:
             p.append(Problem("task.use_liger_kernel", "Liger's Triton kernels need GPUs but resources.gpus_per_node "
                              "is 0", got="true", expected="false on CPU"))
+        p += check_report_to("task.report_to", self.report_to, spec)
         if self.save_only_model and spec.requeue.enabled:
             zero3 = (" (with ZeRO-3, not even the optimizer shards)"
                      if (self.deepspeed or "").startswith("zero3") else "")

@@ -8,9 +8,11 @@ A reward plugin is a plain function with TRL GRPOTrainer's signature: it gets `c
 (strings, or `[{"role": "assistant", "content": ...}]` lists for chat datasets), `prompts`, and
 every dataset column as a keyword list of the same length (here `solution`), plus TRL's own
 keywords (`completion_ids`, `trainer_state`, ...), hence the `**kwargs`. It returns one float per
-completion, or None to abstain on one. `hpcqwen submit` imports this file and checks the
-signature before sbatch; on the node, an exception or a list of the wrong length stops the step
-with a message naming the plugin.
+completion, or None to abstain on one. `hpcqwen render` and `submit` check the file without
+running it (syntax, the function, its parameters); `submit` copies it into the run dir, imports the
+copy once, and the nodes load that copy (edit this file freely after submitting). On the node, an
+exception or a list of the wrong length stops the step with a message naming the plugin. The file is
+copied alone: import installed packages from it, not files next to it.
 """
 
 from __future__ import annotations

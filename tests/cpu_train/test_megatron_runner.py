@@ -62,11 +62,11 @@ def moe_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) 
     return build_moe(tmp_path_factory.mktemp("moe-runner") / "model", tiny_tokenizer_dir, tie_word_embeddings=False)
 
 
-def run_dir(root: Path, name: str, model: Path) -> Path:
+def run_dir(root: Path, name: str, model: Path, iters: int = ITERS, extra: str = "") -> Path:
     """A run dir with the frozen spec.json, as `hpcqwen submit` writes it (no job is submitted)."""
     spec_file = root / f"{name}.yaml"
     spec_file.write_text(SPEC.format(cache=root / "cache", model=model, data=REPO / "jobspecs/data/sft-tiny.jsonl",
-                                     iters=ITERS))
+                                     iters=iters) + extra)
     folder = root / name
     folder.mkdir()
     (folder / "spec.json").write_text(load_spec(spec_file).model_dump_json())
@@ -170,3 +170,26 @@ def assert_trained_export(base: Path, exported: Path) -> None:
             return sum(model(torch.tensor([x]), labels=torch.tensor([x])).loss.item() for x in ids) / len(ids)
 
     assert loss(exported) < loss(base) - 0.3
+
+
+def test_report_to_every_tracker_from_the_metrics_rank(tmp_path: Path, moe_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Megatron logs through its own Logger: the metrics rank also feeds tensorboard, wandb (offline) and
+    mlflow (file store), named after the spec, with the job id (issue 13 item 19)."""
+    for name in ("WANDB_MODE", "MLFLOW_TRACKING_URI", "TENSORBOARD_LOGGING_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HPCQWEN_JOB_ID", "4242")
+    folder = run_dir(tmp_path, "tracked", moe_dir, iters=3, extra="  report_to: [tensorboard, wandb, mlflow]\n")
+    log = finish(runner(folder))
+    assert "Warning:" not in log, log  # megatron-core's and torch's known notices are quieted (issue 13 item 18)
+    assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"file:{folder / 'mlruns'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("mg-cpu").experiment_id])
+    assert run.info.run_name == "mg-cpu" and run.data.tags["hpcqwen.job_id"] == "4242"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    assert "moe_aux_loss" in run.data.metrics and "eval_loss" not in run.data.metrics
+    (wandb_run,) = (folder / "wandb").glob(f"offline-run-*-{folder.name}")
+    assert b"slurm-job-4242" in b"".join(p.read_bytes() for p in wandb_run.glob("*.wandb"))

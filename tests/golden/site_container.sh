@@ -16,9 +16,11 @@
 #SBATCH --partition=gpu
 #SBATCH --requeue
 #SBATCH --signal=B:USR2@120
-set -u
 module load cuda/12.4
+rc=$?; [ "$rc" = 0 ] || { echo 'hpcqwen: profile setup line 1 failed (exit '"$rc"'); nothing was started: module load cuda/12.4' >&2; exit "$rc"; }
 source /shared/venvs/hpcqwen/bin/activate
+rc=$?; [ "$rc" = 0 ] || { echo 'hpcqwen: profile setup line 2 failed (exit '"$rc"'); nothing was started: source /shared/venvs/hpcqwen/bin/activate' >&2; exit "$rc"; }
+set -u
 export HPCQWEN_RUN_DIR=/shared/runs/site/20260101T000000Z-abcdef
 export NCCL_ASYNC_ERROR_HANDLING=1
 export NCCL_IB_HCA=mlx5
@@ -31,7 +33,7 @@ mkdir -p "$TASK_DIR" && rm -f "$TASK_DIR/STOP" "$TASK_DIR/OUTCOME" "$TASK_DIR/FI
 # shell only: it touches STOP), TERM on preemption or scancel (to every process of the step as well).
 trap 'trapped=1; touch "$TASK_DIR/STOP"; echo "hpcqwen: USR2: time limit in 120 s: saving" >&2' USR2
 trap 'trapped=1; touch "$TASK_DIR/STOP"; echo "hpcqwen: TERM: saving" >&2' TERM
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=96 --container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/shared/runs:/shared/runs,/data:/data python -m hpcqwen launch /shared/runs/site/20260101T000000Z-abcdef &
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=96 --container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/data:/data,/shared/hpcqwen-cache:/shared/hpcqwen-cache,/shared/runs:/shared/runs --container-workdir=/shared/runs/site/20260101T000000Z-abcdef python -m hpcqwen launch /shared/runs/site/20260101T000000Z-abcdef &
 launcher=$!
 rc=; while :; do  # a trapped signal cuts `wait` short (rc 128+n): wait again for the launcher's own status
   trapped=0; wait "$launcher"; r=$?; [ "$r" = 127 ] && [ -n "$rc" ] && break  # reaped by the previous wait

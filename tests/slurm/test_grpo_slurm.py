@@ -94,3 +94,28 @@ def test_rollout_node_serves_the_trainer_node_then_stops(slurm_cluster: str, tin
     assert not healthy(url)
     launches = [line for line in log.splitlines() if " launch: spec sha256 " in line]
     assert len(launches) == 1 and "node 0/1 (" in launches[0] and f"({server_node})" not in launches[0]
+
+
+def test_a_plugin_edited_after_submit_does_not_change_the_job(slurm_cluster: str, tiny_qwen3_dir: Path,
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The nodes load the run dir's copy of a reward plugin, never the file the spec named (issue 13 item 14)."""
+    plugin = tmp_path / "score.py"
+    plugin.write_text((REPO / "jobspecs" / "plugins" / "example_reward.py").read_text())
+    sets = [f"task.model={tiny_qwen3_dir}", "resources.nproc_per_node=1", "task.per_device_train_batch_size=4",
+            "task.max_steps=1", "task.save_steps=1", "task.max_completion_length=8",
+            f"task.reward_funcs=[accuracy, '{plugin}:brevity']"]
+    rc = main(["submit", str(SPEC), "--backend", "slurm", *[x for s in sets for x in ("--set", s)]])
+    out, err = capsys.readouterr()
+    assert rc == EXIT_OK, err
+    plugin.write_text("raise RuntimeError('the original plugin file was read on the node')\n")  # edited at once
+    run_dir = Path(out.splitlines()[0].split("  run dir: ")[1])
+    from hpcqwen import runs
+
+    rows = runs.wait_for(runs.resolve_target(str(run_dir)), max_poll_s=3)
+    log = "".join(p.read_text() for p in (run_dir / "logs").glob("*.out"))
+    assert [r.slurm_state for r in rows] == ["COMPLETED"], log[-3000:]
+    assert "the original plugin file was read" not in log
+    steps = [m for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m]
+    assert steps and "rewards/brevity/mean" in steps[0]
+    copy = json.loads((run_dir / "manifest.json").read_text())["inputs"][0]
+    assert copy["source"] == str(plugin) and (run_dir / copy["copy"]).read_text().startswith('"""Example reward')

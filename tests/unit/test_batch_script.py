@@ -209,3 +209,50 @@ def test_success_runs_one_launcher_per_node_and_does_not_requeue(tmp_path: Path)
     assert calls[0].startswith("srun --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=1 ")
     assert calls[0].endswith(f"-m hpcqwen launch {paths.root}")
     assert not any(c.startswith("scontrol") for c in calls)
+
+
+def _site_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setup: list[str]) -> tuple[Path, RunPaths]:
+    """A script of a site profile whose `setup` lines are `setup`."""
+    import json
+
+    (tmp_path / "profiles").mkdir(exist_ok=True)
+    (tmp_path / "profiles" / "site11.yaml").write_text(f"setup: {json.dumps(setup)}\n")
+    monkeypatch.setenv("HPCQWEN_PROFILE_PATH", str(tmp_path / "profiles"))
+    return _script(tmp_path, "name: s\ncluster: site11\ntask: {kind: command, module: m}\n")
+
+
+@pytest.mark.parametrize(("bad", "code"), [("false", 1), ("module_load_that_does_not_exist cuda/99", 127),
+                                          ("(exit 3)", 3), ("true; false", 1)])
+def test_a_failing_setup_line_ends_the_job_before_anything_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   bad: str, code: int) -> None:
+    script, paths = _site_script(tmp_path, monkeypatch, ["export SITE_A=1", bad, f"touch {tmp_path}/after"])
+    env = {**_stubs(tmp_path, paths.root), "SLURM_JOB_ID": "77", "STUB_OUTCOME": "done"}
+    proc = subprocess.run(["bash", str(script)], env=env, timeout=30, capture_output=True, text=True)
+    assert proc.returncode == code, proc.stderr
+    assert f"hpcqwen: profile setup line 2 failed (exit {code}); nothing was started: {bad}" in proc.stderr
+    assert _calls(tmp_path) == [] and not (tmp_path / "after").exists()  # no srun, no later setup line
+
+
+def test_setup_lines_may_read_unset_variables_and_the_script_is_strict_after(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = 'echo "site sees [${HPCQWEN_SURELY_UNSET_11}]"'
+    script, paths = _site_script(tmp_path, monkeypatch, [reads, 'test -z "$HPCQWEN_ALSO_UNSET_11"'])
+    env = {**_stubs(tmp_path, paths.root), "SLURM_JOB_ID": "77", "STUB_OUTCOME": "done"}
+    proc = subprocess.run(["bash", str(script)], env=env, timeout=30, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "site sees []" in proc.stdout and len(_calls(tmp_path)) == 1
+    text = script.read_text()
+    assert text.index("set -u") > text.index(reads)  # strict mode only after the site's lines
+
+
+@pytest.mark.parametrize("line", ["module load cuda \\", "if true; then", "echo 'open quote", "a\nb"])
+def test_a_setup_line_that_is_not_one_complete_command_is_a_profile_error(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          line: str) -> None:
+    from hpcqwen.errors import SpecError
+
+    with pytest.raises(SpecError) as info:
+        _site_script(tmp_path, monkeypatch, ["module load x", line])
+    (issue,) = info.value.issues
+    assert issue.file.endswith("site11.yaml") and issue.key.endswith("setup[1]") and issue.line == 1
+    assert "one complete shell command" in issue.message

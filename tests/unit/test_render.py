@@ -52,7 +52,8 @@ def _render(tmp_path: Path, name: str, text: str) -> str:
     spec = load_spec(path)
     source = SpecSource(f"jobspecs/{name}.yaml", text, "0" * 64)
     return render_sbatch(spec, RunPaths(Path(f"/shared/runs/{spec.name}/20260101T000000Z-abcdef")), source,
-                         {"afterok": ["101"], "afterany": ["102_3"]} if spec.depends_on else {})
+                         {"afterok": ["101"], "afterany": ["102_3"]} if spec.depends_on else {},
+                         environ={})  # no cache folders from this machine's environment in the container's mounts
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -57,20 +57,26 @@ def judge(o: sm.Outcome, ws: sm.Workspace) -> str:
 
 
 def _script_problem(script: str, profile_mutant: bool) -> str:
-    """The header holds only comments and known #SBATCH options; spec values add no shell line."""
+    """The header holds only comments and known #SBATCH options; spec values add no shell line: the lines
+    before `set -u` are the profile's setup lines, each followed by its exit-status check."""
+    from hpcqwen.render import setup_lines
+
     lines = script.split("\n")
     if lines[0] != "#!/bin/bash" or "set -u" not in lines:
         return "not a batch script"
-    for line in lines[1:lines.index("set -u")]:
+    end = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    for line in lines[1:end]:
         option = line.removeprefix("#SBATCH ").split("=", 1)[0]
         if line.startswith("#SBATCH") and option not in SBATCH_OPTIONS:
             return f"unexpected #SBATCH line {line[:80]!r}"
-        if not line.startswith("#"):
-            return f"unexpected line in the header {line[:80]!r}"
-    body = lines[lines.index("set -u") + 1:]
-    setup = body[: next(i for i, x in enumerate(body) if x.startswith("export HPCQWEN_RUN_DIR="))]
-    if setup and not profile_mutant and setup != ["module load cuda/12.4", "source /shared/venvs/hpcqwen/bin/activate"]:
+    setup = lines[end:lines.index("set -u")]
+    if not lines[lines.index("set -u") + 1].startswith("export HPCQWEN_RUN_DIR="):
+        return "shell lines between `set -u` and the run dir"
+    site = setup_lines(["module load cuda/12.4", "source /shared/venvs/hpcqwen/bin/activate"])
+    if setup and not profile_mutant and setup != site:
         return f"shell lines that no profile wrote: {setup[:2]}"
+    if setup != setup_lines(setup[0::2]):  # a mutated profile's own setup lines, each followed by its check
+        return f"a shell line that is not a checked setup line: {setup[:2]}"
     return ""
 
 

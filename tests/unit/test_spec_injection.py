@@ -110,14 +110,17 @@ def _stub_env(tmp_path: Path) -> dict[str, str]:
 def check_script(script: str, setup: list[str]) -> None:
     """The header holds comments and known #SBATCH options only; the shell lines before the launcher are
     the profile's setup lines."""
+    from hpcqwen.render import setup_lines
+
     lines = script.split("\n")
-    end = lines.index("set -u")
+    end = next(i for i, line in enumerate(lines) if not line.startswith("#"))
     for line in lines[1:end]:
-        assert line.startswith("#"), f"a spec value made a shell line: {line!r}"
         if line.startswith("#SBATCH"):
             assert line.removeprefix("#SBATCH ").split("=", 1)[0] in KNOWN_OPTIONS, line
-    assert lines[end + 1: end + 1 + len(setup)] == setup
-    assert lines[end + 1 + len(setup)].startswith("export HPCQWEN_RUN_DIR=")
+    checked = setup_lines(setup)  # each setup line, then the check of its exit status
+    assert lines[end: end + len(checked)] == checked, f"a spec value made a shell line: {lines[end]!r}"
+    assert lines[end + len(checked)] == "set -u"
+    assert lines[end + len(checked) + 1].startswith("export HPCQWEN_RUN_DIR=")
 
 
 @pytest.mark.parametrize(("kind", "where", "is_list"), TARGETS, ids=[f"{k}:{'.'.join(w)}" for k, w, _ in TARGETS])
