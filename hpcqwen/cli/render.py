@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hpcqwen import preflight
 from hpcqwen.cli._common import add_spec_arguments
 from hpcqwen.paths import RunPaths, new_run_dir
 from hpcqwen.render import render_sbatch
-from hpcqwen.spec import parse_spec, read_source
+from hpcqwen.spec import read_source
 from hpcqwen.submit import resolve_dependencies
 
 
@@ -18,9 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate and render a preview; the run dir shown is where `submit` would put it (nothing is created)."""
+    """Validate (the spec's files too, as submit does) and render a preview; the run dir shown is where
+    `submit` would put it (nothing is created)."""
     source = read_source(args.spec, tuple(args.overrides))
-    spec = parse_spec(source)
+    spec = preflight.checked_spec(source)
     paths = RunPaths(new_run_dir(spec.cluster.run_root, spec.name, source.sha256))
     sys.stdout.write(render_sbatch(spec, paths, source, resolve_dependencies(spec, source.path), preview=True))
     return 0
