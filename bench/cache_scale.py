@@ -51,6 +51,7 @@ task:
   save_steps: 1000
   per_device_train_batch_size: 1
   max_length: 256
+  truncation_strategy: right  # the rows are longer: keep them (delete would drop every one)
   gradient_checkpointing: false
   dataset_num_proc: {num_proc}
 """

@@ -18,10 +18,10 @@ of a seeded mixed sequence of events, one at a time while the job runs and has m
 - `node_down`: the job's first node set DOWN, then back (Slurm requeues the job after the node failure).
 Per workload it prints: events survived (final state COMPLETED with every step done), steps lost
 beyond the last save (the resume started from an older checkpoint than the newest complete one;
-must be 0), steps redone after the event (work since the last save: 0 for the signal events, which
-save on the stop), duplicated steps in metrics.jsonl (0), final step = max_steps, the final loss
-against an uninterrupted run of the same spec, and the seconds each event cost (event -> the run is
-past the step it had at the event). The figures go to bench/RESULTS.md; tests/slurm/test_soak.py
+must be 0), steps redone after the event (the last step the attempt logged minus the step the
+next attempt resumed from: 0 for the signal events, which save on the stop), duplicated steps in
+metrics.jsonl (0), final step = max_steps, the final loss against an uninterrupted run of the same
+spec, and the seconds each event cost (event -> the run is past the step it had at the event). The figures go to bench/RESULTS.md; tests/slurm/test_soak.py
 runs a CI-sized version (`run_soak`).
 """
 
@@ -303,6 +303,21 @@ def resumes(w: Workload, run_dir: Path) -> list[tuple[int, int]]:
     return out
 
 
+def redone_per_restart(w: Workload, run_dir: Path) -> list[int] | None:
+    """Steps trained again after each restart: the last step an attempt logged minus the step the next attempt
+    resumed from (None where the runner does not log its resumes: the command workload)."""
+    if w.kind not in ("sft", "grpo"):
+        return None
+    text = "".join(p.read_text(errors="replace") for p in (run_dir / "logs").glob("*.out"))
+    resumed = [int(line.rsplit("checkpoint-", 1)[1]) for line in text.splitlines()
+               if line.startswith(f"{w.kind}: resuming from ")]
+    starts = [dt.datetime.fromisoformat(str(x["time"])).timestamp() for x in read_jsonl(run_dir / "launches.jsonl")][1:]
+    trained = [(float(m["time"]), int(m["step"])) for m in read_jsonl(run_dir / "metrics.jsonl")
+               if m.get("phase") == "train" and "loss" in m and "time" in m]
+    return [max(0, max((s for t, s in trained if t < start), default=0) - r)
+            for r, start in zip(resumed, starts, strict=False)]
+
+
 def summarize(result: dict[str, object], reference: dict[str, object] | None) -> dict[str, object]:
     w: Workload = result["workload"]  # type: ignore[assignment]
     run_dir: Path = result["run_dir"]  # type: ignore[assignment]
@@ -314,7 +329,9 @@ def summarize(result: dict[str, object], reference: dict[str, object] | None) ->
         ids = [(p.name, r["id"]) for p in (run_dir / "shards").glob("shard-*.jsonl") for r in read_jsonl(p)]
         dup = len(ids) - len(set(ids))
     lost = sum(max(0, newest - r) for r, newest in resumes(w, run_dir))
-    redone = [max(0, rec.step_at - rec.saved_at) for rec in recs]
+    measured = redone_per_restart(w, run_dir)
+    redone = ([measured[i] if i < len(measured) else 0 for i in range(len(recs))] if measured is not None
+              else [max(0, rec.step_at - rec.saved_at) for rec in recs])  # no resume log: the distance to a save
     final_loss = next((m["loss"] for m in reversed(metrics) if "loss" in m), None)
     ref_loss = None
     if reference is not None:

@@ -31,7 +31,6 @@ from hpcqwen import checkpoints, fs, heartbeat, stopping
 from hpcqwen.metrics import MetricsWriter
 from hpcqwen.paths import TaskPaths
 
-EVAL_FLAG = "_hpcqwen_eval"  # a column of evaluation rows: their tokens are not training tokens
 FAULTS: Any = None
 if os.environ.get("HPCQWEN_TEST_FAULT") or os.environ.get("HPCQWEN_TEST_SAVE_PAUSE_S"):
     from hpcqwen import testing_faults as FAULTS  # noqa: N812 - test-only hooks, imported only when a test sets them
@@ -46,8 +45,8 @@ class TokenCounter:
     which stalls the CUDA stream; this count costs nothing. A batch's tokens are counted when the
     training loop consumes it (`consume`, once per micro-batch from MetricsCallback), not when it is
     collated: the dataloader collates a batch ahead, and that batch is collated again after a resume.
-    Only valid with dataloader_num_workers=0 (the collator must run in the training process). Rows
-    carrying EVAL_FLAG (the evaluation split) are collated but never counted.
+    Only valid with dataloader_num_workers=0 (the collator must run in the training process); evaluation
+    batches do not pass through it (runners/sft.py).
     """
 
     def __init__(self, collator: Any) -> None:
@@ -56,13 +55,9 @@ class TokenCounter:
         self.pending: deque[int] = deque()
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        is_eval = bool(features) and EVAL_FLAG in features[0]
-        if is_eval:
-            features = [{k: v for k, v in f.items() if k != EVAL_FLAG} for f in features]
         batch: dict[str, Any] = self.collator(features)
-        if not is_eval:
-            mask = batch.get("attention_mask")
-            self.pending.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
+        mask = batch.get("attention_mask")
+        self.pending.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
         return batch
 
     def consume(self) -> None:

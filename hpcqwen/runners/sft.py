@@ -197,7 +197,6 @@ def build_trainer(ctx: RunContext, args: Any, model: Any, tokenizer: Any, train:
 
     from hpcqwen.data import PackedCollator, PaddingCollator
     from hpcqwen.runners.callbacks import (
-        EVAL_FLAG,
         CheckpointCallback,
         HeartbeatCallback,
         MetricsCallback,
@@ -210,8 +209,6 @@ def build_trainer(ctx: RunContext, args: Any, model: Any, tokenizer: Any, train:
     collator: Any = (PackedCollator(return_flash_attn_kwargs=t.attn_impl == "flash_attn") if t.packing
                      else PaddingCollator(pad_token_id=tokenizer.pad_token_id))
     counter = TokenCounter(collator) if t.dataloader_num_workers == 0 else None
-    if counter is not None and evaluation is not None:  # eval tokens are not training tokens
-        evaluation = evaluation.add_column(EVAL_FLAG, [1] * len(evaluation))
     counters = RunCounters(counter)
     callbacks = [StopCallback(ctx.task_paths, ctx.is_rank0),
                  CheckpointCallback(ctx.task_paths.checkpoints, t.save_total_limit, ctx.is_rank0, counters),
@@ -220,8 +217,20 @@ def build_trainer(ctx: RunContext, args: Any, model: Any, tokenizer: Any, train:
         from hpcqwen.tracking import mlflow_run_callback
 
         callbacks.append(mlflow_run_callback(ctx.task_paths.dir))
-    return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                   data_collator=counter or collator, processing_class=tokenizer, callbacks=callbacks)
+
+    class CountingTrainer(Trainer):
+        """Evaluation batches go through the plain collator: eval tokens are not training tokens (the
+        dataset is never modified: a cache entry may be read-only, another user's)."""
+
+        def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+            self.data_collator = collator
+            try:
+                return super().get_eval_dataloader(eval_dataset)
+            finally:
+                self.data_collator = counter or collator
+
+    return CountingTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                           data_collator=counter or collator, processing_class=tokenizer, callbacks=callbacks)
 
 
 def describe(ctx: RunContext, trainer: Any, n_train: int) -> None:

@@ -87,8 +87,9 @@ def test_killed_shard_resubmits_without_duplicating_or_losing_an_id(slurm_cluste
     assert main(["merge", str(run_dir)]) == EXIT_OK  # idempotent: the same bytes again
     assert f"merged {PROMPTS * ANSWERS} rows" in capsys.readouterr().out and merged.read_bytes() == first
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["resubmits"] == [{"job_id": job2, "array_tasks": "1", "shards": [1],
-                                      "script": "job-resubmit-1.sbatch"}]
+    [again] = manifest["resubmits"]
+    assert again == {**again, "job_id": job2, "job_ids": [job2], "array_tasks": "1", "shards": [1],
+                     "script": "job-resubmit-1.sbatch", "backend": "slurm"}
     metrics = [json.loads(x) for x in (run_dir / "tasks/1/metrics.jsonl").read_text().splitlines()]
     assert metrics[-1] == {**metrics[-1], "phase": "done", "done": 12, "total": 12, "shards_done": 1}
     print(f"\nshard-resume evidence: job {job} task 1 cancelled after {len(before)} of {PROMPTS // SHARDS} prompts; "
