@@ -21,7 +21,8 @@ beyond the last save (the resume started from an older checkpoint than the newes
 must be 0), steps redone after the event (the last step the attempt logged minus the step the
 next attempt resumed from: 0 for the signal events, which save on the stop), duplicated steps in
 metrics.jsonl (0), final step = max_steps, the final loss against an uninterrupted run of the same
-spec, and the seconds each event cost (event -> the run is past the step it had at the event). The figures go to bench/RESULTS.md; tests/slurm/test_soak.py
+spec, and the seconds each event cost (event -> the run is past the step it had at the event).
+The figures go to bench/RESULTS.md; tests/slurm/test_soak.py
 runs a CI-sized version (`run_soak`).
 """
 
