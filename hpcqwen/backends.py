@@ -12,7 +12,6 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from hpcqwen import slurm
@@ -21,7 +20,6 @@ from hpcqwen.errors import ControllerUnreachable, HpcqwenError
 from hpcqwen.paths import RunPaths
 from hpcqwen.render import cpus_per_task, launcher_argv, pyxis_args, setup_lines
 from hpcqwen.spec import JobSpec
-from hpcqwen.stopping import EXIT_STOPPED
 
 BACKENDS = ("slurm", "submitit", "local")
 
@@ -169,32 +167,3 @@ def choose_backend(requested: str, spec: JobSpec, wait: bool = False,
     raise HpcqwenError(f"unknown backend {name!r}", hint=f"use one of auto, {', '.join(BACKENDS)}")
 
 
-def local_process(job_id: str, run_dir: Path) -> int | None:
-    """The pid of a local run if that process is still this run's `hpcqwen.localrun` (a pid may
-    since have been reused by another program: never signal that one), else None."""
-    pid = job_id.removeprefix("local-")
-    if not pid.isdigit():
-        return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    args = [a.decode(errors="replace") for a in cmdline]
-    if "hpcqwen.localrun" not in args or not any(Path(a) == run_dir for a in args if a.startswith("/")):
-        return None
-    return int(pid)
-
-
-def local_status(paths: RunPaths, job_id: str) -> str:
-    """RUNNING, COMPLETED, STOPPED, CANCELLED or FAILED for a local-backend job.
-
-    The exit code decides once it is written (localrun may live a moment longer): a cancelled run
-    that did not finish is CANCELLED; one that finished as it was cancelled is COMPLETED."""
-    cancelled = paths.local_cancelled.exists()
-    if paths.local_rc.exists():
-        code = paths.local_rc.read_text().strip()
-        return "CANCELLED" if cancelled and code != "0" else \
-            {"0": "COMPLETED", str(EXIT_STOPPED): "STOPPED"}.get(code, "FAILED")
-    if local_process(job_id, paths.root) is not None:
-        return "RUNNING"
-    return "CANCELLED" if cancelled else "FAILED"  # gone without writing an exit code

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hpcqwen import fs
 from hpcqwen.cache_entry import (
     COMPLETE_MARKER,
     KEY_FILE,
@@ -359,14 +360,14 @@ def _seal(tmp: Path, key: str, key_parts: Mapping[str, Any], mode: int | None) -
             path = Path(dirpath) / name
             os.chmod(path, file_mode)
             files[path.relative_to(tmp).as_posix()] = [path.stat().st_size, file_digest(path)]
-            _fsync_path(path)
+            fs.fsync_file(path)
         for name in dirnames:
             os.chmod(Path(dirpath) / name, folder_mode)
             files[(Path(dirpath) / name).relative_to(tmp).as_posix()] = [0, ""]
-        _fsync_path(Path(dirpath))
+        fs.fsync_dir(dirpath)
     marker = tmp / COMPLETE_MARKER
-    _write_synced(marker, json.dumps({"layout": LAYOUT_VERSION, "key": key, "files": files}, indent=1,
-                                     sort_keys=True))
+    fs.write_atomic(marker, json.dumps({"layout": LAYOUT_VERSION, "key": key, "files": files}, indent=1,
+                                       sort_keys=True))
     os.chmod(marker, file_mode)
     os.chmod(tmp, folder_mode)
 
@@ -387,27 +388,4 @@ def _publish(tmp: Path, entry: Path, key: str) -> None:
                 "identical bytes" if same else "different bytes: the build is not reproducible")
         shutil.rmtree(tmp, ignore_errors=True)
         return
-    _fsync_path(entry.parent)
-
-
-# ---- durability (kept here until hpcqwen/fs.py takes them) ----------------------------------
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_path(path.parent)
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a folder (new names, renames); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fs.fsync_dir(entry.parent)

@@ -170,6 +170,11 @@ class ClusterProfile(BaseModel):
         "auto", description="auto: slurm when a controller answers, else local."
     )
 
+    @property
+    def cache_dir(self) -> Path:
+        """The shared cache folder: cache_root, else `<run_root>/.cache` (the one place this default lives)."""
+        return Path(self.cache_root) if self.cache_root else Path(self.run_root) / ".cache"
+
 
 def profile_dirs() -> list[Path]:
     """Folders searched for `<name>.yaml`, first match wins."""
@@ -306,5 +311,29 @@ def _expand_paths(profile: ClusterProfile, doc: YamlDoc, pdoc: YamlDoc, spec_fie
     if not ok:
         return None
     if updates.get("cache_root") is None and "run_root" in updates:
-        updates["cache_root"] = str(Path(updates["run_root"]) / ".cache")
+        updates["cache_root"] = str(profile.model_copy(update=updates).cache_dir)
     return profile.model_copy(update=updates).model_dump()
+
+
+def default_run_root(profile: str = "local") -> Path:
+    """The run root of a profile (HPCQWEN_RUN_ROOT, as the shipped profiles say), else ~/hpcqwen-runs."""
+    import yaml
+
+    raw = str(ClusterProfile.model_fields["run_root"].default)
+    path = find_profile(profile)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path else None
+        raw = str(data.get("run_root") or raw) if isinstance(data, dict) else raw
+        return Path(specfile.expand_path(raw, None))
+    except (OSError, ValueError, yaml.YAMLError):
+        return Path("~/hpcqwen-runs").expanduser()
+
+
+def profile_run_roots() -> list[Path]:
+    """The existing run roots of every profile (the local one first), each once."""
+    roots: list[Path] = []
+    for name in ["local", *available_profiles()]:
+        root = default_run_root(name)
+        if root not in roots and root.is_dir():
+            roots.append(root)
+    return roots

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 from hpcqwen.errors import UnsafeValue
 
 if TYPE_CHECKING:
-    from hpcqwen.spec import JobSpec, Problem
+    from hpcqwen.errors import Problem
+    from hpcqwen.spec import JobSpec
 
 # Cache folders that libraries on the nodes write to when these are set.
 ENV_PATHS = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE",
@@ -138,7 +139,8 @@ def _tasks(spec: JobSpec) -> list[tuple[str, Any]]:
 
 def _task_needs(prefix: str, task: Any) -> tuple[list[Need], bool]:
     """(paths of one task's model, data, checkpoints and results, whether it names a hub id)."""
-    from hpcqwen.tasks._common import is_hub_id, split_dataset_ref
+    from hpcqwen.data.formats import split_dataset_ref
+    from hpcqwen.tasks._common import is_hub_id
 
     out, hub = [], False
     for field in ("model", "adapters", "load"):  # model folders (read)
@@ -162,7 +164,7 @@ def _task_needs(prefix: str, task: Any) -> tuple[list[Need], bool]:
 
 def _mount_for(need: Need) -> tuple[Mount | None, Problem | None]:
     """The mount that shows `need.path` in the container, or the problem that prevents one."""
-    from hpcqwen.spec import Problem
+    from hpcqwen.errors import Problem
 
     hint = "move or link it to an absolute path without ',' or ':', or set it so"
     if not os.path.isabs(need.path):
@@ -238,7 +240,7 @@ def profile_mount(text: str) -> Mount:
 
 def _merge(mounts: list[Mount]) -> tuple[list[Mount], list[Problem]]:
     """Drop mounts that another already shows with the same or more rights; parents first."""
-    from hpcqwen.spec import Problem
+    from hpcqwen.errors import Problem
 
     kept: list[Mount] = []
     problems = []

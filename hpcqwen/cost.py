@@ -213,8 +213,8 @@ def run_cost(run_dir: Path, run: slurm.RunCmd = slurm.run_cmd, now: float | None
              only_task: int | None = None, job_ids: list[str] | None = None) -> dict[str, Any]:
     """The cost of a run dir (every task, or `only_task`; from the manifest's jobs, or `job_ids`): per task
     and in total, as cost.json holds it."""
+    from hpcqwen.rundir import read_manifest
     from hpcqwen.spec import read_frozen_spec
-    from hpcqwen.submit import read_manifest
 
     now = time.time() if now is None else now
     paths = RunPaths(run_dir)

@@ -48,6 +48,18 @@ class HpcqwenError(Exception):
 
 
 @dataclass(frozen=True)
+class Problem:
+    """A problem found after parsing (a task's cross-field check, preflight): the key and the numbers;
+    `spec.py` turns it into a SpecIssue with the file and line."""
+
+    key: str
+    message: str
+    got: str = ""
+    expected: str = ""
+    hint: str = ""
+
+
+@dataclass(frozen=True)
 class SpecIssue:
     """One problem in a job spec: `file:line: key: what (got X; expected Y) — hint`."""
 

@@ -65,7 +65,7 @@ def evaluate(args: argparse.Namespace, base_dir: Path) -> dict[str, Any]:
 
 def spec_folder(run_dir: Path) -> Path:
     """The folder of the spec (or pipeline file) the run was submitted from (its manifest's `spec`)."""
-    from hpcqwen.submit import read_manifest
+    from hpcqwen.rundir import read_manifest
 
     spec = read_manifest(run_dir).get("spec")
     return Path(str(spec)).parent if spec else run_dir

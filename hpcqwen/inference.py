@@ -305,9 +305,9 @@ def adapters_base_model(adapters: str | None) -> str:
 def tokenizer_folder(model: str, adapters: str | None) -> str:
     """Where the tokenizer comes from: the adapters' folder when it has one (a checkpoint saves the
     tokenizer it trained with), else the model's."""
-    from hpcqwen.tasks._common import TOKENIZER_FILES
+    from hpcqwen.modelfiles import TOKENIZER_MARKERS
 
-    if adapters and any((Path(adapters) / name).is_file() for name in TOKENIZER_FILES):
+    if adapters and any((Path(adapters) / name).is_file() for name in TOKENIZER_MARKERS):
         return adapters
     return model
 

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from hpcqwen import arrays, slurm
-from hpcqwen.backends import local_status
 from hpcqwen.errors import HpcqwenError
 from hpcqwen.paths import RunPaths
+from hpcqwen.pipeline.rows import group_pipelines, recent_stage_dirs
 from hpcqwen.polling import DEFAULT_INTERVAL_S, MIN_INTERVAL_S, PollStatus, Query, SacctWanted, poll_sacct, poll_squeue
 from hpcqwen.progress import (
     Progress,
@@ -38,78 +38,14 @@ from hpcqwen.progress import (
     refine_state,
     restarts_of,
 )
+from hpcqwen.queue_rows import RunRow, TaskRow, array_state
+from hpcqwen.rundir import local_status
 from hpcqwen.watchview import watch_alert
 
 __all__ = ["DEFAULT_RECENT_H", "PollStatus", "Progress", "RunRow", "Snapshot", "TaskRow", "Watch", "array_state",
-           "build_row", "default_run_root", "fetch_rows", "gpus_of", "parse_duration", "profile_run_roots",
+           "build_row", "fetch_rows", "gpus_of", "parse_duration",
            "sacct_by_job", "to_json"]
 DEFAULT_RECENT_H = 24.0
-
-
-# ---- rows ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TaskRow:
-    """One array task."""
-
-    task_id: int
-    job_id: str
-    slurm_state: str
-    reason: str = ""
-    elapsed_s: float | None = None
-    progress: Progress | None = None
-    checkpoint_step: int | None = None
-    checkpoint_at: float | None = None
-    restarts: int = 0
-    label: str = ""  # a pipeline stage's name (shown instead of "task N")
-    gpu_hours: float | None = None
-    alert: str = ""  # the hang watchdog's word while it runs (hpcqwen.watchview)
-
-
-@dataclass(frozen=True)
-class RunRow:
-    """One run (a run dir): a plain job, or a whole array collapsed, with its training progress."""
-
-    name: str
-    job_id: str  # "123"; several ids when an array was split ("123,140")
-    run_dir: str | None
-    slurm_state: str  # verbatim; for an array the state that matters most (see array_state)
-    reason: str = ""
-    dependency: str = ""
-    user: str = ""
-    nodes: int = 0
-    gpus_per_node: int = 0
-    nodelist: str = ""
-    elapsed_s: float | None = None
-    elapsed_at: float | None = None  # set while running: the elapsed time ticks on from here
-    time_limit_s: float | None = None
-    restarts: int = 0
-    progress: Progress | None = None
-    checkpoint_step: int | None = None
-    checkpoint_at: float | None = None
-    tasks: tuple[TaskRow, ...] = ()
-    array_size: int | None = None
-    source: str = "squeue"  # squeue | sacct | local | none
-    submitted_at: float | None = None
-    gpu_hours: float | None = None  # hpcqwen.pipeline.rows: cost.json, else elapsed × GPUs
-    note: str = ""  # a pipeline's blocked-on or running stages
-    alert: str = ""  # the hang watchdog's word while it runs: STALLED, stragglers (hpcqwen.watchview)
-
-    @property
-    def state(self) -> slurm.JobState:
-        """The folded state."""
-        return slurm.SLURM_STATES.get(self.slurm_state, slurm.JobState.UNKNOWN)
-
-    @property
-    def is_array(self) -> bool:
-        """An array (its tasks are in `tasks`)."""
-        return self.array_size is not None or bool(self.tasks)
-
-    def elapsed_now(self, now: float) -> float | None:
-        """Elapsed seconds at `now` (ticking for running jobs, whatever the data's age)."""
-        if self.elapsed_s is None:
-            return None
-        return self.elapsed_s + (max(0.0, now - self.elapsed_at) if self.elapsed_at else 0.0)
 
 
 # ---- parsing helpers ------------------------------------------------------------------------
@@ -152,8 +88,6 @@ def fetch_rows(jobs: Iterable[slurm.JobRow], *, run_root: Path | None, fetched_a
     for j in jobs:
         if j.work_dir and (user is None or j.user == user) and is_run_dir_cached(j.work_dir):
             groups.setdefault(Path(j.work_dir), []).append(j)
-    from hpcqwen.pipeline.rows import group_pipelines, recent_stage_dirs  # (it imports this module)
-
     for d in [*recent_run_dirs(run_root, now - recent_h * 3600), *recent_stage_dirs(run_root, now - recent_h * 3600)]:
         if d not in groups and (user is None or manifest_of(d).get("user") in (None, user)):
             groups[d] = []
@@ -300,18 +234,6 @@ def _array_rate(progs: list[Progress]) -> float | None:
     return remaining / eta if eta and remaining > 0 else None
 
 
-ARRAY_PRIORITY = ["RUNNING", "COMPLETING", "CONFIGURING", "PENDING", "REQUEUED"]
-
-
-def array_state(states: list[str]) -> str:
-    """The state that describes a whole array: running beats pending; all done is COMPLETED;
-    otherwise the first task state that is not COMPLETED (FAILED, TIMEOUT, an unknown one...)."""
-    for s in ARRAY_PRIORITY:
-        if s in states:
-            return s
-    return next((s for s in states if s != "COMPLETED"), "COMPLETED" if states else "UNKNOWN")
-
-
 @dataclass(frozen=True)
 class Snapshot:
     """What one refresh saw."""
@@ -358,35 +280,6 @@ class Watch:
                           lookup=lambda wanted: poll_sacct(wanted, self.interval_s, directory=self.directory,
                                                            run=self.run, clock=self.clock))
         return Snapshot(rows, status, now)
-
-
-def default_run_root(profile: str = "local") -> Path:
-    """The run root of a profile (HPCQWEN_RUN_ROOT, as the shipped profiles say), else ~/hpcqwen-runs."""
-    import yaml
-
-    from hpcqwen.cluster import ClusterProfile, find_profile
-    from hpcqwen.specfile import expand_path
-
-    raw = str(ClusterProfile.model_fields["run_root"].default)
-    path = find_profile(profile)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path else None
-        raw = str(data.get("run_root") or raw) if isinstance(data, dict) else raw
-        return Path(expand_path(raw, None))
-    except (OSError, ValueError, yaml.YAMLError):
-        return Path("~/hpcqwen-runs").expanduser()
-
-
-def profile_run_roots() -> list[Path]:
-    """The existing run roots of every profile (the local one first), each once."""
-    from hpcqwen.cluster import available_profiles
-
-    roots: list[Path] = []
-    for name in ["local", *available_profiles()]:
-        root = default_run_root(name)
-        if root not in roots and root.is_dir():
-            roots.append(root)
-    return roots
 
 
 def to_json(rows: list[RunRow], status: PollStatus, now: float) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from rich.live import Live
 from rich.text import Text
 
 from hpcqwen import runs, slurm
-from hpcqwen.cli.logs import pick_log, read_new
 from hpcqwen.errors import HpcqwenError
 from hpcqwen.monitor import RunRow, Snapshot, TaskRow, Watch
 from hpcqwen.monitor_view import filter_rows, lines_of, render_table, sort_rows
@@ -147,7 +146,7 @@ class LiveQueue:
         ref = runs.RunRef(Path(row.run_dir or ""), row.job_id.split(",")[0],
                           "local" if row.source == "local" else "slurm", index, row.array_size)
         try:
-            path = pick_log(ref)
+            path = runs.pick_log(ref)
         except HpcqwenError as e:
             path, self.message = None, e.message
         if path is None:
@@ -162,7 +161,7 @@ class LiveQueue:
         if self.log_path is None:
             return
         try:
-            text, self.log_offset = read_new(self.log_path, self.log_offset, limit=limit, whole_lines=True)
+            text, self.log_offset = runs.read_new(self.log_path, self.log_offset, limit=limit, whole_lines=True)
         except OSError as e:
             self.message = f"cannot read {self.log_path}: {e}"
             return

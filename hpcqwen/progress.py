@@ -6,7 +6,9 @@
 run without requeue (the task's FINAL file), FAILED or CANCELLED into HUNG when the hang watchdog
 ended it (FINAL again), `ending_of` says how a task ended when Slurm no longer knows its job (FINAL,
 else OUTCOME). File reads are memoized on the file's (mtime, size), so an unchanged file costs one
-stat (cheap on NFS); unreadable or half-written files give "nothing known", never an exception.
+stat (cheap on NFS); `checkpoint_of` is not memoized (a marker written inside a checkpoint folder does
+not change the folder above it): one listing of `checkpoints/` and a stat per candidate each call.
+Unreadable or half-written files give "nothing known", never an exception.
 """
 
 from __future__ import annotations

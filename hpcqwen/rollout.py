@@ -256,10 +256,6 @@ def _python(task: Any) -> str:
     return str(task.rollout.vllm_python or sys.executable)
 
 
-def _cache_root(spec: Any, run_dir: Path) -> str:
-    return str(spec.cluster.cache_root or run_dir / ".cache")
-
-
 def node_role(spec: Any, node_rank: int, trainer_nodes: int, in_slurm: bool) -> str | None:
     """None (no rollout section), 'serve' (a rollout node), 'cohost' (node 0 also runs the server) or 'train'.
 
@@ -296,7 +292,7 @@ def serve_node(spec: Any, task: Any, task_dir: Path, run_dir: Path, job_id: str,
     stop = _stop_event()
 
     port = free_port()
-    server = Server(serve_argv(_python(task), task, port), serve_env(os.environ, _cache_root(spec, run_dir)),
+    server = Server(serve_argv(_python(task), task, port), serve_env(os.environ, str(spec.cluster.cache_dir)),
                     task_dir / SERVER_LOG)
     endpoint = Endpoint(host, port, job_id, restart)
     path, outcome = task_dir / ENDPOINT, TaskPaths(task_dir).outcome
@@ -348,7 +344,7 @@ class TrainerLink:
         ranks_gpus = visible
         if self.cohost:
             ranks_gpus, server_gpus = split_gpus(visible, nproc, r.tensor_parallel_size * r.data_parallel_size)
-            env = serve_env(environ, _cache_root(self.spec, self.run_dir))
+            env = serve_env(environ, str(self.spec.cluster.cache_dir))
             if server_gpus:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(server_gpus)
             port = free_port()

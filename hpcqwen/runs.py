@@ -1,4 +1,5 @@
-"""From what a user types (a job id or a run dir) to the run dir, its jobs and their states.
+"""From what a user types (a job id or a run dir) to the run dir, its jobs, their states and logs
+(`pick_log`, and `read_new`, which `hpcqwen logs -f` and the monitor's log view follow by byte offset).
 
 Jobs run with `--chdir=RUN_DIR`, so squeue's %Z and sacct's WorkDir lead from a job id back
 to its run dir; a run dir's manifest leads to its job ids.
@@ -14,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpcqwen import arrays, slurm
-from hpcqwen.backends import local_status
+from hpcqwen.cluster import profile_run_roots
 from hpcqwen.errors import JobFailed, RunDirError
 from hpcqwen.fields import JOB_ID_RE
 from hpcqwen.paths import RunPaths, is_run_dir
 from hpcqwen.progress import ending_of, refine_state
-from hpcqwen.submit import read_manifest
+from hpcqwen.rundir import local_status, read_manifest
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,6 @@ MAX_SCANNED_RUNS = 5000  # newest run dirs per run root searched for a job id th
 def find_run_dir(job_id: str) -> Path | None:
     """The newest run dir, under the run root of any profile, whose manifest lists `job_id`
     (`<run_root>/<name>/<UTC stamp>-<hash>/manifest.json`); None when none does."""
-    from hpcqwen.monitor import profile_run_roots
-
     for root in profile_run_roots():
         manifests = sorted(root.glob("*/*/manifest.json"), key=lambda m: m.parent.name, reverse=True)
         for manifest in manifests[:MAX_SCANNED_RUNS]:
@@ -243,3 +242,25 @@ def check_completed(ref: RunRef, rows: list[slurm.JobRow], job_id: str) -> None:
     raise JobFailed(f"job {job_id} ended {states}" + (f" ({reasons})" if reasons else ""),
                     where=str(logs[-1] if logs else ref.run_dir),
                     hint="last log lines:\n    " + "\n    ".join(tail) if tail else "see the run dir's logs/")
+
+
+def pick_log(ref: RunRef) -> Path | None:
+    """The log to show: the named task's, else the newest file."""
+    files = log_files(ref)
+    return files[-1] if files else None
+
+
+def read_new(path: Path, offset: int, limit: int | None = None, whole_lines: bool = False) -> tuple[str, int]:
+    """What was appended since `offset`, and the new offset (restarts at 0 if truncated).
+    `whole_lines` holds back a line still being written; `limit` keeps only the newest bytes
+    (the monitor's log view wants the tail, not a multi-GB backlog)."""
+    size = path.stat().st_size
+    if size < offset:
+        offset = 0
+    if limit is not None and size - offset > limit:
+        offset = size - limit
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1 if whole_lines else len(data)
+    return data[:end].decode(errors="replace"), offset + end

@@ -113,11 +113,6 @@ def scancel(job_ids: Iterable[str], run: RunCmd = run_cmd) -> None:
     _checked(["scancel", *job_ids], run)
 
 
-def scontrol_requeue(job_id: str, run: RunCmd = run_cmd) -> None:
-    """Requeue a running job (it restarts with SLURM_RESTART_COUNT + 1)."""
-    _checked(["scontrol", "requeue", job_id], run)
-
-
 def ping(run: RunCmd = run_cmd) -> str | None:
     """`scontrol ping`: the controller's status line when it is UP, else None."""
     try:

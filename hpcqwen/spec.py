@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from hpcqwen import cluster as cluster_mod
 from hpcqwen import specfile, stagerefs, yamldoc
 from hpcqwen.cluster import ClusterProfile, EnvName, SlurmName
-from hpcqwen.errors import SpecError, SpecIssue
+from hpcqwen.errors import Problem, SpecError, SpecIssue
 from hpcqwen.fields import (
     JOB_ID_RE,
     MAX_ARRAY,
@@ -43,18 +43,7 @@ from hpcqwen.fields import (
 )
 from hpcqwen.specfile import Loc, YamlDoc
 from hpcqwen.sweep import SweepSpec, compile_sweep
-from hpcqwen.tasks import TASK_KINDS, TaskSpec
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A cross-field problem found by a `check` method: the key and the numbers."""
-
-    key: str
-    message: str
-    got: str = ""
-    expected: str = ""
-    hint: str = ""
+from hpcqwen.tasks import TASK_ADAPTER, TASK_KINDS, TaskSpec
 
 
 class _Section(BaseModel):
@@ -221,16 +210,6 @@ class JobSpec(_Section):
             specfile.apply_override(data, str(key).split("."), value)
         task: TaskSpec = TASK_ADAPTER.validate_python(data)
         return task
-
-
-def _task_adapter() -> Any:
-    from pydantic import TypeAdapter
-
-    return TypeAdapter(TaskSpec)
-
-
-TASK_ADAPTER = _task_adapter()
-"""Validates one raw task mapping (an array task's, a sweep value's)."""
 
 
 # ---- loading ------------------------------------------------------------------------------

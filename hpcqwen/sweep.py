@@ -120,8 +120,7 @@ def _shape_problems(sweep: SweepSpec, data: dict[str, Any]) -> list[Found]:
 
 def _value_problems(sweep: SweepSpec, task: Any) -> list[Found]:
     """Every distinct value, alone on the task, must validate (reported where it is written)."""
-    from hpcqwen.spec import TASK_ADAPTER
-    from hpcqwen.tasks import TASK_KINDS
+    from hpcqwen.tasks import TASK_ADAPTER, TASK_KINDS
 
     if not isinstance(task, dict):
         return []  # the task section's own problem is reported by the model

@@ -68,3 +68,8 @@ def fake_hub_cache(root: Path) -> Path:
     for kind, repo in shipped_hub_ids():
         (root / f"{kind}s--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)).mkdir(parents=True, exist_ok=True)
     return root
+
+
+def scontrol_requeue(job_id: str) -> None:
+    """What an admin (or a preemption) does: requeue a running job; it restarts with SLURM_RESTART_COUNT + 1."""
+    subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True)

@@ -13,9 +13,9 @@ import os
 import signal
 
 from hpcqwen import runs, slurm
-from hpcqwen.backends import local_process
 from hpcqwen.cli._common import add_target_argument
 from hpcqwen.paths import RunPaths
+from hpcqwen.rundir import local_process
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -110,7 +110,8 @@ def answer(generator: Any, ids: list[int], sampling: Any, seed: int, stream: boo
 
 def run(args: argparse.Namespace) -> int:
     """The read-generate-print loop."""
-    from hpcqwen.data.tokenize import EMPTY_THINK_PREFIX, load_tokenizer, render_prompt
+    from hpcqwen.data.templates import EMPTY_THINK_PREFIX
+    from hpcqwen.data.tokenize import load_tokenizer, render_prompt
     from hpcqwen.inference import SamplingConfig, ensure_engine, make_generator, tokenizer_folder
     from hpcqwen.tasks.distill import default_vllm_python, model_max_len
 

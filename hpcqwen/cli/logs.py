@@ -22,31 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", type=int, default=None, help="array task index (default: the job's or task 0)")
 
 
-def pick_log(ref: runs.RunRef) -> Path | None:
-    """The log to show: the named task's, else the newest file."""
-    files = runs.log_files(ref)
-    return files[-1] if files else None
-
-
-def read_new(path: Path, offset: int, limit: int | None = None, whole_lines: bool = False) -> tuple[str, int]:
-    """What was appended since `offset`, and the new offset (restarts at 0 if truncated).
-    `whole_lines` holds back a line still being written; `limit` keeps only the newest bytes
-    (the monitor's log view wants the tail, not a multi-GB backlog)."""
-    size = path.stat().st_size
-    if size < offset:
-        offset = 0
-    if limit is not None and size - offset > limit:
-        offset = size - limit
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read()
-    end = data.rfind(b"\n") + 1 if whole_lines else len(data)
-    return data[:end].decode(errors="replace"), offset + end
-
-
 def copy_from(path: Path, offset: int) -> int:
     """Print what was appended since `offset`; return the new offset (restarts at 0 if truncated)."""
-    text, offset = read_new(path, offset)
+    text, offset = runs.read_new(path, offset)
     sys.stdout.write(text)
     sys.stdout.flush()
     return offset
@@ -59,12 +37,12 @@ def run(args: argparse.Namespace) -> int:
         ref = runs.RunRef(ref.run_dir, ref.job_id, ref.backend, args.task, ref.array_size)
     elif ref.array_size and ref.array_task is None:
         ref = runs.RunRef(ref.run_dir, ref.job_id, ref.backend, 0, ref.array_size)
-    path, offset, delay, quiet = pick_log(ref), 0, 0.5, 0
+    path, offset, delay, quiet = runs.pick_log(ref), 0, 0.5, 0
     if path is None and not args.follow:
         raise RunDirError(f"no log yet for job {ref.job_id}", where=str(ref.run_dir),
                           hint="the job may still be pending; try `hpcqwen logs -f`")
     while True:
-        path = path or pick_log(ref)
+        path = path or runs.pick_log(ref)
         before = offset
         if path is not None:
             offset = copy_from(path, offset)

@@ -19,9 +19,9 @@ from hpcqwen.backends import SlurmBackend
 from hpcqwen.errors import RunDirError
 from hpcqwen.fs import write_atomic
 from hpcqwen.paths import RunPaths, is_run_dir
+from hpcqwen.rundir import read_manifest
 from hpcqwen.shards import ShardFile, array_indices, incomplete_shards, merge_shards, shard_file
 from hpcqwen.spec import JobSpec, read_frozen_spec
-from hpcqwen.submit import read_manifest
 from hpcqwen.tasks.distill import DistillTask
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from hpcqwen.cluster import default_run_root
 from hpcqwen.errors import EXIT_OK, EXIT_SLURM
-from hpcqwen.monitor import DEFAULT_RECENT_H, Watch, default_run_root, to_json
+from hpcqwen.monitor import DEFAULT_RECENT_H, Watch, to_json
 from hpcqwen.monitor_view import filter_rows, render_table
 from hpcqwen.polling import DEFAULT_INTERVAL_S, MIN_INTERVAL_S
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from hpcqwen import backends, runs
 from hpcqwen.errors import EXIT_OK, HpcqwenError, RunDirError
 from hpcqwen.paths import is_run_dir
+from hpcqwen.rundir import read_manifest
 from hpcqwen.spec import read_frozen_spec
-from hpcqwen.submit import read_manifest, resubmit
+from hpcqwen.submit import resubmit
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

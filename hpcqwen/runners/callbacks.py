@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import time
 from collections import deque
 from pathlib import Path
@@ -30,6 +29,7 @@ from transformers import TrainerCallback
 from hpcqwen import checkpoints, fs, heartbeat, stopping
 from hpcqwen.metrics import MetricsWriter
 from hpcqwen.paths import TaskPaths
+from hpcqwen.runners._shared import peak_memory_gb
 
 FAULTS: Any = None
 if os.environ.get("HPCQWEN_TEST_FAULT") or os.environ.get("HPCQWEN_TEST_SAVE_PAUSE_S"):
@@ -256,10 +256,3 @@ class HeartbeatCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self.beat("finishing", state.global_step, force=True)
         return control
-
-
-def peak_memory_gb() -> float:
-    """Peak GPU memory of this process, or its peak RSS on a CPU run."""
-    if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)

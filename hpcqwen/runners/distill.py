@@ -75,7 +75,7 @@ def place_engine(ctx: RunContext) -> None:
         os.environ.pop(name, None)
     from hpcqwen.inference import set_compile_cache_env
 
-    set_compile_cache_env(str(Path(ctx.spec.cluster.cache_root or ctx.paths.root)))
+    set_compile_cache_env(str(ctx.spec.cluster.cache_dir))
 
 
 def plan(ctx: RunContext) -> Plan:

@@ -47,7 +47,8 @@ def load_rows(refs: list[str], seed: int) -> list[dict[str, Any]]:
     """`{"messages": [...], **columns}` rows: local files through hpcqwen.data, hub ids through
     `datasets.load_dataset` (the nodes must be online, or HF_DATASETS_CACHE must hold it)."""
     from hpcqwen.data import load_dataset_rows
-    from hpcqwen.tasks._common import is_hub_id, split_dataset_ref
+    from hpcqwen.data.formats import split_dataset_ref
+    from hpcqwen.tasks._common import is_hub_id
 
     rows: list[dict[str, Any]] = []
     for ref in refs:
@@ -125,7 +126,7 @@ def grpo_kwargs(task: Any, output_dir: str, use_gpu: bool, server: tuple[str, in
     """
     from trl import GRPOConfig  # type: ignore[attr-defined]
 
-    from hpcqwen.runners.sft import shared_training_kwargs  # the same translation as SFT
+    from hpcqwen.runners.trainer_args import shared_training_kwargs  # the same translation as SFT
     from hpcqwen.tracking import hf_report_to
 
     t = task
@@ -414,10 +415,9 @@ def setup_process(ctx: RunContext) -> tuple[bool, str]:
 
     from hpcqwen.tracking import apply_tracking_env
 
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(ctx.spec.cluster.cache_root or ctx.paths.root)
-                                                      / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ctx.spec.cluster.cache_dir / "torch_extensions"))
     run_name = apply_tracking_env(ctx.task.report_to, ctx.spec.name, ctx.paths.root, ctx.task_paths.dir)
-    set_compile_cache_env(str(Path(ctx.spec.cluster.cache_root or ctx.paths.root)))  # vLLM, torch.compile
+    set_compile_cache_env(str(ctx.spec.cluster.cache_dir))  # vLLM, torch.compile
     use_gpu = torch.cuda.is_available()
     if use_gpu:
         torch.cuda.set_device(ctx.local_rank)
@@ -427,7 +427,7 @@ def setup_process(ctx: RunContext) -> tuple[bool, str]:
 
         # As in the SFT runner: before GRPOConfig, so that ZeRO-3's zero.Init sees the real world size
         # (else it asserts train_batch_size != micro_batch × accumulation × 1), with gloo on CPU.
-        from hpcqwen.runners.sft import collective_timeout
+        from hpcqwen.runners.trainer_args import collective_timeout
 
         deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", timeout=collective_timeout())
     return use_gpu, run_name

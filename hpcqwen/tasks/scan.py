@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from hpcqwen.tasks._common import is_hub_id, split_dataset_ref
+from hpcqwen.data.formats import split_dataset_ref
+from hpcqwen.tasks._common import is_hub_id
 
 SCAN_FILE_BYTES = 4 << 20
 SCAN_TOTAL_BYTES = 16 << 20

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from hpcqwen.data.formats import split_dataset_ref
 from hpcqwen.fields import (
     MAX_BATCH,
     MAX_EPOCHS,
@@ -30,11 +31,11 @@ from hpcqwen.tasks._common import (
     TruncationStrategy,
     check_report_to,
     default_report_to,
-    split_dataset_ref,
 )
 
 if TYPE_CHECKING:
-    from hpcqwen.spec import JobSpec, Problem
+    from hpcqwen.errors import Problem
+    from hpcqwen.spec import JobSpec
 
 # Attention implementations that honour the per-sequence position_ids of a packed row (varlen), so
 # packed sequences do not attend to each other (see tests/cpu_train/test_data_packing.py).
@@ -108,7 +109,7 @@ class SftTask(ModelKnobs):
 
     def check(self, spec: JobSpec) -> list[Problem]:
         """Cross-field checks (no files read: model, data and DeepSpeed files are hpcqwen.preflight's)."""
-        from hpcqwen.spec import Problem
+        from hpcqwen.errors import Problem
 
         p: list[Problem] = []
         if self.packing and self.attn_impl not in VARLEN_ATTN:
@@ -129,7 +130,7 @@ class SftTask(ModelKnobs):
 
     def warnings(self, spec: JobSpec) -> list[Problem]:
         """Settings that are valid but do nothing (printed on submit, not errors)."""
-        from hpcqwen.spec import Problem
+        from hpcqwen.errors import Problem
 
         if "eval_steps" in self.model_fields_set and not self.val_dataset and self.split_dataset_ratio == 0:
             return [Problem("task.eval_steps", "evaluation is off: there is nothing to evaluate (no val_dataset, "
@@ -139,7 +140,7 @@ class SftTask(ModelKnobs):
         return []
 
     def _check_batch(self, spec: JobSpec) -> list[Problem]:
-        from hpcqwen.spec import Problem
+        from hpcqwen.errors import Problem
 
         counts = [split_dataset_ref(r)[2] for r in self.dataset]
         if any(c is None or not c.isdigit() for c in counts):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import scontrol_requeue, wait_until
 
 from hpcqwen import runs, slurm
 from hpcqwen.cli import main
@@ -116,7 +116,7 @@ def test_scontrol_requeue_restarts_and_resumes(slurm_cluster: str, write_spec,
     job, run_dir = submit(capsys, str(steps_spec(write_spec, "requeued", 25, 1.0)))
     progress = run_dir / "progress.json"
     wait_until(lambda: progress.exists() and json.loads(progress.read_text())["step"] >= 3, 90, "3 steps")
-    slurm.scontrol_requeue(job)
+    scontrol_requeue(job)
     ref = runs.resolve_target(str(run_dir))
     rows = runs.wait_for(ref, max_poll_s=3)
     assert [r.slurm_state for r in rows] == ["COMPLETED"]

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import scontrol_requeue, wait_until
 
-from hpcqwen import runs, slurm
+from hpcqwen import runs
 from hpcqwen.cli import main
 from hpcqwen.cost import CATEGORIES
 from hpcqwen.errors import EXIT_OK
@@ -24,7 +24,7 @@ def _requeue_after(job: str, marker: Path, launches: Path, starts: int) -> None:
     """`scontrol requeue` once `marker` (a complete checkpoint) exists in incarnation number `starts`."""
     wait_until(lambda: marker.exists() and len(launches.read_text().splitlines()) == starts, 300,
                f"{marker.parent.name} in start {starts}")
-    slurm.scontrol_requeue(job)
+    scontrol_requeue(job)
 
 
 def test_a_run_requeued_twice_adds_up_to_the_sacct_total(slurm_cluster: str, write_spec, tiny_qwen3_dir: Path,

@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import scontrol_requeue
 
-from hpcqwen import runs, slurm
+from hpcqwen import runs
 from hpcqwen.cli import main
 from hpcqwen.metrics import read_metrics
 
@@ -44,7 +45,7 @@ def test_two_node_sft_requeued_mid_run_resumes_and_finishes(slurm_cluster: str, 
     while not marker.exists():
         assert time.time() < end, "no complete checkpoint-10"
         time.sleep(0.2)
-    slurm.scontrol_requeue(job)
+    scontrol_requeue(job)
     rows = runs.wait_for(runs.resolve_target(str(run_dir)), max_poll_s=3)
     log = next((run_dir / "logs").glob("sft-2node-*.out")).read_text()
     assert [r.slurm_state for r in rows] == ["COMPLETED"], log[-3000:]

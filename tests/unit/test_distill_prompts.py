@@ -10,9 +10,9 @@ import pytest
 
 from hpcqwen.cli.chat import add_arguments, chat_argv, split_switch
 from hpcqwen.data.formats import load_dataset_rows
-from hpcqwen.data.tokenize import EMPTY_THINK_PREFIX, load_tokenizer, render_prompt
+from hpcqwen.data.templates import EMPTY_THINK_PREFIX
+from hpcqwen.data.tokenize import load_tokenizer, render_prompt
 from hpcqwen.inference import ensure_engine, stop_token_ids
-from hpcqwen.tasks.distill import EMPTY_THINK_PREFIX as TASK_PREFIX
 from hpcqwen.tasks.distill import prompt_messages
 
 HEADER = "<|im_start|>assistant\n"
@@ -34,7 +34,7 @@ def test_thinking_off_renders_an_empty_think_block_after_the_assistant_header(ti
     assert render_prompt(tok, row["messages"], enable_thinking=False) == off  # render_prompt drops it too
     ids = tok(off, add_special_tokens=False)["input_ids"]
     assert tok.convert_tokens_to_ids("<think>") in ids[-6:] and tok.decode(ids) == off
-    assert TASK_PREFIX == EMPTY_THINK_PREFIX
+    assert render_prompt(tok, messages, response_prefix=EMPTY_THINK_PREFIX) == off  # the one home of the prefix
     assert stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
 
 

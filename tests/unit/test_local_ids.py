@@ -71,8 +71,8 @@ def test_local_ids_in_status_logs_and_queue_with_fake_squeue_on_path(write_spec,
 def test_a_cancelled_local_run_reads_cancelled_as_soon_as_its_exit_code_is_written(tmp_path: Path,
                                                                                    run_root: Path) -> None:
     """localrun writes logs/local.rc, then lives a moment longer: that moment must not read STOPPED."""
-    from hpcqwen.backends import local_status
     from hpcqwen.paths import RunPaths
+    from hpcqwen.rundir import local_status
     from hpcqwen.spec import load_spec, read_source
     from hpcqwen.submit import prepare_run_dir
 

@@ -94,7 +94,7 @@ def test_submit_copies_plugins_and_deepspeed_files_and_the_nodes_load_the_copies
     from transformers import TrainingArguments
 
     from hpcqwen.rewards import resolve_rewards
-    from hpcqwen.runners.sft import shared_training_kwargs
+    from hpcqwen.runners.trainer_args import shared_training_kwargs
 
     (_, fn), = [r for r in resolve_rewards(frozen.task.reward_funcs, "/") if r[0] != "accuracy"]
     assert fn(completions=["a", "b"]) == [1.0, 1.0]
