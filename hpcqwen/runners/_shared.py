@@ -128,3 +128,18 @@ def peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+def train_and_eval(ctx: RunContext, options: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """The task's train rows and eval rows (task.val_dataset, else a split of task.split_dataset_ratio) from
+    the shared cache (built once by one process), and the train set's packing stats; SFT and Megatron alike."""
+    from hpcqwen.data import prepare_sft_dataset, split_eval
+
+    t = ctx.task
+    train = prepare_sft_dataset(t.dataset, **options)
+    log0(ctx, train.summary())
+    evaluation = prepare_sft_dataset(t.val_dataset, **options).dataset if t.val_dataset else None
+    data = train.dataset
+    if evaluation is None and t.split_dataset_ratio > 0:
+        data, evaluation = split_eval(data, t.split_dataset_ratio, t.seed)
+    return data, evaluation, train.stats

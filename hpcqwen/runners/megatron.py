@@ -23,7 +23,7 @@ from typing import Any
 from hpcqwen import heartbeat, stopping
 from hpcqwen.checkpoints import Pruner
 from hpcqwen.metrics import MetricsWriter
-from hpcqwen.runners._shared import RunContext, load_context, log0, peak_memory_gb, run_main
+from hpcqwen.runners._shared import RunContext, load_context, log0, peak_memory_gb, run_main, train_and_eval
 from hpcqwen.stopping import EXIT_STOPPED
 
 
@@ -93,20 +93,13 @@ def resolve_model(ctx: RunContext, weights: bool = True) -> Path:
 def load_data(ctx: RunContext, model_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
     """Train and eval rows from the shared tokenization/packing cache (built once by one process)."""
     from hpcqwen.caching import CacheSettings
-    from hpcqwen.data import prepare_sft_dataset, split_eval
 
     t = ctx.task
     options = dict(tokenizer_dir=str(model_dir), base_dir="/", cache_root=str(ctx.spec.cluster.cache_dir),
                    max_length=t.max_length, packing=t.packing, multi_turn=t.multi_turn,
                    truncation_strategy=t.truncation_strategy, chat_template=t.chat_template, seed=t.seed,
                    num_proc=t.dataset_num_proc, cache=CacheSettings.from_profile(ctx.spec.cluster))
-    train = prepare_sft_dataset(t.dataset, **options)
-    log0(ctx, train.summary())
-    evaluation = prepare_sft_dataset(t.val_dataset, **options).dataset if t.val_dataset else None
-    data = train.dataset
-    if evaluation is None and t.split_dataset_ratio > 0:
-        data, evaluation = split_eval(data, t.split_dataset_ratio, t.seed)
-    return data, evaluation, train.stats
+    return train_and_eval(ctx, options)
 
 
 def device() -> str:

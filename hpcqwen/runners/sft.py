@@ -23,6 +23,7 @@ from hpcqwen.runners._shared import (
     resume_point,
     run_main,
     stop_before_training,
+    train_and_eval,
 )
 from hpcqwen.runners.trainer_args import collective_timeout, shared_training_kwargs
 from hpcqwen.stopping import EXIT_STOPPED
@@ -33,7 +34,6 @@ DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 def load_data(ctx: RunContext, tokenizer_dir: str) -> tuple[Any, Any, dict[str, Any]]:
     """Train and eval datasets from the shared cache (built once by one process)."""
     from hpcqwen.caching import CacheSettings
-    from hpcqwen.data import prepare_sft_dataset, split_eval
 
     t = ctx.task
     options = dict(tokenizer_dir=tokenizer_dir, base_dir="/", cache_root=str(ctx.spec.cluster.cache_dir),
@@ -42,13 +42,7 @@ def load_data(ctx: RunContext, tokenizer_dir: str) -> tuple[Any, Any, dict[str, 
                    truncation_strategy=t.truncation_strategy, chat_template=t.chat_template, seed=t.seed,
                    model_name=t.model_name, model_author=t.model_author, system=t.system,
                    num_proc=t.dataset_num_proc, cache=CacheSettings.from_profile(ctx.spec.cluster))
-    train = prepare_sft_dataset(t.dataset, **options)
-    log0(ctx, train.summary())
-    evaluation = prepare_sft_dataset(t.val_dataset, **options).dataset if t.val_dataset else None
-    data = train.dataset
-    if evaluation is None and t.split_dataset_ratio > 0:
-        data, evaluation = split_eval(data, t.split_dataset_ratio, t.seed)
-    return data, evaluation, train.stats
+    return train_and_eval(ctx, options)
 
 
 def training_arguments(ctx: RunContext, use_gpu: bool, run_name: str) -> Any:

@@ -22,7 +22,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, Validati
 
 from hpcqwen import specfile
 from hpcqwen.data.formats import split_dataset_ref, subset_error
-from hpcqwen.fields import MAX_LORA, SPEC_CONFIG
+from hpcqwen.fields import MAX_BATCH, MAX_FACTOR, MAX_LORA, MAX_LR, SPEC_CONFIG
 from hpcqwen.modelfiles import TOKENIZER_MARKERS
 
 if TYPE_CHECKING:
@@ -302,8 +302,23 @@ def check_deepspeed(key: str, value: str | None) -> list[Problem]:
     return []
 
 
+class BuiltinRunner:
+    """A task kind run by hpcqwen's own runner `hpcqwen.runners.<kind>`, which reads everything from the
+    run dir (the `command` kind names its own module and arguments instead)."""
+
+    kind: str
+
+    def runner_module(self) -> str:
+        """The module the launcher starts on every process."""
+        return f"hpcqwen.runners.{self.kind}"
+
+    def runner_args(self, run_dir: str) -> list[str]:
+        """The runner reads everything from the run dir."""
+        return [run_dir]
+
+
 class ModelKnobs(BaseModel):
-    """The model and LoRA knobs that the transformers-based training tasks (sft, grpo) share."""
+    """The model, LoRA and optimizer knobs that the transformers-based training tasks (sft, grpo) share."""
 
     model_config = SPEC_CONFIG
     model: ModelRef = Field(description="Local Hugging Face model folder (or hub id when the nodes are online).")
@@ -314,3 +329,15 @@ class ModelKnobs(BaseModel):
     target_modules: Literal["all-linear"] | list[str] = Field("all-linear", description="LoRA target modules.")
     torch_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype.")
     chat_template: ChatTemplateMode = Field("auto", description=CHAT_TEMPLATE_HELP)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH, description="Micro batches per optimizer step.")
+    learning_rate: float | None = Field(None, gt=0, le=MAX_LR,
+                                        description="Peak LR; default 1e-4 for LoRA, 1e-5 for full.")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up fraction of the steps.")
+    weight_decay: float = Field(0.1, ge=0, le=MAX_FACTOR, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, le=MAX_FACTOR, description="Gradient clipping norm.")
+
+    @property
+    def lr(self) -> float:
+        """learning_rate, or ms-swift's default for the train type."""
+        return self.learning_rate or (1e-4 if self.train_type == "lora" else 1e-5)

@@ -20,6 +20,7 @@ from hpcqwen.data.templates import EMPTY_THINK_PREFIX
 from hpcqwen.fields import MAX_BATCH, MAX_PARALLEL, MAX_SEED, MAX_TEMPERATURE, MAX_TOKENS, SPEC_CONFIG
 from hpcqwen.tasks._common import (
     CHAT_TEMPLATE_HELP,
+    BuiltinRunner,
     ChatTemplateMode,
     DatasetRefs,
     ModelRef,
@@ -45,7 +46,7 @@ def default_vllm_python() -> str | None:
     return str(REPO_VLLM_PYTHON) if REPO_VLLM_PYTHON.is_file() else None
 
 
-class DistillTask(BaseModel):
+class DistillTask(BuiltinRunner, BaseModel):
     """Sharded, resumable batch inference that writes an SFT dataset (`swift infer --result_path`)."""
 
     model_config = SPEC_CONFIG
@@ -132,14 +133,6 @@ class DistillTask(BaseModel):
         gpus, tp = resources.get("gpus_per_node", cluster.get("gpus_per_node", 0)), task.get("tensor_parallel_size", 1)
         if _is_int(gpus) and _is_int(tp) and gpus > 0 and tp > 0 and gpus % tp == 0:
             data["resources"] = {**resources, "nproc_per_node": gpus // tp}
-
-    def runner_module(self) -> str:
-        """The distill runner (it re-execs itself under `vllm_python` when vLLM lives there)."""
-        return "hpcqwen.runners.distill"
-
-    def runner_args(self, run_dir: str) -> list[str]:
-        """The runner reads everything from the run dir."""
-        return [run_dir]
 
     @property
     def assistant_prefix(self) -> str:

@@ -26,7 +26,6 @@ from hpcqwen.fields import (
     MAX_BATCH,
     MAX_EPOCHS,
     MAX_FACTOR,
-    MAX_LR,
     MAX_PARALLEL,
     MAX_PROCS_PER_NODE,
     MAX_SEED,
@@ -38,6 +37,7 @@ from hpcqwen.fields import (
 from hpcqwen.tasks._common import (
     DEEPSPEED_HELP,
     REPORT_TO_HELP,
+    BuiltinRunner,
     DatasetRefs,
     DeepSpeedRef,
     ModelKnobs,
@@ -71,7 +71,7 @@ RewardRefs = Annotated[list[str], BeforeValidator(_listify), WrapValidator(_with
 RewardWeight = Annotated[float, Field(ge=-MAX_FACTOR, le=MAX_FACTOR)]
 
 
-class GrpoTask(ModelKnobs):
+class GrpoTask(BuiltinRunner, ModelKnobs):
     """GRPO, as `swift rlhf --rlhf_type grpo` in the Qwen3 guide (the run dir is the output dir)."""
 
     model_config = SPEC_CONFIG
@@ -92,13 +92,6 @@ class GrpoTask(ModelKnobs):
                                              description="Completions per process per micro batch.")
     per_device_eval_batch_size: int = Field(1, ge=1, le=MAX_BATCH,
                                             description="Eval batch per process (no eval set: unused).")
-    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH, description="Micro batches per optimizer step.")
-    learning_rate: float | None = Field(None, gt=0, le=MAX_LR,
-                                        description="Peak LR; default 1e-4 for LoRA, 1e-5 for full.")
-    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up fraction of the steps.")
-    weight_decay: float = Field(0.1, ge=0, le=MAX_FACTOR, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, le=MAX_FACTOR, description="Gradient clipping norm.")
     beta: float = Field(0.04, ge=0, le=MAX_FACTOR,
                         description="KL coefficient against the reference model (0: no reference).")
     temperature: float = Field(0.9, gt=0, le=MAX_TEMPERATURE, description="Sampling temperature.")
@@ -144,19 +137,6 @@ class GrpoTask(ModelKnobs):
     dataloader_num_workers: int = Field(0, ge=0, le=MAX_PROCS_PER_NODE, description="DataLoader worker processes.")
     report_to: ReportTo = Field(default_factory=default_report_to, description=REPORT_TO_HELP)
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for sampling, init and data order.")
-
-    def runner_module(self) -> str:
-        """The GRPO runner."""
-        return "hpcqwen.runners.grpo"
-
-    def runner_args(self, run_dir: str) -> list[str]:
-        """The runner reads everything from the run dir."""
-        return [run_dir]
-
-    @property
-    def lr(self) -> float:
-        """learning_rate, or ms-swift's default for the train type."""
-        return self.learning_rate or (1e-4 if self.train_type == "lora" else 1e-5)
 
     def generation_batch(self, world_size: int) -> int:
         """Completions per generation batch (TRL 1.16 GRPOConfig: steps_per_generation defaults to

@@ -31,6 +31,7 @@ from hpcqwen.tasks._common import (
     MULTI_TURN_HELP,
     REPORT_TO_HELP,
     TRUNCATION_HELP,
+    BuiltinRunner,
     ChatTemplateMode,
     DatasetRefs,
     ModelRef,
@@ -58,7 +59,7 @@ Folder = Annotated[str | None, WrapValidator(_folder)]
 """A folder path, absolute after load (relative to the spec's folder; `~` and `${VAR}` expanded)."""
 
 
-class MegatronTask(BaseModel):
+class MegatronTask(BuiltinRunner, BaseModel):
     """Supervised fine-tuning on megatron-core, as `megatron sft` in the Qwen3 guide."""
 
     model_config = SPEC_CONFIG
@@ -132,14 +133,6 @@ class MegatronTask(BaseModel):
                                   "the `hpcqwen prepare` job.")
     report_to: ReportTo = Field(default_factory=default_report_to, description=REPORT_TO_HELP)
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for data order and initialisation.")
-
-    def runner_module(self) -> str:
-        """The Megatron runner."""
-        return "hpcqwen.runners.megatron"
-
-    def runner_args(self, run_dir: str) -> list[str]:
-        """The runner reads everything from the run dir."""
-        return [run_dir]
 
     def check(self, spec: JobSpec) -> list[Problem]:
         """Cross-field checks (no files read: the model folder and its shapes are hpcqwen.preflight's)."""

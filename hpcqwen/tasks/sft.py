@@ -10,8 +10,6 @@ from hpcqwen.data.formats import split_dataset_ref
 from hpcqwen.fields import (
     MAX_BATCH,
     MAX_EPOCHS,
-    MAX_FACTOR,
-    MAX_LR,
     MAX_PROCS_PER_NODE,
     MAX_SEED,
     MAX_STEPS,
@@ -23,6 +21,7 @@ from hpcqwen.tasks._common import (
     MULTI_TURN_HELP,
     REPORT_TO_HELP,
     TRUNCATION_HELP,
+    BuiltinRunner,
     DatasetRefs,
     DeepSpeedRef,
     ModelKnobs,
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
 VARLEN_ATTN = ("flash_attn", "sdpa", "eager")
 
 
-class SftTask(ModelKnobs):
+class SftTask(BuiltinRunner, ModelKnobs):
     """Supervised fine-tuning, as `swift sft` in the Qwen3 guide (the run dir is the output dir)."""
 
     model_config = SPEC_CONFIG
@@ -52,13 +51,6 @@ class SftTask(ModelKnobs):
                                   description="Total optimizer steps; overrides num_train_epochs.")
     per_device_train_batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="Micro batch per process.")
     per_device_eval_batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="Eval batch per process.")
-    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH, description="Micro batches per optimizer step.")
-    learning_rate: float | None = Field(None, gt=0, le=MAX_LR,
-                                        description="Peak LR; default 1e-4 for LoRA, 1e-5 for full.")
-    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up fraction of the steps.")
-    weight_decay: float = Field(0.1, ge=0, le=MAX_FACTOR, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, le=MAX_FACTOR, description="Gradient clipping norm.")
     eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
                                    description="Evaluate every N steps (default: save_steps).")
     save_steps: int = Field(500, ge=1, le=MAX_STEPS, description="Save a complete checkpoint every N steps.")
@@ -93,19 +85,6 @@ class SftTask(ModelKnobs):
     model_author: list[str] | str | None = Field(None, description="Fills {{AUTHOR}}.")
     system: str | None = Field(None, description="Default system prompt.")
     enable_thinking: bool | None = Field(None, description="Render with (True) or without (False) thinking.")
-
-    def runner_module(self) -> str:
-        """The SFT runner."""
-        return "hpcqwen.runners.sft"
-
-    def runner_args(self, run_dir: str) -> list[str]:
-        """The runner reads everything from the run dir."""
-        return [run_dir]
-
-    @property
-    def lr(self) -> float:
-        """learning_rate, or ms-swift's default for the train type."""
-        return self.learning_rate or (1e-4 if self.train_type == "lora" else 1e-5)
 
     def check(self, spec: JobSpec) -> list[Problem]:
         """Cross-field checks (no files read: model, data and DeepSpeed files are hpcqwen.preflight's)."""
