@@ -19,10 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate (the spec's files too, as submit does) and render a preview; the run dir shown is where
-    `submit` would put it (nothing is created)."""
+    """Validate (reward plugins and DeepSpeed configs too, without running them) and render a preview; the
+    run dir shown is where `submit` would put it (nothing is created)."""
     source = read_source(args.spec, tuple(args.overrides))
-    spec = preflight.checked_spec(source)
+    spec = preflight.rendered_spec(source)
     paths = RunPaths(new_run_dir(spec.cluster.run_root, spec.name, source.sha256))
     sys.stdout.write(render_sbatch(spec, paths, source, resolve_dependencies(spec, source.path), preview=True))
     return 0

@@ -20,19 +20,25 @@ from typing import TextIO
 from hpcqwen import slurm
 from hpcqwen.errors import SpecError
 from hpcqwen.preflight.cluster import check_cluster
-from hpcqwen.preflight.files import file_problems
+from hpcqwen.preflight.files import file_problems, input_problems
 from hpcqwen.preflight.report import Report
 from hpcqwen.preflight.sizing import check_disk, check_memory, check_roots
 from hpcqwen.preflight.timing import signal_lead_problems
 from hpcqwen.spec import JobSpec, SpecSource, parse_spec, problem_issues
 
-__all__ = ["Report", "checked_spec", "file_problems", "raise_errors", "run_checks", "show_warnings",
+__all__ = ["Report", "checked_spec", "file_problems", "input_problems", "raise_errors", "run_checks", "show_warnings",
            "signal_lead_problems"]
 
 
 def checked_spec(source: SpecSource, *, stage_refs: bool = False) -> JobSpec:
     """The validated spec, its files checked too: one SpecError lists every problem."""
     return parse_spec(source, file_problems, stage_refs=stage_refs)
+
+
+def rendered_spec(source: SpecSource) -> JobSpec:
+    """The validated spec with the inputs submit would copy checked (`hpcqwen render`: no data or model
+    needs to be on disk to render)."""
+    return parse_spec(source, input_problems)
 
 
 def run_checks(spec: JobSpec, *, cluster: bool, probe: bool = False, probe_timeout_s: float = 120.0,

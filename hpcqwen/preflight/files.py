@@ -35,10 +35,25 @@ from hpcqwen.tasks._common import (
 
 def file_problems(spec: JobSpec) -> list[Problem]:
     """Problems of the task's files, and of each array task's where its overrides change them."""
-    problems = _guarded(spec.task, spec)
+    return _every_task(spec, lambda task: _guarded(CHECKS.get(type(task)), task, spec))
+
+
+def input_problems(spec: JobSpec) -> list[Problem]:
+    """Problems of the inputs submit copies into the run dir (reward plugins, DeepSpeed configs), checked
+    without running them: what `hpcqwen render` checks too (it needs no data or model on disk)."""
+    return _every_task(spec, lambda task: _guarded(_inputs, task, spec))
+
+
+def _inputs(task: Any, spec: JobSpec) -> list[Problem]:
+    p = _deepspeed(task.deepspeed) if isinstance(task, (SftTask, GrpoTask)) else []
+    return p + (_rewards(task) if isinstance(task, GrpoTask) else [])
+
+
+def _every_task(spec: JobSpec, check: Callable[[Any], list[Problem]]) -> list[Problem]:
+    problems = check(spec.task)
     seen = {(p.message, p.got) for p in problems}
     for i in range(spec.array.count if spec.array and spec.array.tasks else 0):
-        for p in _guarded(spec.task_for(i), spec):
+        for p in check(spec.task_for(i)):
             if (p.message, p.got) not in seen:
                 seen.add((p.message, p.got))
                 key = f"array.tasks[{i}]." + p.key.removeprefix("task.")
@@ -46,8 +61,7 @@ def file_problems(spec: JobSpec) -> list[Problem]:
     return problems
 
 
-def _guarded(task: Any, spec: JobSpec) -> list[Problem]:
-    check = CHECKS.get(type(task))
+def _guarded(check: Callable[[Any, JobSpec], list[Problem]] | None, task: Any, spec: JobSpec) -> list[Problem]:
     if check is None:
         return []
     try:
