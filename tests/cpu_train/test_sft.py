@@ -246,6 +246,21 @@ def test_prepare_builds_the_cache_once_and_training_reuses_it(write_spec, tiny_q
     assert (entries[0] / "COMPLETE").stat().st_mtime_ns == built_at  # ...without building it again
 
 
+def test_tokens_seen_counts_training_tokens_only_not_evaluation(write_spec, tiny_qwen3_dir: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The same training with and without an evaluation set every 2 steps reports the same tokens_seen."""
+    plain = sft_spec(write_spec, tiny_qwen3_dir, "noeval", max_steps=4, save_steps=100)
+    evaluated = sft_spec(write_spec, tiny_qwen3_dir, "witheval", max_steps=4, save_steps=100, eval_steps=2,
+                         val_dataset=[str(DATA)])
+    seen = []
+    for spec in (plain, evaluated):
+        run_dir, _ = submit(spec, capsys)
+        lines = read_metrics(run_dir / "metrics.jsonl")
+        seen.append(max(m.get("tokens_seen") or 0 for m in lines))
+    assert any("eval_loss" in m for m in lines)  # the second run did evaluate
+    assert seen[0] == seen[1] > 0
+
+
 def test_split_dataset_ratio_trains_on_an_immutable_cache_entry_without_writing_to_it(
         write_spec, tiny_qwen3_dir: Path, run_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from helpers import immutable, tree_snapshot
