@@ -35,6 +35,7 @@ import datetime as dt
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def tiny_model(root: Path) -> Path:
 
 def workloads(model: Path, scale: float) -> dict[str, Workload]:
     """The four workloads; `scale` < 1 shortens them for CI."""
-    sft_steps, grpo_steps, prompts, cmd_steps = (int(60 * scale), int(16 * scale), 36, int(120 * scale))
+    sft_steps, grpo_steps, prompts, cmd_steps = (int(60 * scale), int(24 * scale), 36, int(120 * scale))
     common = "requeue: {max_restarts: 50, signal_lead_s: 60}\n"
     return {
         "sft": Workload("soak-sft", "sft", f"""name: soak-sft
@@ -225,6 +226,7 @@ class EventRecord:
     kind: str
     step_at: int  # step done when the event came
     saved_at: int  # newest durable step then
+    step_hit: int = 0  # step done right after the event was injected (a kill waits for a save first)
     seconds: float = float("nan")  # until the run was past step_at again
 
 
@@ -265,13 +267,14 @@ def soak_one(w: Workload, root: Path, env: dict[str, str], log: list[str]) -> di
     records: list[EventRecord] = []
     last = 0
     for event in w.events:
-        wait(lambda: running(job) and w.step(run_dir) >= last + 2 and w.step(run_dir) < w.total - 3, 900,
+        wait(lambda: running(job) and w.step(run_dir) >= last + 1 and w.step(run_dir) < w.total - 3, 900,
              f"{w.name} to run and progress before {event}")
         if event == "kill9" and w.kind not in ("sft", "grpo"):
             event = "term"
         rec = EventRecord(event, w.step(run_dir), w.saved(run_dir))
         t0 = time.time()
         apply(event, w, job, run_dir)
+        rec.step_hit = max(rec.step_at, w.step(run_dir))
         log.append(f"{dt.datetime.now():%H:%M:%S} {w.name}: {event} at step {rec.step_at} (saved {rec.saved_at})")
         wait(lambda: w.step(run_dir) > rec.step_at or set(states(job)) <= {"COMPLETED", "FAILED", "CANCELLED"},
              900, f"{w.name} to get past step {rec.step_at} after {event}")
@@ -304,19 +307,22 @@ def resumes(w: Workload, run_dir: Path) -> list[tuple[int, int]]:
     return out
 
 
-def redone_per_restart(w: Workload, run_dir: Path) -> list[int] | None:
-    """Steps trained again after each restart: the last step an attempt logged minus the step the next attempt
-    resumed from (None where the runner does not log its resumes: the command workload)."""
+def redone_per_restart(w: Workload, run_dir: Path, recs: list[EventRecord]) -> list[int] | None:
+    """Steps trained again after each event: the step done when it hit minus the step the next attempt
+    resumed from (0 when it found no complete checkpoint); None where the runner logs no resumes."""
     if w.kind not in ("sft", "grpo"):
         return None
-    text = "".join(p.read_text(errors="replace") for p in (run_dir / "logs").glob("*.out"))
-    resumed = [int(line.rsplit("checkpoint-", 1)[1]) for line in text.splitlines()
-               if line.startswith(f"{w.kind}: resuming from ")]
-    starts = [dt.datetime.fromisoformat(str(x["time"])).timestamp() for x in read_jsonl(run_dir / "launches.jsonl")][1:]
-    trained = [(float(m["time"]), int(m["step"])) for m in read_jsonl(run_dir / "metrics.jsonl")
-               if m.get("phase") == "train" and "loss" in m and "time" in m]
-    return [max(0, max((s for t, s in trained if t < start), default=0) - r)
-            for r, start in zip(resumed, starts, strict=False)]
+    text = "".join(p.read_text(errors="replace") for p in sorted((run_dir / "logs").glob("*.out")))
+    resumed: dict[int, int] = {}
+    attempt = 0
+    for line in text.splitlines():
+        m = re.search(r" launch: spec sha256 \S+ job \S+ restart (\d+) node 0/", line)
+        if m:
+            attempt = int(m.group(1))
+            resumed.setdefault(attempt, 0)
+        elif line.startswith(f"{w.kind}: resuming from "):
+            resumed[attempt] = int(line.rsplit("checkpoint-", 1)[1])
+    return [max(0, rec.step_hit - resumed.get(i + 1, rec.step_hit)) for i, rec in enumerate(recs)]
 
 
 def summarize(result: dict[str, object], reference: dict[str, object] | None) -> dict[str, object]:
@@ -330,7 +336,7 @@ def summarize(result: dict[str, object], reference: dict[str, object] | None) ->
         ids = [(p.name, r["id"]) for p in (run_dir / "shards").glob("shard-*.jsonl") for r in read_jsonl(p)]
         dup = len(ids) - len(set(ids))
     lost = sum(max(0, newest - r) for r, newest in resumes(w, run_dir))
-    measured = redone_per_restart(w, run_dir)
+    measured = redone_per_restart(w, run_dir, recs)
     redone = ([measured[i] if i < len(measured) else 0 for i in range(len(recs))] if measured is not None
               else [max(0, rec.step_at - rec.saved_at) for rec in recs])  # no resume log: the distance to a save
     final_loss = next((m["loss"] for m in reversed(metrics) if "loss" in m), None)

@@ -67,13 +67,14 @@ def callback(trainer: Any, name: str) -> Any:
 
 def resume_point(ctx: RunContext, root: Path) -> Path | None:
     """The checkpoint every rank resumes from (rank 0 picks the newest complete one); rank 0 also
-    drops metrics.jsonl lines logged after it (those steps run again)."""
+    drops metrics.jsonl lines logged after it, or every step's line when an earlier attempt crashed
+    before its first complete checkpoint (those steps run again: each step is logged once)."""
     resume = stopping.agree_resume(lambda: checkpoints.latest_complete(root))
-    if ctx.is_rank0 and resume is not None:
-        dropped = drop_after(ctx.task_paths.metrics, checkpoints.step_of(resume) or 0)
+    if ctx.is_rank0:
+        dropped = drop_after(ctx.task_paths.metrics, checkpoints.step_of(resume) or 0 if resume else 0)
         if dropped:
-            print(f"resume: dropped {dropped} metrics lines logged after {resume.name} (those steps run again)",
-                  flush=True)
+            after = resume.name if resume else "the start (no complete checkpoint)"
+            print(f"resume: dropped {dropped} metrics lines logged after {after} (those steps run again)", flush=True)
     return resume
 
 
