@@ -6,7 +6,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh || exit 1
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-.venv/bin/python -m pytest --durations=25 "$@"
+# Several pytest-xdist workers: the cluster tests mostly wait on Slurm, so they overlap the CPU tiers
+# (tests/conftest.py: which files run alone on the cluster, and in what order). HPCQWEN_TEST_WORKERS=0: one process.
+.venv/bin/python -m pytest -n "${HPCQWEN_TEST_WORKERS:-3}" --dist loadscope --durations=25 "$@"
 rc=$?
 [ "$rc" = 5 ] && echo "scripts/test.sh: pytest collected no tests: failing" >&2
 exit "$rc"

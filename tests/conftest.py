@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from fixtures_data import *  # noqa: F403 - session fixtures: tokenizers and tiny Qwen3 models
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +65,68 @@ def slurm_cluster() -> str:
         pytest.fail(f"the local Slurm cluster does not answer `scontrol ping` ({out.stdout.strip()} "
                     f"{out.stderr.strip()}): start it with cluster/local/up")
     return os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
+
+
+# ---- several test processes (scripts/test.sh runs pytest-xdist) share one cluster -------------------------------
+# Tests of these files preempt, set nodes down, pin jobs to nodes, count the controller's RPCs or time hangs: no
+# other test's job may be on the cluster meanwhile. Each such test holds the cluster lock alone; every other
+# `slurm` test holds it shared. A writer first takes the gate, which keeps new readers out while it waits for the
+# running ones (no starvation). The files that need it (one home for this fact):
+EXCLUSIVE_FILES = frozenset({"test_soak.py", "test_preemption.py", "test_shared_nodes.py", "test_queue_scale.py",
+                             "test_watchdog_slurm.py"})
+LOCKS = Path(os.environ.get("HPCQWEN_TEST_LOCK_DIR", "/tmp/hpcqwen-test-locks"))
+
+
+def _exclusive(nodeid: str) -> bool:
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1] in EXCLUSIVE_FILES
+
+
+@pytest.fixture(autouse=True)
+def _cluster_share(request: pytest.FixtureRequest) -> Iterator[None]:
+    if request.node.get_closest_marker("slurm") is None:
+        yield
+        return
+    LOCKS.mkdir(mode=0o777, parents=True, exist_ok=True)
+    with open(LOCKS / "gate", "a") as gate, open(LOCKS / "cluster", "a") as cluster:
+        if _exclusive(request.node.nodeid):
+            fcntl.flock(gate, fcntl.LOCK_EX)
+            fcntl.flock(cluster, fcntl.LOCK_EX)
+        else:
+            fcntl.flock(gate, fcntl.LOCK_SH)
+            fcntl.flock(cluster, fcntl.LOCK_SH)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield  # the files close (and unlock) after the test
+
+
+# Order: the exclusive tests (the cluster's serial chain) first, the CPU tiers next (they overlap that chain: an
+# exclusive test keeps other cluster tests out, not CPU ones), unit tests, the other cluster files last, the
+# longest of those first (a long file handed out last would run on alone at the end).
+LONG_CLUSTER_FILES = ("test_pipeline_slurm.py", "test_cache_bench.py", "test_sweep_slurm.py", "test_grpo_slurm.py",
+                      "test_sft_slurm.py", "test_core.py", "test_signals.py", "test_container_stub.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        if _exclusive(item.nodeid):
+            return 0, 0
+        if item.get_closest_marker("slurm"):
+            name = item.path.name
+            return 3, LONG_CLUSTER_FILES.index(name) if name in LONG_CLUSTER_FILES else len(LONG_CLUSTER_FILES)
+        return (1 if any(item.get_closest_marker(t) for t in TIERS) else 2), 0
+    items.sort(key=rank)  # stable: the order inside a rank is pytest's
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Each file runs on one worker (its module fixtures are made once), and all exclusive files on one worker,
+    one after the other; workers take the next file in the order above when they are free."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "cluster-exclusive" if _exclusive(nodeid) else nodeid.split("::", 1)[0]
+
+    return ByFile(config, log)  # type: ignore[arg-type]
 
 
 # ---- the end of a run: a count and time per tier (scripts/test.sh also asks for --durations=25) ----------------
