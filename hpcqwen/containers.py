@@ -33,7 +33,7 @@ from hpcqwen.errors import UnsafeValue
 
 if TYPE_CHECKING:
     from hpcqwen.errors import Problem
-    from hpcqwen.spec import JobSpec
+    from hpcqwen.spec_sections import SpecView
 
 # Cache folders that libraries on the nodes write to when these are set.
 ENV_PATHS = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE",
@@ -64,14 +64,14 @@ class Mount:
         return f"{self.src}:{self.dst}" + ("" if self.writable else ":ro")
 
 
-def node_python(spec: JobSpec) -> str:
+def node_python(spec: SpecView) -> str:
     """The interpreter that runs the launcher on the nodes."""
     if spec.cluster.python:
         return spec.cluster.python
     return CONTAINER_PYTHON if spec.cluster.container is not None else sys.executable
 
 
-def container_mounts(spec: JobSpec, environ: Mapping[str, str] | None = None) -> list[Mount]:
+def container_mounts(spec: SpecView, environ: Mapping[str, str] | None = None) -> list[Mount]:
     """The container's bind mounts, parents first (empty without a container).
 
     Raises:
@@ -84,12 +84,12 @@ def container_mounts(spec: JobSpec, environ: Mapping[str, str] | None = None) ->
     return mounts
 
 
-def container_problems(spec: JobSpec, environ: Mapping[str, str] | None = None) -> list[Problem]:
+def container_problems(spec: SpecView, environ: Mapping[str, str] | None = None) -> list[Problem]:
     """What no container mount can carry, one problem per spec key (empty without a container)."""
     return mount_plan(spec, os.environ if environ is None else environ)[1]
 
 
-def mount_plan(spec: JobSpec, environ: Mapping[str, str]) -> tuple[list[Mount], list[Problem]]:
+def mount_plan(spec: SpecView, environ: Mapping[str, str]) -> tuple[list[Mount], list[Problem]]:
     """(mounts, problems) for the job's container."""
     if spec.cluster.container is None:
         return [], []
@@ -105,7 +105,7 @@ def mount_plan(spec: JobSpec, environ: Mapping[str, str]) -> tuple[list[Mount], 
     return merged, problems + conflicts
 
 
-def needs(spec: JobSpec, environ: Mapping[str, str]) -> list[Need]:
+def needs(spec: SpecView, environ: Mapping[str, str]) -> list[Need]:
     """Every path the job touches, with the key that names it."""
     c = spec.cluster
     out = [Need("cluster.run_root", c.run_root, True)]
@@ -131,7 +131,7 @@ def needs(spec: JobSpec, environ: Mapping[str, str]) -> list[Need]:
     return out
 
 
-def _tasks(spec: JobSpec) -> list[tuple[str, Any]]:
+def _tasks(spec: SpecView) -> list[tuple[str, Any]]:
     if spec.array is None or not spec.array.tasks:
         return [("task", spec.task)]
     return [("task", spec.task)] + [(f"array.tasks[{i}]", spec.task_for(i)) for i in range(spec.array.count)]
@@ -205,7 +205,7 @@ def _links_outside(folder: str) -> Iterator[str]:
         return
 
 
-def make_missing_folders(spec: JobSpec, environ: Mapping[str, str] | None = None) -> None:
+def make_missing_folders(spec: SpecView, environ: Mapping[str, str] | None = None) -> None:
     """Create the writable folders a container job mounts that do not exist yet (a mount's source must
     exist when srun starts): the cache root as the cache makes it (a shared drop box), the others plainly.
 

@@ -32,7 +32,7 @@ from hpcqwen.fields import JOB_ID_RE
 from hpcqwen.paths import TaskPaths
 
 if TYPE_CHECKING:
-    from hpcqwen.watchdog import Layout, Verdict, WatchConfig
+    from hpcqwen.watchconfig import Layout, Verdict, WatchConfig
 
 NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a Slurm node, partition, account or QOS name
 

@@ -231,7 +231,7 @@ def node_watch(spec: JobSpec, le: LaunchEnv, task: TaskPaths, host: str, sup: su
     """This launcher's watchdog duties, when the spec turns the watchdog on."""
     if not spec.watchdog.enabled:
         return None
-    from hpcqwen.watchdog import Layout, WatchConfig
+    from hpcqwen.watchconfig import Layout, WatchConfig
 
     in_slurm = "SLURM_JOB_ID" in environ
     nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or ""

@@ -2,7 +2,7 @@
 
 `NodeWatch` is created by `hpcqwen.launch` when `watchdog.enabled`: it writes the heartbeats of this node's
 ranks for the phases before they run (starting, rendezvous, loading), gives each rank the watchdog's
-variables (`watchdog.rank_env`), answers the watcher's dump and kill requests for this node's ranks
+variables (`watchconfig.rank_env`), answers the watcher's dump and kill requests for this node's ranks
 (`stacks.Responder`) and, on node 0, runs the `watchdog.Watcher`. Node 0 also clears heartbeat files of
 earlier attempts (the launch lease guarantees none of them is alive).
 """
@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from hpcqwen import fs, heartbeat, stacks
 from hpcqwen.paths import TaskPaths
 from hpcqwen.supervisor import Supervisor
-from hpcqwen.watchdog import Layout, WatchConfig, Watcher, rank_env
+from hpcqwen.watchconfig import Layout, WatchConfig, rank_env
+from hpcqwen.watchdog import Watcher
 
 
 class NodeWatch:

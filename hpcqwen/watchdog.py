@@ -23,7 +23,6 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,75 +30,9 @@ from hpcqwen import fs, heartbeat, stacks
 from hpcqwen.hangreport import RankInfo, render, suspect_nodes, suspects
 from hpcqwen.metrics import MetricsWriter
 from hpcqwen.paths import TaskPaths
-from hpcqwen.spec import JobSpec
+from hpcqwen.watchconfig import Layout, Verdict, WatchConfig
 
-DUMP_ALLOWANCE_S = 120.0  # collective timeouts exceed every allowance by this: the watchdog dumps stacks first
 EXIT_HUNG = 124  # the launcher's exit code after the watchdog ended the attempt (as timeout(1) does)
-
-
-@dataclass(frozen=True)
-class WatchConfig:
-    """The spec's watchdog and requeue settings, as the watcher uses them."""
-
-    hang_timeout_s: float
-    startup_timeout_s: float
-    save_timeout_s: float
-    on_hang: str
-    exclude_bad_node: bool
-    straggler_ratio: float | None
-    poll_s: float
-    requeue_enabled: bool = True
-    max_restarts: int = 3
-    runner_beats: bool = True  # hpcqwen's runners beat; a `command` module only if it calls hpcqwen.heartbeat
-
-    @classmethod
-    def from_spec(cls, spec: JobSpec) -> WatchConfig:
-        """From the frozen spec."""
-        w = spec.watchdog
-        return cls(w.hang_timeout_s, w.startup_timeout_s, w.save_timeout_s, w.on_hang, w.exclude_bad_node,
-                   w.straggler_ratio, w.poll_interval_s, spec.requeue.enabled, spec.requeue.max_restarts,
-                   runner_beats=spec.task.kind != "command")
-
-    @property
-    def heartbeat_interval_s(self) -> float:
-        """How often a rank writes its file at most: a tenth of the hang allowance, at most one poll."""
-        return min(self.poll_s, self.hang_timeout_s / 10)
-
-    @property
-    def collective_timeout_s(self) -> float:
-        """torch.distributed's timeout: longer than every allowance, so the watchdog gets the stacks first and
-        the timeout is the backstop (watchdog in report mode, or a watcher that died)."""
-        return max(self.hang_timeout_s, self.save_timeout_s, self.startup_timeout_s) + DUMP_ALLOWANCE_S
-
-    def allowance(self, phase: str) -> float:
-        """Seconds without progress a rank in `phase` is allowed."""
-        return self.save_timeout_s if phase in heartbeat.FORCE_PHASES else self.hang_timeout_s
-
-
-def rank_env(cfg: WatchConfig, host: str) -> dict[str, str]:
-    """The variables every rank gets when the watchdog is on."""
-    return {heartbeat.ENV_ON: "1", heartbeat.ENV_INTERVAL: f"{cfg.heartbeat_interval_s:g}",
-            heartbeat.ENV_HOST: host, heartbeat.ENV_TIMEOUT: f"{cfg.collective_timeout_s:g}"}
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Who should be beating: the attempt's job key and restart, ranks per node, the nodes in node-rank order."""
-
-    job_id: str
-    restart: int
-    nproc: int
-    hosts: tuple[str, ...]
-    slurm_job: str = ""  # what scontrol/scancel take (123, or 123_4 for an array task); "" outside Slurm
-
-    @property
-    def world(self) -> int:
-        """Ranks over all nodes."""
-        return self.nproc * len(self.hosts)
-
-    def host_of(self, rank: int) -> str:
-        """The node a rank runs on."""
-        return self.hosts[rank // self.nproc]
 
 
 class Tracker:
@@ -126,15 +59,6 @@ class Tracker:
     def age(self, rank: int, now: float) -> float | None:
         """Seconds since the rank's heartbeat last changed (None: never seen)."""
         return now - self.changed[rank] if rank in self.changed else None
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """A hang or a stuck start, and the ranks that caused the call."""
-
-    kind: str  # "hang" | "stuck start"
-    ranks: tuple[int, ...]
-    detail: str
 
 
 def started(b: dict[str, Any] | None) -> bool:

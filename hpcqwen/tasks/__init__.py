@@ -29,10 +29,10 @@ TASK_KINDS: dict[str, type] = {"command": CommandTask, "sft": SftTask, "grpo": G
 
 if TYPE_CHECKING:
     from hpcqwen.errors import Problem
-    from hpcqwen.spec import JobSpec
+    from hpcqwen.spec_sections import SpecView
 
 
-def spec_warnings(spec: JobSpec) -> list[Problem]:
+def spec_warnings(spec: SpecView) -> list[Problem]:
     """What `hpcqwen submit` prints to stderr as warnings (never errors) for this spec's task."""
     return spec.task.warnings(spec) if isinstance(spec.task, (SftTask, MegatronTask)) else []
 

@@ -27,7 +27,7 @@ from hpcqwen.modelfiles import TOKENIZER_MARKERS
 
 if TYPE_CHECKING:
     from hpcqwen.errors import Problem
-    from hpcqwen.spec import JobSpec
+    from hpcqwen.spec_sections import SpecView
 
 # Data knobs that every task training on conversations shares (sft, grpo, megatron; distill reads prompts).
 ChatTemplateMode = Literal["auto", "qwen3", "model"]
@@ -239,7 +239,7 @@ ReportTo = Annotated[list[Tracker], BeforeValidator(_listify),
 """`report_to`: one tracker or a list (a single string is a one-item list)."""
 
 
-def check_report_to(key: str, report_to: Sequence[str], spec: JobSpec) -> list[Problem]:
+def check_report_to(key: str, report_to: Sequence[str], spec: SpecView) -> list[Problem]:
     """wandb and mlflow are installed where the nodes run this interpreter (no profile python, no container:
     elsewhere the site's environment decides)."""
     import importlib.util

@@ -10,7 +10,7 @@ from hpcqwen.fields import SPEC_CONFIG
 
 if TYPE_CHECKING:
     from hpcqwen.errors import Problem
-    from hpcqwen.spec import JobSpec
+    from hpcqwen.spec_sections import SpecView
 
 
 class CommandTask(BaseModel):
@@ -32,6 +32,6 @@ class CommandTask(BaseModel):
         """Arguments given to the module."""
         return list(self.args)
 
-    def check(self, spec: JobSpec) -> list[Problem]:
+    def check(self, spec: SpecView) -> list[Problem]:
         """Cross-field checks against the whole spec (none for a plain command)."""
         return []

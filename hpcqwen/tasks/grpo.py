@@ -54,7 +54,7 @@ from hpcqwen.tasks.scan import SCAN_FILE_BYTES
 
 if TYPE_CHECKING:
     from hpcqwen.errors import Problem
-    from hpcqwen.spec import JobSpec
+    from hpcqwen.spec_sections import SpecView
 
 
 
@@ -143,7 +143,7 @@ class GrpoTask(BuiltinRunner, ModelKnobs):
         gradient_accumulation_steps, so generation_batch_size = per-device batch × processes × that)."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
 
-    def check(self, spec: JobSpec) -> list[Problem]:
+    def check(self, spec: SpecView) -> list[Problem]:
         """Cross-field checks (no files read, no plugin imported: those are hpcqwen.preflight's)."""
         from hpcqwen.errors import Problem
 
@@ -193,7 +193,7 @@ class GrpoTask(BuiltinRunner, ModelKnobs):
                         f"divisible by num_generations ({n})", got=str(n), expected=f"a divisor of {batch}",
                         hint=f"set per_device_train_batch_size to a multiple of {fix}")]
 
-    def _check_vllm(self, spec: JobSpec) -> list[Problem]:
+    def _check_vllm(self, spec: SpecView) -> list[Problem]:
         from hpcqwen.errors import Problem
 
         p: list[Problem] = []

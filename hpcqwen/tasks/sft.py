@@ -34,7 +34,7 @@ from hpcqwen.tasks._common import (
 
 if TYPE_CHECKING:
     from hpcqwen.errors import Problem
-    from hpcqwen.spec import JobSpec
+    from hpcqwen.spec_sections import SpecView
 
 # Attention implementations that honour the per-sequence position_ids of a packed row (varlen), so
 # packed sequences do not attend to each other (see tests/cpu_train/test_data_packing.py).
@@ -86,7 +86,7 @@ class SftTask(BuiltinRunner, ModelKnobs):
     system: str | None = Field(None, description="Default system prompt.")
     enable_thinking: bool | None = Field(None, description="Render with (True) or without (False) thinking.")
 
-    def check(self, spec: JobSpec) -> list[Problem]:
+    def check(self, spec: SpecView) -> list[Problem]:
         """Cross-field checks (no files read: model, data and DeepSpeed files are hpcqwen.preflight's)."""
         from hpcqwen.errors import Problem
 
@@ -107,7 +107,7 @@ class SftTask(BuiltinRunner, ModelKnobs):
                              hint="set save_only_model: false, or requeue: {enabled: false}"))
         return p + self._check_batch(spec)
 
-    def warnings(self, spec: JobSpec) -> list[Problem]:
+    def warnings(self, spec: SpecView) -> list[Problem]:
         """Settings that are valid but do nothing (printed on submit, not errors)."""
         from hpcqwen.errors import Problem
 
@@ -118,7 +118,7 @@ class SftTask(BuiltinRunner, ModelKnobs):
                             "eval_steps")]
         return []
 
-    def _check_batch(self, spec: JobSpec) -> list[Problem]:
+    def _check_batch(self, spec: SpecView) -> list[Problem]:
         from hpcqwen.errors import Problem
 
         counts = [split_dataset_ref(r)[2] for r in self.dataset]

@@ -61,6 +61,24 @@ def test_the_test_run_ends_with_the_slowest_tests_and_a_summary_per_tier() -> No
     assert "tests per tier" in out.stdout and "unit: 2 passed" in out.stdout, out.stdout[-1500:]
 
 
+def test_the_suite_runs_in_xdist_processes_one_file_per_process_with_the_tier_summary() -> None:
+    from conftest import EXCLUSIVE_FILES
+
+    assert "-n \"${HPCQWEN_TEST_WORKERS:-3}\"" in (REPO / "scripts" / "test.sh").read_text()
+    assert EXCLUSIVE_FILES and all((REPO / "tests" / "slurm" / name).is_file() for name in EXCLUSIVE_FILES)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadscope",
+                          "-v", "tests/unit/test_render.py", "tests/unit/test_local_ids.py"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:]
+    assert "scheduling tests via ByFile" in out.stdout and "tests per tier" in out.stdout
+    workers: dict[str, set[str]] = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("[gw") and " PASSED " in line:
+            workers.setdefault(line.split("::")[0].split()[-1], set()).add(line.split("]")[0])
+    assert set(workers) == {"tests/unit/test_render.py", "tests/unit/test_local_ids.py"}
+    assert all(len(w) == 1 for w in workers.values()), workers  # each file on one worker
+
+
 @pytest.mark.cpu_train
 def test_a_training_log_has_no_known_library_noise(write_spec, tiny_qwen3_dir: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,7 +18,8 @@ import pytest
 from hpcqwen import hangaction, heartbeat, stacks, watchview
 from hpcqwen.errors import SpecError
 from hpcqwen.hangreport import RankInfo, list_reports, render, suspect_nodes, suspects
-from hpcqwen.watchdog import Layout, Tracker, WatchConfig, assess, stragglers
+from hpcqwen.watchconfig import Layout, WatchConfig
+from hpcqwen.watchdog import Tracker, assess, stragglers
 
 CFG = WatchConfig(hang_timeout_s=10, startup_timeout_s=60, save_timeout_s=100, on_hang="requeue",
                   exclude_bad_node=True, straggler_ratio=2.0, poll_s=1.0)
