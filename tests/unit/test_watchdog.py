@@ -225,7 +225,7 @@ def test_spec_section_bounds_and_cross_checks(write_spec) -> None:
 
 def test_collective_timeouts_outlast_every_allowance(monkeypatch: pytest.MonkeyPatch) -> None:
     assert CFG.collective_timeout_s == 100 + 120 and CFG.heartbeat_interval_s == 1.0
-    env = hangaction_env = __import__("hpcqwen.watchdog", fromlist=["rank_env"]).rank_env(CFG, "n1")
+    env = hangaction_env = __import__("hpcqwen.watchconfig", fromlist=["rank_env"]).rank_env(CFG, "n1")
     assert env == {"HPCQWEN_WATCHDOG": "1", "HPCQWEN_HEARTBEAT_INTERVAL_S": "1", "HPCQWEN_NODE_NAME": "n1",
                    "HPCQWEN_COLLECTIVE_TIMEOUT_S": "220"} == hangaction_env
     monkeypatch.setenv(heartbeat.ENV_TIMEOUT, "220")
