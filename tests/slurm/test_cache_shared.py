@@ -147,7 +147,7 @@ def test_four_builders_on_two_nodes_without_a_lock_publish_one_entry(
     log = (tmp_path / f"{name}-{job}.log").read_text()
     got = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
     assert len(got) == 4, log[-4000:]
-    assert {g["host"] for g in got} == {"n1", "n2"}
+    assert len({g["host"] for g in got}) == 2  # two nodes (which two depends on what else runs)
     assert len({g["entry"] for g in got}) == 1 and len({g["first_ids"] for g in got}) == 1
     entry = Path(got[0]["entry"])
     assert entry_problem(entry, entry.name) is None and all(g["files"] == got[0]["files"] for g in got)
