@@ -69,9 +69,10 @@ def slurm_cluster() -> str:
 
 # ---- several test processes (scripts/test.sh runs pytest-xdist) share one cluster -------------------------------
 # Tests of these files preempt, set nodes down, pin jobs to nodes, count the controller's RPCs or time hangs: no
-# other test's job may be on the cluster meanwhile. Each such test holds the cluster lock alone; every other
-# `slurm` test holds it shared. A writer first takes the gate, which keeps new readers out while it waits for the
-# running ones (no starvation). The files that need it (one home for this fact):
+# other test's job may be on the cluster meanwhile. Such a file holds the cluster lock alone while it runs; every
+# other `slurm` file holds it shared. The lock is held per file, not per test, because module fixtures submit jobs
+# that outlive one test (the monitor's long-lived jobs). A writer first takes the gate, which keeps new readers
+# out while it waits for the running ones (no starvation). The files that need it (one home for this fact):
 EXCLUSIVE_FILES = frozenset({"test_soak.py", "test_preemption.py", "test_shared_nodes.py", "test_queue_scale.py",
                              "test_watchdog_slurm.py"})
 LOCKS = Path(os.environ.get("HPCQWEN_TEST_LOCK_DIR", "/tmp/hpcqwen-test-locks"))
@@ -81,8 +82,9 @@ def _exclusive(nodeid: str) -> bool:
     return nodeid.split("::", 1)[0].rsplit("/", 1)[-1] in EXCLUSIVE_FILES
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _cluster_share(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Autouse and module scope: taken before the module's other fixtures (those that submit jobs)."""
     if request.node.get_closest_marker("slurm") is None:
         yield
         return
@@ -95,7 +97,7 @@ def _cluster_share(request: pytest.FixtureRequest) -> Iterator[None]:
             fcntl.flock(gate, fcntl.LOCK_SH)
             fcntl.flock(cluster, fcntl.LOCK_SH)
             fcntl.flock(gate, fcntl.LOCK_UN)
-        yield  # the files close (and unlock) after the test
+        yield  # the files close (and unlock) after the module
 
 
 # Order: the exclusive tests (the cluster's serial chain) first, the CPU tiers next (they overlap that chain: an
