@@ -206,7 +206,9 @@ def test_a_save_longer_than_hang_timeout_is_not_a_hang(slurm_cluster: str, write
     rows = runs.wait_for(runs.resolve_target(str(run_dir)), max_poll_s=3)
     log = log_of(run_dir)
     assert [r.slurm_state for r in rows] == ["COMPLETED"], log[-3000:]
-    assert "hpcqwen watchdog:" not in log and not list((run_dir / "hangs").glob("*/report.md"))
+    # no hang or stuck start (a straggler line may appear: on a loaded 2-core machine a rank can be slower)
+    assert not [x for x in log.splitlines() if "hpcqwen watchdog:" in x and "straggler:" not in x], log[-3000:]
+    assert not list((run_dir / "hangs").glob("*/report.md"))
     markers = [json.loads((run_dir / "checkpoints" / f"checkpoint-{s}" / "hpcqwen-complete.json").read_text())
                for s in (4, 8)]
     assert all(m["save_s"] > HANG_S for m in markers), markers  # the saves really outlasted hang_timeout_s
@@ -226,7 +228,9 @@ def test_two_node_grpo_with_a_tight_watchdog_never_fires(slurm_cluster: str, tin
     run_dir = Path(out.splitlines()[0].split("  run dir: ")[1])
     log = log_of(run_dir)
     assert rc == EXIT_OK, err + log[-3000:]
-    assert "hpcqwen watchdog:" not in log and not list((run_dir / "hangs").glob("*/report.md"))
+    # no hang or stuck start (a straggler line may appear: on a loaded 2-core machine a rank can be slower)
+    assert not [x for x in log.splitlines() if "hpcqwen watchdog:" in x and "straggler:" not in x], log[-3000:]
+    assert not list((run_dir / "hangs").glob("*/report.md"))
     beats = [json.loads(p.read_text()) for p in (run_dir / "heartbeats").glob("*.json")]
     assert sorted((b["rank"], b["phase"], b["step"]) for b in beats) == [(0, "exited", 6), (1, "exited", 6)]
 
