@@ -2,7 +2,11 @@
 
 import sys
 
-from hpcqwen.cli import main
-
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["launch"]:  # the per-node launcher: a stop signal during the imports below is kept
+        from hpcqwen.supervisor import catch_early
+
+        catch_early()
+    from hpcqwen.cli import main
+
     sys.exit(main())

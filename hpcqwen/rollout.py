@@ -276,11 +276,13 @@ def node_role(spec: Any, node_rank: int, trainer_nodes: int, in_slurm: bool) -> 
 
 def _stop_event() -> threading.Event:
     """Set by the stop signals (Slurm's TERM at preemption or scancel, USR2 at the time limit)."""
-    from hpcqwen.supervisor import STOP_SIGNALS
+    from hpcqwen.supervisor import STOP_SIGNALS, early_signal
 
     stop = threading.Event()
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: stop.set())
+    if early_signal() is not None:  # it came while the launcher started
+        stop.set()
     return stop
 
 

@@ -234,7 +234,8 @@ def check_completed(ref: RunRef, rows: list[slurm.JobRow], job_id: str) -> None:
         why = "; ".join(sorted({paths.task(r.array_task_id if ref.array_size else None).final.read_text().strip()
                                 for r in failed if paths.task(r.array_task_id if ref.array_size else None)
                                 .final.is_file()}))
-        raise JobFailed(f"job {job_id} ended STOPPED: it saved a complete checkpoint but did not finish ({why})",
+        raise JobFailed(f"job {job_id} ended STOPPED: stopped on request before it finished; it continues from "
+                       f"its last complete checkpoint ({why})",
                         where=str(ref.run_dir), hint=f"continue it with `hpcqwen resume {ref.run_dir}`")
     logs = log_files(ref) if ref.run_dir else []
     tail = failure_excerpt(logs[-1].read_text(errors="replace")) if logs else []

@@ -28,6 +28,21 @@ from hpcqwen.stopping import EXIT_STOPPED, ignore_at_exit
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1
 
+_early: list[int] = []  # stop signals that came before the Supervisor existed
+
+
+def catch_early() -> None:
+    """First thing in the launcher's process (`python -m hpcqwen launch`, before the heavy imports): a
+    stop signal while it imports and reads the spec is kept for `Supervisor.install_handlers`, not a
+    death by signal (which the batch script would report as FAILED)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, _frame: _early.append(signum))
+
+
+def early_signal() -> int | None:
+    """The first stop signal `catch_early` kept, or None."""
+    return _early[0] if _early else None
+
 
 class LaunchError(HpcqwenError):
     """The launcher could not start the ranks."""
@@ -62,7 +77,9 @@ class Result:
 
     @property
     def outcome(self) -> str:
-        """done (all 0), stopped (all resumable, not all 0), or failed."""
+        """done (all 0), stopped (all resumable, not all 0; or a stop before the ranks started), or failed."""
+        if not self.codes:
+            return "stopped" if self.signal_name else "failed"
         if all(c == 0 for c in self.codes):
             return "done"
         if all(c in self.resumable_codes for c in self.codes) and not self.first_failure:
@@ -89,6 +106,8 @@ class Result:
 
     def describe(self) -> str:
         """`stopped (exit codes 75, 75)`."""
+        if not self.codes:
+            return f"{self.outcome} before they started ({self.signal_name or 'no stop signal'})"
         return f"{self.outcome} (exit codes {', '.join(str(c) for c in self.codes)})"
 
 
@@ -106,6 +125,8 @@ class Supervisor:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         ignore_at_exit(STOP_SIGNALS)
+        if _early:
+            self._on_signal(_early[0], None)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -125,7 +146,12 @@ class Supervisor:
         self.kill_all(signal.SIGUSR2 if signum == signal.SIGHUP else signum)
 
     def start(self, argv: Sequence[str], envs: Sequence[Mapping[str, str]]) -> None:
-        """Start one process of `argv` per environment (one per local rank)."""
+        """Start one process of `argv` per environment (one per local rank); none once a stop signal came
+        (nothing newer than the last checkpoint exists to save: the attempt ends stopped)."""
+        if self.signal_name:
+            print(f"hpcqwen launch: {self.signal_name} came before the ranks started: not starting them",
+                  file=sys.stderr, flush=True)
+            return
         for env in envs:
             self.procs.append(subprocess.Popen(list(argv), env=dict(env), stdin=subprocess.DEVNULL,
                                                preexec_fn=die_with_parent))  # noqa: PLW1509

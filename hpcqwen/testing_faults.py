@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpcqwen.supervisor import early_signal
+
 FAULT_ENV = "HPCQWEN_TEST_FAULT"
 SAVE_PAUSE_ENV = "HPCQWEN_TEST_SAVE_PAUSE_S"
 ONCE_BY_DEFAULT = {"hang", "launch_delay"}
@@ -101,7 +103,9 @@ def launch_delay(node_rank: int, restart: int) -> None:
         if f.kind == "launch_delay" and f.applies(restart, node=node_rank):
             seconds = f.number("seconds", 3600)
             print(f"hpcqwen TEST FAULT: node {node_rank}'s launcher waits {seconds:g} s", file=sys.stderr, flush=True)
-            time.sleep(seconds)
+            end = time.monotonic() + seconds
+            while time.monotonic() < end and early_signal() is None:  # a stop request ends the wait
+                time.sleep(0.2)
 
 
 def save_pause_s() -> float:

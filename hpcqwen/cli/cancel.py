@@ -38,8 +38,11 @@ def run(args: argparse.Namespace) -> int:
     ref = runs.resolve_target(args.target)
     name = ref.job_id + (f"_{ref.array_task}" if ref.array_task is not None else "")
     if ref.backend == "local":
-        pid = local_process(ref.job_id, ref.run_dir) if ref.run_dir else None
-        if pid is None:  # finished, or its pid now belongs to another program: signal nothing
+        # finished (its exit code is written even if localrun lives a moment longer), or its pid now
+        # belongs to another program: signal nothing
+        ended = ref.run_dir is None or RunPaths(ref.run_dir).local_rc.exists()
+        pid = None if ended else local_process(ref.job_id, ref.run_dir)  # type: ignore[arg-type]
+        if pid is None:
             print(f"{ref.job_id} is not running")
             return 0
         RunPaths(ref.run_dir).local_cancelled.touch()  # type: ignore[arg-type]

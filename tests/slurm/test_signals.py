@@ -50,14 +50,16 @@ def test_wait_reports_stopped_with_exit_3(slurm_cluster: str, write_spec, capsys
     spec = steps_spec(write_spec, "waitstop", 600, 0.5, "requeue: {enabled: false}")
     import threading
 
-    def stop_later() -> None:
+    def stop_later() -> None:  # after 2 steps (a TERM while the launcher starts: the test below)
         rows: list[slurm.JobRow] = []
         for _ in range(120):
             rows = [r for r in slurm.squeue(user=None) if r.name == "waitstop" and r.slurm_state == "RUNNING"]
             if rows:
                 break
             time.sleep(0.5)
-        time.sleep(3)
+        run_dir = runs.resolve_target(rows[0].job_id).run_dir
+        assert run_dir is not None
+        wait_until(lambda: step_of(run_dir) >= 2, 90, "2 steps")
         subprocess.run(["scancel", "--signal=TERM", rows[0].job_id], check=False)
     thread = threading.Thread(target=stop_later)
     thread.start()
@@ -65,8 +67,27 @@ def test_wait_reports_stopped_with_exit_3(slurm_cluster: str, write_spec, capsys
     thread.join()
     err = capsys.readouterr().err
     assert rc == EXIT_JOB_FAILED
-    assert "ended STOPPED: it saved a complete checkpoint but did not finish (STOPPED requeue is off)" in err
+    assert ("ended STOPPED: stopped on request before it finished; it continues from its last complete "
+            "checkpoint (STOPPED requeue is off)") in err
     assert "hpcqwen resume" in err
+
+
+def test_term_while_the_launcher_starts_is_a_stop_not_a_failure(
+        slurm_cluster: str, write_spec, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preemption or scancel can come while the launcher still imports and reads the spec (seconds on a
+    loaded node): no rank has started, nothing is lost; the attempt is STOPPED, and requeued when requeue is on."""
+    monkeypatch.setenv("HPCQWEN_TEST_FAULT", "launch_delay:node=0:seconds=120")  # a launcher that starts slowly
+    spec = steps_spec(write_spec, "earlyterm", 600, 0.5, "requeue: {enabled: false}")
+    job, run_dir = submit(capsys, str(spec))
+    wait_until(lambda: "launcher waits 120 s" in log_of(run_dir), 90, "the launcher to start")
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)
+    rows = runs.wait_for(runs.resolve_target(str(run_dir)), max_poll_s=2)
+    log = log_of(run_dir)
+    assert [r.slurm_state for r in rows] == ["STOPPED"], log[-3000:]
+    assert "SIGTERM came before the ranks started: not starting them" in log
+    assert "ranks ended stopped before they started (SIGTERM)" in log
+    assert (run_dir / "FINAL").read_text() == "STOPPED requeue is off\n"
+    assert step_of(run_dir) == 0
 
 
 def test_scancel_saves_and_reads_cancelled(slurm_cluster: str, write_spec, capsys: pytest.CaptureFixture[str]) -> None:

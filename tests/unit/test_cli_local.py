@@ -153,3 +153,28 @@ def test_a_reused_pid_is_never_signalled(tmp_path: Path, capsys: pytest.CaptureF
     assert "is not running" in capsys.readouterr().out
     assert main(["status", str(paths.root), "--json"]) == EXIT_OK
     assert json.loads(capsys.readouterr().out)["tasks"][0]["state"] == "FAILED"
+
+
+def test_cancel_of_a_local_run_that_wrote_its_exit_code_signals_nothing(write_spec,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """localrun writes logs/local.rc and may live a moment longer: the run has ended, nothing is cancelled."""
+    spec = write_spec("name: ended\ntask: {kind: command, module: hpcqwen.examples.steps, "
+                      "args: [--steps, '2', --step-seconds, '0']}\n")
+    assert main(["submit", str(spec), "--backend", "local", "--wait"]) == EXIT_OK
+    _, run_dir = _submitted(capsys.readouterr().out)
+    # a process that looks like this run's localrun, still alive after the exit code was written
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "hpcqwen.localrun", str(run_dir)],
+                             start_new_session=True)
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        manifest["job_ids"] = [f"local-{alive.pid}"]
+        (run_dir / "manifest.json").write_text(json.dumps(manifest))
+        assert (run_dir / "logs" / "local.rc").read_text().strip() == "0"
+        assert main(["cancel", str(run_dir)]) == EXIT_OK
+        assert capsys.readouterr().out == f"local-{alive.pid} is not running\n"
+        assert alive.poll() is None and not (run_dir / "logs" / "local.cancelled").exists()
+        assert main(["status", str(run_dir), "--json"]) == EXIT_OK
+        assert json.loads(capsys.readouterr().out)["tasks"][0]["state"] == "COMPLETED"
+    finally:
+        alive.kill()
+        alive.wait()

@@ -102,6 +102,24 @@ def test_a_stop_during_start_up_is_a_stop_not_a_crash(run_dir: RunPaths, tmp_pat
     assert run_dir.task(None).outcome.read_text().startswith("stopped ")
 
 
+def test_a_stop_while_the_launcher_itself_starts_starts_no_rank_and_is_stopped(run_dir: RunPaths,
+                                                                               tmp_path: Path) -> None:
+    """The TERM comes while the launcher imports and reads the spec (held there by a test fault): it is kept,
+    no rank is started (nothing new to save), the outcome is `stopped` and the launcher exits 0."""
+    proc = _launch(run_dir, tmp_path, HPCQWEN_TEST_FAULT="launch_delay:node=0:seconds=60")
+    assert proc.stderr is not None
+    first = proc.stderr.readline()  # printed by the fault, after the imports and the spec
+    assert "launcher waits 60 s" in first, first
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "SIGTERM came before the ranks started: not starting them" in err
+    assert "ranks ended stopped before they started (SIGTERM)" in out
+    assert not list(run_dir.root.glob("pid-*"))
+    outcome = run_dir.task(None).outcome.read_text()
+    assert outcome.startswith("stopped ") and "codes= " in outcome and "signal=SIGTERM" in outcome
+
+
 def test_no_rank_outlives_a_killed_launcher(run_dir: RunPaths, tmp_path: Path) -> None:
     proc = _launch(run_dir, tmp_path)
     pids = _rank_pids(run_dir)
