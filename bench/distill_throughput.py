@@ -4,6 +4,7 @@ engine, on one fixed prompt set, in one run, side by side (the engines the disti
     .venv/bin/python bench/distill_throughput.py [--size tiny|small] [--prompts 64] [--max-new-tokens 64]
                                                  [--max-batch-size 16] [--repeat 3]
     .venv/bin/python bench/distill_throughput.py --model DIR      # any local Qwen3 folder
+    python bench/distill_throughput.py --size 0.6b --keep-model DIR  # GPU; DIR/qwen3-0.6b for bench/distill-gpu.yaml
 
 Each engine runs in its own process on the same token-id prompts (rendered once by hpcqwen, thinking
 off); vLLM runs under .venv-vllm (scripts/setup-vllm.sh) when the main venv lacks it. Engine start-up is
@@ -101,6 +102,8 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=1024, help="vLLM's max_model_len")
     p.add_argument("--cache-root", default=None, help="vLLM compile caches (a cluster's cache_root)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--keep-model", type=Path, default=None,
+                   help="build the random model in this folder (reused when there) and keep it")
     p.add_argument("--worker", choices=["hf", "vllm"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -112,7 +115,7 @@ def main() -> None:
     if vllm_python is None:
         sys.exit("no vLLM: run scripts/setup-vllm.sh (or set HPCQWEN_VLLM_PYTHON)")
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(args.model) if args.model else build_model(Path(tmp), args.size)
+        model = Path(args.model) if args.model else build_model(args.keep_model or Path(tmp), args.size)
         params = model_params(model)
         results = [run_engine("hf", sys.executable, args, model), run_engine("vllm", vllm_python, args, model)]
     print(f"model: {args.model or args.size} ({params / 1e6:.1f} M parameters), {args.prompts} prompts × "
@@ -136,6 +139,8 @@ def build_model(folder: Path, size: str) -> Path:
 
     from hpcqwen.testing import QWEN3_SHAPES, build_tiny_qwen3, build_tokenizer
 
+    if (folder / f"qwen3-{size}" / "config.json").is_file():
+        return folder / f"qwen3-{size}"
     tok = build_tokenizer(folder / "tokenizer")
     shape = dict(SIZES[size])
     if "qwen3" in shape:

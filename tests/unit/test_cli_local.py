@@ -133,7 +133,7 @@ def test_a_stopped_local_run_is_stopped_not_completed(write_spec, capsys: pytest
     from hpcqwen import runs
 
     ref = runs.resolve_target(str(run_dir))
-    with pytest.raises(Exception, match="ended STOPPED: it saved a complete checkpoint") as exc:
+    with pytest.raises(Exception, match="ended STOPPED: stopped on request before it finished; it continues from its last complete checkpoint") as exc:
         runs.check_completed(ref, runs.job_rows(ref), job)
     assert getattr(exc.value, "exit_code", None) == EXIT_JOB_FAILED and "hpcqwen resume" in exc.value.hint
 
