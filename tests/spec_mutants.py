@@ -72,7 +72,8 @@ class Outcome:
 
     mutant: Mutant
     rc: int | None
-    seconds: float
+    seconds: float  # wall time, which on a loaded machine measures the machine too
+    cpu_seconds: float  # the child's own user + system time: the CLI's work
     stdout: bytes
     stderr: bytes
     stderr_size: int
@@ -374,7 +375,7 @@ def run_mutant(ws: Workspace, m: Mutant, timeout: float = 10.0, mem_bytes: int =
     pid = os.fork()
     if pid == 0:  # the child: never returns
         _child(argv, ws, out_path, err_path, mem_bytes)
-    rc = _wait(pid, start + timeout)
+    rc, cpu_seconds = _wait(pid, start + timeout)
     seconds = time.perf_counter() - start
     written = sorted(snapshot(ws.root) - before - {str(out_path), str(err_path)})
     for path in (spec, profile):
@@ -384,7 +385,7 @@ def run_mutant(ws: Workspace, m: Mutant, timeout: float = 10.0, mem_bytes: int =
         err = f.read(OUTPUT_CAP)
     with out_path.open("rb") as f:
         out = f.read(OUTPUT_CAP)
-    return Outcome(m, rc, seconds, out, err, err_size, written)
+    return Outcome(m, rc, seconds, cpu_seconds, out, err, err_size, written)
 
 
 def _child(argv: list[str], ws: Workspace, out_path: Path, err_path: Path, mem_bytes: int) -> None:
@@ -414,15 +415,16 @@ def _child(argv: list[str], ws: Workspace, out_path: Path, err_path: Path, mem_b
         os._exit(rc)
 
 
-def _wait(pid: int, deadline: float) -> int | None:
+def _wait(pid: int, deadline: float) -> tuple[int | None, float]:
+    """The child's exit code (None: killed at `deadline`) and the CPU seconds it used."""
     while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
+        done, status, usage = os.wait4(pid, os.WNOHANG)
         if done:
-            return os.waitstatus_to_exitcode(status)
+            return os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime
         if time.perf_counter() > deadline:
             os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return None
+            _, _, usage = os.wait4(pid, 0)
+            return None, usage.ru_utime + usage.ru_stime
         time.sleep(0.002)
 
 
