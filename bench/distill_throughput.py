@@ -8,14 +8,16 @@ engine, on one fixed prompt set, in one run, side by side (the engines the disti
 
 Each engine runs in its own process on the same token-id prompts (rendered once by hpcqwen, thinking
 off); vLLM runs under .venv-vllm (scripts/setup-vllm.sh) when the main venv lacks it. Engine start-up is
-timed apart from generation; one warm-up call precedes the timed one. On CPU both engines get every
-core (vLLM's OpenMP threads are bound to all of them, none reserved). The random models rarely emit an
-end of turn, so nearly every answer runs to --max-new-tokens.
+timed apart from generation; a warm-up call over every prompt (16 tokens) precedes the timed ones. On
+CPU both engines get every core (vLLM's OpenMP threads are bound to all of them, none reserved). The
+random models rarely emit an end of turn, so nearly every answer runs to --max-new-tokens. --variants
+times vLLM again with one sampling setting changed at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -57,22 +59,49 @@ def worker(args: argparse.Namespace) -> None:
     gen = make_generator(args.worker, args.model, tok, dtype=args.dtype, max_model_len=args.max_model_len,
                          max_batch_size=args.max_batch_size, seed=42)  # the distill runner's engine (seed 42)
     init_s = time.perf_counter() - t0
-    gen.generate(ids[:2], sampling, [0, 1])  # warm-up
+    # Warm-up on every prompt (a few tokens): vLLM's first call at a large batch pays a one-time cost (on the
+    # H200 the first 128-prompt call took 12.7 s, the same call right after it 2.0 s); two prompts miss it.
+    gen.generate(ids, dataclasses.replace(sampling, max_new_tokens=min(16, args.max_new_tokens)), list(range(len(ids))))
     runs = []
     for _ in range(args.repeat):
         t0 = time.perf_counter()
         out = gen.generate(ids, sampling, list(range(len(ids))))
         runs.append((time.perf_counter() - t0, sum(c.completion_tokens for g in out for c in g.completions)))
     gen_s, tokens = sorted(runs)[len(runs) // 2]  # the median run (the same seeds give the same answers)
+    variants = sampling_variants(gen, ids, args.max_new_tokens) if args.variants and args.worker == "vllm" else {}
     print("RESULT " + json.dumps({"engine": args.worker, "init_s": init_s, "gen_s": gen_s, "prompts": len(ids),
-                                  "tokens": tokens, "python": sys.executable}), flush=True)
+                                  "tokens": tokens, "python": sys.executable, "variants": variants}), flush=True)
+
+
+def sampling_variants(gen: object, ids: list[list[int]], max_new: int) -> dict[str, list[float]]:
+    """The same engine and prompts with one sampling choice changed at a time (a request seed each, as the
+    runner asks for reproducible answers; top-k/top-p): [seconds, generated tokens] per variant."""
+    from vllm import SamplingParams
+
+    llm = gen.llm  # type: ignore[attr-defined]
+    stop = gen.stop_ids  # type: ignore[attr-defined]
+    cases = {
+        "runner (seed per request, top_k 20, top_p 0.95)": lambda i: dict(seed=i, top_k=20, top_p=0.95),
+        "no request seed, top_k 20, top_p 0.95": lambda i: dict(top_k=20, top_p=0.95),
+        "seed per request, no top_k/top_p": lambda i: dict(seed=i),
+        "no request seed, no top_k/top_p": lambda i: dict(),
+        "no request seed, no top_k/top_p, ignore_eos": lambda i: dict(ignore_eos=True),
+    }
+    out = {}
+    for name, extra in cases.items():
+        params = [SamplingParams(temperature=0.6, max_tokens=max_new, stop_token_ids=stop, **extra(i))
+                  for i in range(len(ids))]
+        t0 = time.perf_counter()
+        res = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+        out[name] = [time.perf_counter() - t0, sum(len(c.token_ids) for o in res for c in o.outputs)]
+    return out
 
 
 def run_engine(engine: str, python: str, args: argparse.Namespace, model: Path) -> dict[str, float]:
     argv = [python, __file__, "--worker", engine, "--model", str(model), "--prompts", str(args.prompts),
             "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype,
             "--max-batch-size", str(args.max_batch_size), "--repeat", str(args.repeat),
-            "--max-model-len", str(args.max_model_len)]
+            "--max-model-len", str(args.max_model_len)] + (["--variants"] if args.variants else [])
     # vLLM on CPU binds its OpenMP threads and by default keeps one core for its front-end process; give it
     # every core, as torch gets in the transformers process, so both engines compute on the same cores.
     defaults = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
@@ -104,6 +133,9 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--keep-model", type=Path, default=None,
                    help="build the random model in this folder (reused when there) and keep it")
+    p.add_argument("--variants", action="store_true",
+                   help="vLLM: also time the same prompts with one sampling setting changed at a time")
+    p.add_argument("--engines", default="hf,vllm", help="which engines to run (default both)")
     p.add_argument("--worker", choices=["hf", "vllm"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -117,7 +149,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else build_model(args.keep_model or Path(tmp), args.size)
         params = model_params(model)
-        results = [run_engine("hf", sys.executable, args, model), run_engine("vllm", vllm_python, args, model)]
+        pythons = {"hf": sys.executable, "vllm": vllm_python}
+        results = [run_engine(e, pythons[e], args, model) for e in args.engines.split(",")]
     print(f"model: {args.model or args.size} ({params / 1e6:.1f} M parameters), {args.prompts} prompts × "
           f"{args.max_new_tokens} new tokens, temperature 0.6, {args.dtype}; transformers batches of "
           f"{args.max_batch_size}; median of {args.repeat} runs; {os.cpu_count()} CPU cores")
@@ -128,8 +161,12 @@ def main() -> None:
         name = {"hf": "transformers", "vllm": "vllm"}[str(r["engine"])]
         print(f"{name:<14}{r['init_s']:>9.1f}{r['gen_s']:>12.2f}{rates[r['engine']][0]:>11.1f}"
               f"{rates[r['engine']][1]:>10.0f}")
-    print(f"vllm / transformers: prompts/s {rates['vllm'][0] / rates['hf'][0]:.1f}x, "
-          f"tokens/s {rates['vllm'][1] / rates['hf'][1]:.1f}x")
+    if len(rates) == 2:
+        print(f"vllm / transformers: prompts/s {rates['vllm'][0] / rates['hf'][0]:.1f}x, "
+              f"tokens/s {rates['vllm'][1] / rates['hf'][1]:.1f}x")
+    for r in results:
+        for name, (seconds, tokens) in (r.get("variants") or {}).items():
+            print(f"  vllm {name}: {seconds:.2f} s, {tokens / seconds:,.0f} tokens/s")
     if args.json:
         args.json.write_text(json.dumps({"size": args.size, "params": params, "results": results}, indent=1) + "\n")
 

@@ -159,10 +159,11 @@ def check_known(ref: RunRef, rows: list[slurm.JobRow]) -> None:
 
 
 def is_finished(ref: RunRef, rows: list[slurm.JobRow]) -> bool:
-    """Every task is in a terminal state (and, for arrays, every task was seen)."""
+    """Every task is in a terminal state (and, for Slurm arrays, every task was seen; the local backend runs
+    an array's tasks in one child, reported as one row)."""
     if not rows:
         return False
-    if ref.array_size and ref.array_task is None and len(rows) < ref.array_size:
+    if ref.array_size and ref.array_task is None and ref.backend != "local" and len(rows) < ref.array_size:
         return False
     return all(r.state.is_terminal for r in rows)
 

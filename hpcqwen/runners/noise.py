@@ -31,5 +31,8 @@ def quiet_library_noise() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     import torch
 
-    if not torch.cuda.is_available():  # DeepSpeed (imported by accelerate) otherwise warns that it chose the CPU
+    # DeepSpeed (imported by accelerate) otherwise warns that it chose the CPU. device_count() asks NVML;
+    # is_available() would call cudaGetDeviceCount, which poisons fork: vLLM's engine core, forked later, then
+    # fails with "Cannot re-initialize CUDA in forked subprocess".
+    if torch.cuda.device_count() == 0:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

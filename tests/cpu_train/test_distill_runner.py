@@ -157,3 +157,36 @@ def test_vllm_chat_streams_through_a_pipe(tiny_qwen3_dir: Path, vllm_env: dict[s
     assert "hello" in prompts[1] and prompts[1].endswith("who are you?<|im_end|>\\n<|im_start|>assistant\\n"
                                                          "<think>\\n\\n</think>\\n\\n'")
     assert "\n<think>\n\n</think>\n\n" in out and out.count("<<< ") == 4
+
+
+PROBE = """
+import os, sys, torch
+os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # DeepSpeed's import (in this test process) sets it
+calls = []
+torch.cuda._is_compiled = lambda: True  # a CUDA build with one GPU that NVML sees (a stub: no GPU here)
+torch.cuda._device_count_nvml = lambda: 1
+torch._C._cuda_getDeviceCount = lambda: calls.append("cudaGetDeviceCount") or 1  # the call that poisons fork
+import hpcqwen.runners.distill as runner
+def engine_starts(*args, **kwargs):
+    print("driver calls before the engine:", calls, flush=True)
+    sys.exit(0)
+runner.build_generator = engine_starts
+sys.argv = ["distill", sys.argv[1]]
+runner.run_main(runner.main)
+"""
+
+
+def test_nothing_before_the_engine_initialises_cuda_stub_cuda_build(capsys: pytest.CaptureFixture[str],
+                                                                    tiny_qwen3_dir: Path) -> None:
+    """vLLM forks its engine core: had the runner called cudaGetDeviceCount before (torch.cuda.is_available()
+    does), the engine fails on a GPU node with "Cannot re-initialize CUDA in forked subprocess" (seen on the
+    H200, bench/RESULTS.md). Everything the runner does before it builds the engine must leave the driver alone."""
+    run_dir = submit_local(capsys, tiny_qwen3_dir, "task.infer_backend=hf")
+    for done in ("shards/shard-0.jsonl", "shards/shard-0.done", "distill_dataset.jsonl"):
+        (run_dir / done).unlink()
+    env = {**os.environ, "HPCQWEN_RUN_DIR": str(run_dir), "HPCQWEN_TASK_DIR": str(run_dir)}
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(run_dir)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "distill: engine 0: 6 prompts to generate" in proc.stdout
+    assert "driver calls before the engine: []" in proc.stdout, proc.stdout

@@ -133,7 +133,8 @@ def test_a_stopped_local_run_is_stopped_not_completed(write_spec, capsys: pytest
     from hpcqwen import runs
 
     ref = runs.resolve_target(str(run_dir))
-    with pytest.raises(Exception, match="ended STOPPED: stopped on request before it finished; it continues from its last complete checkpoint") as exc:
+    said = "ended STOPPED: stopped on request before it finished; it continues from its last complete checkpoint"
+    with pytest.raises(Exception, match=said) as exc:
         runs.check_completed(ref, runs.job_rows(ref), job)
     assert getattr(exc.value, "exit_code", None) == EXIT_JOB_FAILED and "hpcqwen resume" in exc.value.hint
 
@@ -178,3 +179,18 @@ def test_cancel_of_a_local_run_that_wrote_its_exit_code_signals_nothing(write_sp
     finally:
         alive.kill()
         alive.wait()
+
+
+@pytest.mark.parametrize(("module", "rc_expected", "says"), [
+    ("hpcqwen.no_such_module", EXIT_JOB_FAILED, "ended FAILED"), ("hpcqwen.examples.steps", EXIT_OK, "COMPLETED")])
+def test_wait_on_a_local_array_returns_when_the_run_ends(write_spec, run_root: Path, module: str, rc_expected: int,
+                                                         says: str) -> None:
+    """The local backend runs an array's tasks in one child and reports the run as one row: --wait must end
+    when that row does (it once waited for one row per task, forever: seen on the GPU with the distill array)."""
+    args = ', args: ["--steps", "1", "--step-seconds", "0"]' if module.endswith("steps") else ""
+    spec = write_spec(f"name: arr\narray: {{size: 2}}\ntask: {{kind: command, module: {module}{args}}}\n")
+    proc = subprocess.run([sys.executable, "-m", "hpcqwen", "submit", str(spec), "--backend", "local", "--wait"],
+                          capture_output=True, text=True, timeout=90,
+                          env={**os.environ, "HPCQWEN_RUN_ROOT": str(run_root)})
+    assert proc.returncode == rc_expected, proc.stdout + proc.stderr[-2000:]
+    assert says in proc.stdout + proc.stderr
