@@ -217,7 +217,7 @@ def test_a_waiter_says_whom_it_waits_for_and_gives_up_after_the_timeout(
         start = time.monotonic()
         with pytest.raises(CacheError) as err:
             cached(KEY, _build_array, tmp_path, CacheSettings(wait_s=2, log_every_s=0.5))
-        assert 2 <= time.monotonic() - start < 4
+        assert 2 <= time.monotonic() - start < 10  # gave up at its timeout, not after the holder's 60 s
     finally:
         holder.kill()
         holder.join()
