@@ -1,5 +1,6 @@
-"""Helpers of the signal-chain tests (test_preemption.py, test_signals.py): submit, a steps job, its progress,
-a preempting job in `high`."""
+"""Helpers of the Slurm tests that submit jobs (test_core.py, test_preemption.py, test_signals.py,
+test_shared_nodes.py, test_watchdog_slurm.py): submit through the CLI, a steps job, its state and progress, a
+preempting job in `high`."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from hpcqwen.errors import EXIT_OK
 DATA = Path(__file__).resolve().parents[2] / "jobspecs" / "data" / "sft-tiny.jsonl"
 
 
-def submit(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[str, Path]:
-    rc = main(["submit", *argv])
+def submit(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[str, Path]:
+    """`hpcqwen submit ARGV` through the real CLI; returns (job id, run dir)."""
+    rc = main(["submit", *map(str, argv)])
     out, err = capsys.readouterr()
     assert rc == EXIT_OK, err + out
     line = next(x for x in out.splitlines() if x.startswith("submitted job "))
@@ -56,4 +58,5 @@ def preempt(job: str, command: str) -> subprocess.CompletedProcess[str]:
 
 
 def log_of(run_dir: Path) -> str:
-    return "".join(p.read_text() for p in sorted((run_dir / "logs").glob("*.out")))
+    """Every log of the run, oldest name first."""
+    return "".join(p.read_text(errors="replace") for p in sorted((run_dir / "logs").glob("*.out")))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers import scontrol_requeue, wait_until
+from signal_helpers import state, steps_spec, submit
 
 from hpcqwen import runs, slurm
 from hpcqwen.cli import main
@@ -19,30 +20,6 @@ from hpcqwen.errors import EXIT_OK, EXIT_SLURM, EXIT_USAGE
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]
-
-
-def submit(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[str, Path]:
-    """`hpcqwen submit ...` through the real CLI; returns (job id, run dir)."""
-    rc = main(["submit", *argv])
-    out, err = capsys.readouterr()
-    assert rc == EXIT_OK, err + out
-    line = next(x for x in out.splitlines() if x.startswith("submitted job "))
-    job, run_dir = line.removeprefix("submitted job ").split("  run dir: ")
-    return job, Path(run_dir)
-
-
-def state(job: str) -> str:
-    rows = slurm.query_jobs([job])[job]
-    return rows[0].slurm_state if rows else ""
-
-
-def steps_spec(write_spec, name: str, steps: int, step_s: float, extra: str = "") -> Path:
-    return write_spec(f"""
-        name: {name}
-        resources: {{time_limit_min: 10}}
-        task: {{kind: command, module: hpcqwen.examples.steps, args: [--steps, '{steps}', --step-seconds, '{step_s}']}}
-        {extra}
-    """, f"{name}.yaml")
 
 
 def test_two_node_allreduce_through_the_launcher(slurm_cluster: str, capsys: pytest.CaptureFixture[str]) -> None:

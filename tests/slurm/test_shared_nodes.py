@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from helpers import wait_until
+from signal_helpers import submit
 
 from hpcqwen import runs
 from hpcqwen.cli import main
@@ -30,16 +31,6 @@ from hpcqwen.launch import master_port
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]
 TAG = uuid.uuid4().hex[:6]  # other sessions' jobs share the cluster: every name here is unique
-
-
-def submit(capsys: pytest.CaptureFixture[str], spec: Path, *argv: str) -> tuple[str, Path]:
-    """`hpcqwen submit SPEC ARGV` through the real CLI; returns (job id, run dir)."""
-    rc = main(["submit", str(spec), *argv])
-    out, err = capsys.readouterr()
-    assert rc == EXIT_OK, err + out
-    line = next(x for x in out.splitlines() if x.startswith("submitted job "))
-    job, run_dir = line.removeprefix("submitted job ").split("  run dir: ")
-    return job, Path(run_dir)
 
 
 def allreduce_spec(write_spec, name: str, nodes: int, nproc: int, extra: str = "") -> Path:  # type: ignore[no-untyped-def]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from helpers import wait_until
+from signal_helpers import log_of, submit
 
 from hpcqwen import runs
 from hpcqwen.cli import main
@@ -51,18 +52,6 @@ def sft_spec(write_spec, name: str, model: Path, steps: int = 20, save_steps: in
           max_length: 128
           gradient_checkpointing: false
     """, f"{name}.yaml")
-
-
-def submit(capsys: pytest.CaptureFixture[str], spec: Path) -> tuple[str, Path]:
-    rc = main(["submit", str(spec)])
-    out, err = capsys.readouterr()
-    assert rc == EXIT_OK, err + out
-    job, run_dir = out.split("submitted job ")[1].split("  run dir: ")
-    return job.strip(), Path(run_dir.split()[0])
-
-
-def log_of(run_dir: Path) -> str:
-    return "".join(p.read_text(errors="replace") for p in sorted((run_dir / "logs").glob("*.out")))
 
 
 def train_steps(run_dir: Path) -> list[int]:
