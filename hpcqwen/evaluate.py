@@ -47,7 +47,7 @@ def evaluate(args: argparse.Namespace, base_dir: Path) -> dict[str, Any]:
     from hpcqwen.data.formats import load_dataset_rows
     from hpcqwen.data.tokenize import load_tokenizer, render_prompt
     from hpcqwen.inference import SamplingConfig, make_generator
-    from hpcqwen.rewards import accuracy_reward
+    from hpcqwen.rewards.builtin import accuracy_reward
 
     rows = load_dataset_rows(args.dataset, base_dir=base_dir, seed=args.seed)
     tokenizer = load_tokenizer(args.model)

@@ -132,7 +132,7 @@ def import_plugins(spec: JobSpec, run_dir: Path, files: list[InputFile], spec_fi
     Raises:
         SpecError: with every plugin that fails to import or has a signature TRL cannot call.
     """
-    from hpcqwen.rewards import check_reward
+    from hpcqwen.rewards.plugins import check_reward
 
     refs = [(f.key, f"{RunPaths(run_dir).inputs / f.name}:{f.function}") for f in files if f.function]
     for where, task in _tasks(spec):

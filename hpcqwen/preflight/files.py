@@ -109,7 +109,7 @@ def grpo_files(task: GrpoTask, spec: JobSpec) -> list[Problem]:
 
 def _rewards(task: GrpoTask) -> list[Problem]:
     from hpcqwen.data.formats import CONSUMED_COLUMNS
-    from hpcqwen.rewards import required_columns
+    from hpcqwen.rewards.builtin import required_columns
     from hpcqwen.rewards.static import check_reward_ref
     from hpcqwen.tasks.grpo import dataset_columns
 

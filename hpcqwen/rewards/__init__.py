@@ -2,44 +2,31 @@
 
 `resolve_rewards(task.reward_funcs, spec_dir)` gives `(name, fn)` pairs; the GRPO runner hands
 `trl_reward(name, fn)` to GRPOTrainer, and the spec validator calls `check_reward` per entry.
+
+This package's names (what a reward plugin imports, e.g. `from hpcqwen.rewards import completion_text`) are
+loaded from their modules on first use (PEP 562), so the package itself imports nothing: importing one of its
+modules never runs another, and there is no circle between the package and its modules.
 """
 
 from __future__ import annotations
 
-from hpcqwen.rewards.builtin import (
-    BUILTIN_REWARDS,
-    accuracy_reward,
-    completion_text,
-    cosine_reward,
-    format_reward,
-    repetition_reward,
-    required_columns,
-)
-from hpcqwen.rewards.plugins import (
-    RewardError,
-    RewardOptions,
-    call_reward,
-    check_reward,
-    is_plugin_ref,
-    load_reward,
-    resolve_rewards,
-    trl_reward,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "BUILTIN_REWARDS",
-    "RewardError",
-    "RewardOptions",
-    "accuracy_reward",
-    "call_reward",
-    "check_reward",
-    "completion_text",
-    "cosine_reward",
-    "format_reward",
-    "is_plugin_ref",
-    "load_reward",
-    "repetition_reward",
-    "required_columns",
-    "resolve_rewards",
-    "trl_reward",
-]
+_HOME = {  # name -> the module of this package that defines it
+    "BUILTIN_REWARDS": "builtin", "accuracy_reward": "builtin", "completion_text": "builtin",
+    "cosine_reward": "builtin", "format_reward": "builtin", "repetition_reward": "builtin",
+    "required_columns": "builtin",
+    "RewardError": "plugins", "RewardOptions": "plugins", "call_reward": "plugins", "check_reward": "plugins",
+    "is_plugin_ref": "plugins", "load_reward": "plugins", "resolve_rewards": "plugins", "trl_reward": "plugins",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    """One of the names above, from its module (then kept here)."""
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value

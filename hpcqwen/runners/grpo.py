@@ -235,7 +235,7 @@ def load_rewards(task: Any, run_dir: Path | None = None) -> list[Any]:
     """Reward functions for TRL, each wrapped so a failing one stops the step naming itself (a plugin by the
     file the spec named; the run dir's copy is what runs)."""
     from hpcqwen.inputs import original_names
-    from hpcqwen.rewards import RewardOptions, resolve_rewards, trl_reward
+    from hpcqwen.rewards.plugins import RewardOptions, resolve_rewards, trl_reward
 
     # ms-swift sets cosine_max_len to max_completion_length when it is unset.
     options = RewardOptions(cosine_max_len=task.max_completion_length)
@@ -315,7 +315,7 @@ def _plain(value: Any) -> Any:
 def write_completions(path: Path, step: int, buffers: Mapping[str, Any]) -> int:
     """Append the latest generation batch (TRL's gathered buffers) to completions.jsonl, one line per
     completion, then empty the buffers so a batch is written once. Returns the lines written."""
-    from hpcqwen.rewards import completion_text
+    from hpcqwen.rewards.builtin import completion_text
 
     prompts, completions = list(buffers["prompt"]), list(buffers["completion"])
     rewards = {name: list(values) for name, values in buffers["rewards"].items()}

@@ -86,3 +86,21 @@ def test_nothing_outside_cli_imports_from_cli() -> None:
         return m == "hpcqwen.cli" or m.startswith("hpcqwen.cli.")
     bad = {m: sorted(filter(in_cli, ts)) for m, ts in edges.items() if not in_cli(m) and m != "hpcqwen.__main__"}
     assert {m: ts for m, ts in bad.items() if ts} == {}
+
+
+def test_the_rewards_package_face_loads_its_names_lazily() -> None:
+    """`hpcqwen.rewards` re-exports the plugin API but imports none of its modules, so importing
+    `hpcqwen.rewards.plugins` (which imports `.builtin`, which runs the package) never re-enters plugins."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hpcqwen.rewards as r\n"
+            "print(sorted(m for m in sys.modules if m.startswith('hpcqwen.rewards.')))\n"
+            "from hpcqwen.rewards import completion_text, resolve_rewards\n"
+            "from hpcqwen.rewards import builtin, plugins\n"
+            "assert completion_text is builtin.completion_text and resolve_rewards is plugins.resolve_rewards\n"
+            "assert all(getattr(r, n) is getattr(sys.modules['hpcqwen.rewards.' + r._HOME[n]], n) for n in r.__all__)\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["[]", "ok"], out.stdout
